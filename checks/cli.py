@@ -1,0 +1,157 @@
+"""`mlx-verify`: command line of the verification engine.
+
+Exit codes (a contract for tooling): 0 every check passed; 1 at least one check
+failed or errored on a model that ran (a finding); 2 could not run (bad input,
+unknown model_type, bad path, broken config, import error in the checked code),
+with one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+EXIT_PASS, EXIT_FINDING, EXIT_CANNOT_RUN = 0, 1, 2
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _quiet_libraries() -> None:
+    # Library chatter (progress bars, deprecation notes) would bury the report.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+
+
+class Progress:
+    """Step messages on stderr, only when it is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:5.1f}s] {message}", file=sys.stderr)
+
+
+def fail(message: str) -> int:
+    print(f"mlx-verify: error: {message}", file=sys.stderr)
+    return EXIT_CANNOT_RUN
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-verify",
+        description="Check that mlx-lm models compute what transformers computes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="verify one or more model_types")
+    check.add_argument("model_types", nargs="+", metavar="MODEL_TYPE")
+    check.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH",
+                       help="directory holding the mlx_lm package to check (default: installed)")
+    check.add_argument("--config", metavar="FILE",
+                       help="a real config.json (or its directory) to shrink instead of "
+                            "transformers' default config")
+    check.add_argument("--checks", metavar="LIST",
+                       help="comma-separated checks to run (default: all)")
+    check.add_argument("--dtype", choices=DTYPES, default="float32")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--json", metavar="FILE", help="write the results JSON (- for stdout)")
+    check.add_argument("--markdown", metavar="FILE",
+                       help="write the Markdown report (- for stdout; the default when "
+                            "neither --json nor --markdown is given)")
+
+    listing = sub.add_parser("list", help="model_types present in both libraries")
+    listing.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH")
+    listing.add_argument("--no-probe", action="store_true",
+                         help="do not try to build and load each model")
+    return parser
+
+
+def _write(target: str, text: str) -> None:
+    if target == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        with open(target, "w") as f:
+            f.write(text)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import engine, report
+    from .mlx_side import MlxLmError, use_mlx_lm
+    from .schema import Results
+
+    selected = engine.ALL_CHECKS
+    if args.checks:
+        selected = tuple(c.strip() for c in args.checks.split(",") if c.strip())
+        unknown = [c for c in selected if c not in engine.ALL_CHECKS]
+        if unknown or not selected:
+            return fail(f"unknown check(s) {', '.join(unknown) or '(none given)'}; "
+                        f"available: {', '.join(engine.ALL_CHECKS)}")
+    if args.config is not None and len(args.model_types) > 1:
+        return fail("--config goes with a single MODEL_TYPE")
+    progress = Progress()
+    try:
+        info = use_mlx_lm(args.mlx_lm)
+        env = engine.environment(info)
+        results = Results(command=engine.command_line(), environment=env)
+        for model_type in args.model_types:
+            results.reports.append(engine.verify(
+                model_type, config_file=args.config, checks=selected, dtype=args.dtype,
+                seed=args.seed, progress=progress,
+            ))
+    except (engine.InputError, MlxLmError) as e:
+        return fail(str(e))
+    if args.json:
+        _write(args.json, results.model_dump_json(indent=2))
+    if args.markdown or not args.json:
+        _write(args.markdown or "-", report.render(results))
+    return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import engine
+    from .mlx_side import MlxLmError, use_mlx_lm
+
+    try:
+        use_mlx_lm(args.mlx_lm)
+    except MlxLmError as e:
+        return fail(str(e))
+    progress = Progress()
+    rows: list[tuple[str, str, str]] = []
+    for model_type, module in engine.shared_model_types():
+        status = "not probed"
+        if not args.no_probe:
+            progress(f"probing {model_type}")
+            status = engine.probe(model_type)
+        rows.append((model_type, module, status))
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print(f"{'model_type'.ljust(width)}  {'mlx_lm module'.ljust(22)}  runs")
+    for model_type, module, status in rows:
+        print(f"{model_type.ljust(width)}  {module.ljust(22)}  {status}")
+    return EXIT_PASS
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list}
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        return fail("interrupted")
+    except Exception as e:  # our own bug: still one line, but say how to see more
+        if os.environ.get("MLX_VERIFY_DEBUG"):
+            raise
+        return fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    " (set MLX_VERIFY_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

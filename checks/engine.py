@@ -1,0 +1,207 @@
+"""Runs the checks for one model_type: source config -> variants -> tiny checkpoints ->
+both models -> check results. The CLI, the worker and the sweep all call `verify`."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import layers, synth
+from .mlx_side import MlxLmError, MlxLmInfo
+from .schema import CheckResult, Environment, ModelReport, Variant, combine_verdicts
+
+ALL_CHECKS = ("layers",)
+PARITY_TOKENS = 48
+
+
+class InputError(Exception):
+    """Bad input: the run cannot start (exit 2)."""
+
+
+def environment(mlx_lm: MlxLmInfo) -> Environment:
+    import mlx.core as mx
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return Environment(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        machine=platform.machine(),
+        mlx=mx.__version__,
+        mlx_device=str(mx.default_device()),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        mlx_lm_version=mlx_lm.version,
+        mlx_lm_path=mlx_lm.path,
+        mlx_lm_git_sha=mlx_lm.git_sha,
+        mlx_verify=__version__,
+    )
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"{path}: no such config file") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a readable JSON config ({e})") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError(f"{path}: config has no model_type")
+    return config
+
+
+def source_config(model_type: str, config_file: str | None) -> tuple[dict[str, Any], str]:
+    if config_file is not None:
+        config = read_config_file(config_file)
+        if config["model_type"] != model_type:
+            raise InputError(
+                f"{config_file}: model_type is {config['model_type']!r}, not {model_type!r}"
+            )
+        return config, f"config file {config_file}"
+    try:
+        return synth.default_config(model_type), "transformers default config"
+    except synth.SynthError as e:
+        raise InputError(str(e)) from e
+
+
+def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
+    """The configurations to check. A config file keeps its own format; transformers'
+    default config is written in the legacy format most Hub checkpoints carry."""
+    tiny = synth.shrink_config(source)
+    fmt = synth.config_format(tiny)
+    if from_file or fmt != "rope_parameters":
+        return [Variant(name="default", description="source config, sizes shrunk",
+                        config_format=fmt, config=tiny)]
+    legacy = synth.to_legacy_format(tiny)
+    if synth.legacy_is_lossless(tiny, legacy):
+        return [Variant(name="default",
+                        description="transformers default config, sizes shrunk, "
+                                    "legacy rope_theta/rope_scaling format",
+                        config_format=synth.config_format(legacy), config=legacy)]
+    return [Variant(name="default",
+                    description="transformers default config, sizes shrunk "
+                                "(no lossless legacy form: rope_parameters kept)",
+                    config_format=fmt, config=tiny)]
+
+
+Progress = Callable[[str], None]
+
+
+def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str, ...] = ALL_CHECKS,
+           dtype: str = "float32", seed: int = 0, progress: Progress | None = None) -> ModelReport:
+    """Run the checks; bad input raises InputError or MlxLmError, findings are verdicts."""
+    from . import hf_side, mlx_side
+
+    say = progress or (lambda message: None)
+    source, source_name = source_config(model_type, config_file)
+    report = ModelReport(model_type=model_type, source=source_name, seed=seed, dtype=dtype,
+                         verdict="skip")
+    try:
+        report.variants = make_variants(source, from_file=config_file is not None)
+    except Exception as e:
+        raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
+
+    for variant in report.variants:
+        start = time.perf_counter()
+        say(f"{model_type}/{variant.name}: synthesizing tiny checkpoint")
+        try:
+            checkpoint = synth.write_checkpoint(variant.config, seed, dtype="float32")
+        except synth.SynthError as e:
+            if config_file is not None:
+                raise InputError(f"{config_file}: {e}") from e
+            raise InputError(f"{model_type}: {e}") from e
+        variant.checkpoint_dir = str(checkpoint)
+        say(f"{model_type}/{variant.name}: loading transformers and MLX models")
+        hf_model = hf_side.load(checkpoint, dtype=dtype)
+        mlx_model, mlx_config, weights = mlx_side.load(checkpoint)
+        if mlx_model is None:
+            report.checks.append(_weights_failure(variant.name, weights, start))
+            continue
+        if dtype != "float32":
+            mlx_model.set_dtype(_mlx_dtype(dtype))
+        ids = synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed)
+        for check in checks:
+            say(f"{model_type}/{variant.name}: {check}")
+            if check == "layers":
+                try:
+                    result = layers.run(hf_model, mlx_model, variant.config, ids, dtype,
+                                        variant.name)
+                except MlxLmError:
+                    raise
+                except Exception as e:
+                    result = CheckResult(
+                        check="layers", variant=variant.name, verdict="error",
+                        summary=f"forward pass failed: {mlx_side.describe_import_error(e)}",
+                    )
+                report.checks.append(result)
+    report.verdict = combine_verdicts([c.verdict for c in report.checks])
+    return report
+
+
+def _weights_failure(variant: str, weights: Any, start: float) -> CheckResult:
+    counts = (f"{len(weights.missing)} missing, {len(weights.unexpected)} unexpected, "
+              f"{len(weights.mismatched)} mis-shaped")
+    first = (weights.missing or weights.unexpected or weights.mismatched)[0]
+    return CheckResult(
+        check="layers", variant=variant, verdict="fail",
+        summary=f"weights do not load strictly: {counts} (first: {first})",
+        weights=weights, first_divergent_layer="load",
+        duration_s=time.perf_counter() - start,
+        metrics={"missing": len(weights.missing), "unexpected": len(weights.unexpected),
+                 "mismatched": len(weights.mismatched)},
+    )
+
+
+def _vocab(config: dict[str, Any]) -> int:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return int(config.get("vocab_size") or text.get("vocab_size") or synth.VOCAB)
+
+
+def _mlx_dtype(name: str) -> Any:
+    import mlx.core as mx
+
+    return getattr(mx, name)
+
+
+def command_line() -> str:
+    return " ".join(["mlx-verify", *sys.argv[1:]])
+
+
+def shared_model_types() -> list[tuple[str, str]]:
+    """(model_type, mlx_lm module) for every model_type both libraries know."""
+    import mlx_lm
+    from mlx_lm.utils import MODEL_REMAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    models_dir = Path(mlx_lm.__file__).parent / "models"
+    files = {p.stem for p in models_dir.glob("*.py") if not p.stem.startswith("_")}
+    mlx_types = {t: t for t in files} | {k: v for k, v in MODEL_REMAPPING.items() if v in files}
+    return sorted((t, mlx_types[t]) for t in mlx_types if t in CONFIG_MAPPING_NAMES)
+
+
+def probe(model_type: str) -> str:
+    """'yes', or 'no: <reason>' after building the tiny checkpoint and loading both models."""
+    from . import hf_side, mlx_side
+
+    try:
+        source, _ = source_config(model_type, None)
+        variant = make_variants(source, from_file=False)[0]
+        checkpoint = synth.write_checkpoint(variant.config, 0)
+        hf_side.load(checkpoint)
+        model, _, weights = mlx_side.load(checkpoint)
+    except Exception as e:
+        return f"no: {synth._one_line(e)[:120]}"
+    if model is None:
+        return (f"no: weights do not load ({len(weights.missing)} missing, "
+                f"{len(weights.unexpected)} unexpected, {len(weights.mismatched)} mis-shaped)")
+    return "yes"

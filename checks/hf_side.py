@@ -1,0 +1,94 @@
+"""The transformers side: the reference model and a capture of every module's input/output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .mlx_side import Capture
+
+
+def load(checkpoint: Path, dtype: str = "float32") -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # eager attention: the plainest reading of the modeling code, and the only one
+    # that implements softcapping and sinks for every model
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager"
+    )
+    model.eval()
+    return model
+
+
+def _first_tensor(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "to_tuple"):  # ModelOutput
+        value = value.to_tuple()
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _to_numpy(tensor: Any) -> np.ndarray | None:
+    if tensor is None or not tensor.is_floating_point():
+        return None
+    return tensor.detach().float().cpu().numpy().copy()
+
+
+def forward(model: Any, ids: np.ndarray, **kwargs: Any) -> Capture:
+    """One forward with hooks on every module: inputs copied before the call (modules
+    may modify them in place), outputs after."""
+    import torch
+
+    capture = Capture()
+    handles = []
+
+    def pre_hook(path: str):
+        def hook(module: Any, args: tuple, kw: dict) -> None:
+            if path in capture.inputs:
+                return
+            value = args[0] if args else kw.get("hidden_states", next(iter(kw.values()), None))
+            capture.inputs[path] = _to_numpy(_first_tensor(value))
+
+        return hook
+
+    def post_hook(path: str):
+        def hook(module: Any, args: tuple, kw: dict, out: Any) -> None:
+            if path in capture.outputs:
+                return
+            capture.outputs[path] = _to_numpy(_first_tensor(out))
+            capture.order.append(path)
+
+        return hook
+
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        capture.classes[path] = type(module).__name__
+        handles.append(module.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids), use_cache=False, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    capture.logits = out.logits.detach().float().numpy()
+    return capture
+
+
+def plain_forward(model: Any, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), use_cache=False)
+    return out.logits.detach().float().numpy()

@@ -1,0 +1,294 @@
+"""The `layers` check: per-stage parity and localization of the first divergence.
+
+Stages: the embeddings (input of the first decoder layer, so embedding scaling is
+included), each decoder layer's output, the final norm (output of the inner model),
+and the logits. Modules are paired by their path, which mlx-lm ports keep from
+transformers because weights are loaded by name; the decoder-layer list and the
+inner model may sit under different prefixes on the two sides.
+
+Inside the first divergent stage every paired sub-module's input and output are
+compared. The first sub-module to finish with a divergent output is the lead: if
+its inputs agree, its own computation differs; if not, the code of its parent that
+runs before it (RoPE, scaling, masking, residual glue) does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import compare
+from .mlx_side import Capture
+from .schema import CheckResult, LayerRow, Localization, Part
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+def layer_count(config: dict[str, Any]) -> int | None:
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def find_layer_list(paths: list[str], n_layers: int) -> str | None:
+    """The path P whose children P.0 .. P.{n-1} exist (and P.n does not)."""
+    present = set(paths)
+    candidates = []
+    for path in paths:
+        parent, _, last = path.rpartition(".")
+        if last == "0" and parent and all(f"{parent}.{i}" in present for i in range(n_layers)):
+            if f"{parent}.{n_layers}" not in present:
+                candidates.append(parent)
+    if not candidates:
+        return None
+    # prefer the shallowest list, e.g. model.layers over model.layers.0.mlp.experts
+    return min(candidates, key=lambda p: (p.count("."), p))
+
+
+@dataclass
+class PathMap:
+    hf_layers: str
+    mlx_layers: str
+
+    @property
+    def hf_base(self) -> str:
+        return self.hf_layers.rpartition(".")[0]
+
+    @property
+    def mlx_base(self) -> str:
+        return self.mlx_layers.rpartition(".")[0]
+
+    def to_mlx(self, hf_path: str) -> str:
+        if hf_path == self.hf_layers or hf_path.startswith(self.hf_layers + "."):
+            return self.mlx_layers + hf_path[len(self.hf_layers):]
+        if self.hf_base and (hf_path == self.hf_base or hf_path.startswith(self.hf_base + ".")):
+            rest = hf_path[len(self.hf_base):]
+            return (self.mlx_base + rest) if self.mlx_base else rest.lstrip(".")
+        return hf_path
+
+
+def classify(relative_path: str, class_name: str) -> Part:
+    """What kind of code a module is, from its name and class (deepest word wins)."""
+    cls = class_name.lower()
+    last = relative_path.rsplit(".", 1)[-1].lower()
+    if "norm" in last or last.startswith("ln") or "norm" in cls:
+        return "norm"
+    if any(w in cls for w in ("mamba", "ssm", "gateddelta", "shortconv", "lineartention",
+                              "linearattention", "recurrent", "rglru", "conv")):
+        return "ssm"
+    words = relative_path.lower().split(".")
+    for word in reversed(words):
+        if word in ("experts", "router", "gate", "shared_expert", "shared_experts",
+                    "block_sparse_moe", "moe", "switch_mlp") or "expert" in word:
+            return "moe"
+        if word in ("mixer", "conv1d", "ssm", "mamba", "linear_attn") and "attention" not in cls:
+            return "ssm"
+        if "attn" in word or "attention" in word:
+            return "attention"
+        if word in ("mlp", "feed_forward", "ffn", "block_sparse_moe") or "mlp" in word:
+            return "moe" if any(w in cls for w in ("moe", "sparse", "expert")) else "mlp"
+    if "attention" in cls:
+        return "attention"
+    if "mlp" in cls or "feedforward" in cls:
+        return "mlp"
+    return "unknown"
+
+
+def _row(name: str, index: int | None, layer_type: str | None, mlx: np.ndarray,
+         ref: np.ndarray, tolerance: float) -> LayerRow:
+    m = compare.metrics(mlx, ref)
+    return LayerRow(name=name, index=index, layer_type=layer_type, tolerance=tolerance,
+                    ok=m["rel_l2"] <= tolerance, **m)
+
+
+def _layer_types(config: dict[str, Any], n_layers: int) -> list[str | None]:
+    for key in ("layer_types", "layers_block_type", "block_types"):
+        value = config.get(key)
+        if isinstance(value, list) and len(value) == n_layers:
+            return [str(v) for v in value]
+    pattern = config.get("hybrid_override_pattern")
+    if isinstance(pattern, str) and len(pattern) == n_layers:
+        names = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+        return [names.get(c, c) for c in pattern]
+    return [None] * n_layers
+
+
+def compare_stages(hf: Capture, mlx: Capture, config: dict[str, Any],
+                   tolerance: float) -> tuple[list[LayerRow], PathMap | None, str | None]:
+    """The per-stage rows; a reason string when the model structure could not be paired."""
+    n_layers = layer_count(config)
+    hf_paths = list(hf.classes)
+    mlx_paths = list(mlx.classes)
+    rows: list[LayerRow] = []
+    if n_layers is None:
+        return rows, None, "config has no layer count"
+    hf_layers = find_layer_list(hf_paths, n_layers)
+    mlx_layers = find_layer_list(mlx_paths, n_layers)
+    if hf_layers is None or mlx_layers is None:
+        side = "transformers" if hf_layers is None else "MLX"
+        return rows, None, f"no list of {n_layers} decoder layers found in the {side} model"
+    paths = PathMap(hf_layers, mlx_layers)
+    types = _layer_types(config, n_layers)
+
+    first_hf, first_mlx = f"{hf_layers}.0", f"{mlx_layers}.0"
+    emb_ref, emb_mlx = hf.inputs.get(first_hf), mlx.inputs.get(first_mlx)
+    if emb_ref is not None and emb_mlx is not None and emb_ref.shape == emb_mlx.shape:
+        rows.append(_row("embeddings", None, None, emb_mlx, emb_ref, tolerance))
+    for i in range(n_layers):
+        ref, out = hf.outputs.get(f"{hf_layers}.{i}"), mlx.outputs.get(f"{mlx_layers}.{i}")
+        if ref is None or out is None or ref.shape != out.shape:
+            shape_ref = None if ref is None else ref.shape
+            shape_mlx = None if out is None else out.shape
+            return rows, paths, f"layer {i} outputs not comparable: {shape_ref} vs {shape_mlx}"
+        rows.append(_row(f"layers.{i}", i, types[i], out, ref, tolerance))
+    base_ref = hf.outputs.get(paths.hf_base) if paths.hf_base else None
+    base_mlx = mlx.outputs.get(paths.mlx_base) if paths.mlx_base else None
+    if base_ref is not None and base_mlx is not None and base_ref.shape == base_mlx.shape:
+        rows.append(_row("final_norm", None, None, base_mlx, base_ref, tolerance))
+    if hf.logits is not None and mlx.logits is not None:
+        if hf.logits.shape != mlx.logits.shape:
+            return rows, paths, f"logits shapes differ: {hf.logits.shape} vs {mlx.logits.shape}"
+        rows.append(_row("logits", None, None, mlx.logits, hf.logits, tolerance))
+    return rows, paths, None
+
+
+def localize(row: LayerRow, hf: Capture, mlx: Capture, paths: PathMap,
+             tolerance: float) -> Localization:
+    if row.name == "embeddings":
+        return _localize_outside(row, "embedding", hf, mlx, paths, tolerance)
+    if row.name == "final_norm":
+        return _localize_outside(row, "final_norm", hf, mlx, paths, tolerance)
+    if row.name == "logits":
+        return Localization(
+            stage="logits", module="lm_head", part="lm_head", inputs_agree=True,
+            output_rel_l2=row.rel_l2,
+            facts=["final hidden states agree; logits differ (lm_head, tying, "
+                   "logit scaling or softcapping)"],
+        )
+    prefix = f"{paths.hf_layers}.{row.index}"
+    return _localize_within(row.name, prefix, hf, mlx, paths, tolerance)
+
+
+def _compared(hf: Capture, mlx: Capture, paths: PathMap, hf_path: str):
+    mlx_path = paths.to_mlx(hf_path)
+    out = compare.rel_l2(mlx.outputs.get(mlx_path), hf.outputs.get(hf_path))
+    inp = compare.rel_l2(mlx.inputs.get(mlx_path), hf.inputs.get(hf_path))
+    return mlx_path, inp, out
+
+
+def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: PathMap,
+                     tolerance: float) -> Localization:
+    agreeing: list[str] = []
+    for hf_path in hf.order:
+        if not hf_path.startswith(prefix + "."):
+            continue
+        mlx_path, inp, out = _compared(hf, mlx, paths, hf_path)
+        if out is None:
+            continue
+        if out <= tolerance:
+            agreeing.append(hf_path)
+            continue
+        relative = hf_path[len(prefix) + 1:]
+        if inp is None or inp <= tolerance:
+            part = classify(relative, hf.classes.get(hf_path, ""))
+            facts = [f"{relative}: inputs agree (rel_l2 {_fmt(inp)}), output differs "
+                     f"(rel_l2 {_fmt(out)})"]
+            return Localization(stage=stage, module=hf_path, part=part,
+                                inputs_agree=None if inp is None else True,
+                                input_rel_l2=inp, output_rel_l2=out,
+                                agreeing_before=_siblings(agreeing, hf_path), facts=facts)
+        # The input already differs: the parent's own code before this call is at fault.
+        parent = hf_path.rpartition(".")[0]
+        parent_rel = parent[len(prefix) + 1:] if parent != prefix else ""
+        part = (classify(parent_rel, hf.classes.get(parent, "")) if parent_rel else "residual")
+        before = _siblings(agreeing, hf_path)
+        facts = [f"input of {relative} differs (rel_l2 {_fmt(inp)})"
+                 + (f" while {', '.join(p.rsplit('.', 1)[-1] for p in before)} agree"
+                    if before else "")]
+        if part == "attention":
+            facts.append("between the projections: RoPE, attention scale, mask, softmax, "
+                         "softcap or sinks")
+        return Localization(stage=stage, module=parent, part=part, inputs_agree=False,
+                            input_rel_l2=inp, output_rel_l2=out, agreeing_before=before,
+                            facts=facts)
+    return Localization(
+        stage=stage, module=prefix, part="residual", inputs_agree=True,
+        agreeing_before=agreeing[-6:],
+        facts=[f"all {len(agreeing)} paired sub-modules agree; the layer's own code "
+               "(residual adds, scaling, ordering) differs"],
+    )
+
+
+def _siblings(agreeing: list[str], hf_path: str) -> list[str]:
+    parent = hf_path.rpartition(".")[0]
+    return [p for p in agreeing if p.rpartition(".")[0] == parent]
+
+
+def _localize_outside(row: LayerRow, part: Part, hf: Capture, mlx: Capture, paths: PathMap,
+                      tolerance: float) -> Localization:
+    """Divergence before the first layer or after the last: check the modules outside the
+    decoder-layer list."""
+    facts = []
+    lead = None
+    for hf_path in hf.order:
+        if hf_path.startswith(paths.hf_layers + ".") or hf_path == paths.hf_layers:
+            continue
+        mlx_path, inp, out = _compared(hf, mlx, paths, hf_path)
+        if out is None:
+            continue
+        if out > tolerance and lead is None:
+            lead = hf_path
+            facts.append(f"{hf_path}: output rel_l2 {_fmt(out)}, input rel_l2 {_fmt(inp)}")
+    if not facts:
+        facts.append(f"{row.name} differs (rel_l2 {_fmt(row.rel_l2)}) while every paired "
+                     "module outside the decoder layers agrees: the code between them "
+                     "(embedding scale, final norm placement) differs")
+    return Localization(stage=row.name, module=lead or paths.hf_base or row.name, part=part,
+                        inputs_agree=None, output_rel_l2=row.rel_l2, facts=facts)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def run(hf_model: Any, mlx_model: Any, config: dict[str, Any], ids: np.ndarray, dtype: str,
+        variant: str) -> CheckResult:
+    from . import hf_side, mlx_side
+
+    start = time.perf_counter()
+    tolerance = compare.LAYER_TOLERANCE[dtype]
+    hf = hf_side.forward(hf_model, ids)
+    mlx = mlx_side.forward(mlx_model, ids)
+    rows, paths, problem = compare_stages(hf, mlx, config, tolerance)
+    result = CheckResult(check="layers", variant=variant, verdict="pass", summary="",
+                         layers=rows)
+    result.metrics = {
+        "tokens": int(ids.shape[1]),
+        "tolerance_rel_l2": tolerance,
+        "max_rel_l2": max((r.rel_l2 for r in rows), default=None),
+        "logits_rel_l2": next((r.rel_l2 for r in rows if r.name == "logits"), None),
+        "top1_agreement": float(np.mean(hf.logits.argmax(-1) == mlx.logits.argmax(-1))),
+    }
+    failing = [r for r in rows if not r.ok]
+    if problem is not None and not failing:
+        result.verdict = "error"
+        result.summary = f"cannot pair the two models: {problem}"
+    elif failing:
+        first = failing[0]
+        result.verdict = "fail"
+        result.first_divergent_layer = first.name
+        if paths is not None:
+            result.localization = localize(first, hf, mlx, paths, tolerance)
+        where = (f", {result.localization.part} ({result.localization.module})"
+                 if result.localization else "")
+        result.summary = (f"first divergence at {first.name}{where}: rel_l2 {first.rel_l2:.2e} "
+                          f"> {tolerance:.0e}; logits rel_l2 {rows[-1].rel_l2:.2e}")
+    else:
+        result.summary = (f"{len(rows)} stages agree: max rel_l2 "
+                          f"{result.metrics['max_rel_l2']:.2e} <= {tolerance:.0e}")
+    result.duration_s = time.perf_counter() - start
+    return result

@@ -1,0 +1,235 @@
+"""The MLX side: import mlx_lm from a chosen tree, load a checkpoint, capture every module.
+
+Nothing here imports mlx_lm at module import time, so `use_mlx_lm(path)` can put a PR
+checkout first on sys.path before the package is first imported.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .schema import WeightsReport
+
+
+class MlxLmError(Exception):
+    """The chosen mlx_lm tree cannot be used (bad path, import error in its code)."""
+
+
+@dataclass
+class MlxLmInfo:
+    path: str
+    version: str
+    git_sha: str | None
+
+
+def use_mlx_lm(path: str | None) -> MlxLmInfo:
+    """Import mlx_lm, from `path` (a directory holding the mlx_lm package) when given."""
+    if path is not None:
+        root = Path(path).expanduser().resolve()
+        if not (root / "mlx_lm" / "__init__.py").is_file():
+            raise MlxLmError(f"{path}: no mlx_lm package there (expected {root}/mlx_lm/__init__.py)")
+        if "mlx_lm" in sys.modules:
+            loaded = Path(sys.modules["mlx_lm"].__file__).resolve().parent.parent
+            if loaded != root:
+                raise MlxLmError(f"mlx_lm was already imported from {loaded}, not {root}")
+        sys.path.insert(0, str(root))
+    try:
+        mlx_lm = importlib.import_module("mlx_lm")
+        importlib.import_module("mlx_lm.utils")
+    except Exception as e:
+        raise MlxLmError(f"cannot import mlx_lm: {describe_import_error(e)}") from e
+    package_dir = Path(mlx_lm.__file__).resolve().parent
+    if path is not None and package_dir.parent != Path(path).expanduser().resolve():
+        raise MlxLmError(f"mlx_lm imported from {package_dir}, not from {path}")
+    return MlxLmInfo(
+        path=str(package_dir),
+        version=getattr(mlx_lm, "__version__", "unknown"),
+        git_sha=_git_sha(package_dir),
+    )
+
+
+def _git_sha(directory: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def describe_import_error(e: BaseException) -> str:
+    """One line naming the file and line of a syntax or import error in model code."""
+    if isinstance(e, SyntaxError):
+        return f"SyntaxError in {e.filename}:{e.lineno}: {e.msg}"
+    tb = e.__traceback__
+    location = ""
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if "mlx_lm" in filename:
+            location = f" ({filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}{location}"
+
+
+def model_module_name(config: dict[str, Any]) -> str:
+    """The mlx_lm.models file mlx-lm picks for a config (MODEL_REMAPPING applied)."""
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)[0].__module__
+
+
+def load(checkpoint: Path) -> tuple[Any, dict[str, Any], WeightsReport]:
+    """Load through mlx-lm's own loader with strict weights; mismatches become a report.
+
+    The weight comparison is done first, by hand, so the names can be listed; when
+    they all match, `load_model(strict=True)` loads for real.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes, load_config, load_model
+
+    config = load_config(checkpoint)
+    try:
+        model_class, args_class = _get_classes(config)
+    except ValueError as e:
+        raise MlxLmError(f"mlx-lm has no model for this config: {e}") from e
+    except Exception as e:
+        raise MlxLmError(f"cannot import the mlx-lm model file: {describe_import_error(e)}") from e
+
+    weights: dict[str, Any] = {}
+    for wf in sorted(glob.glob(str(checkpoint / "model*.safetensors"))):
+        weights.update(mx.load(wf))
+    model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    expected = dict(tree_flatten(model.parameters()))
+    report = WeightsReport(
+        missing=sorted(set(expected) - set(weights)),
+        unexpected=sorted(set(weights) - set(expected)),
+        mismatched=sorted(
+            f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in set(expected) & set(weights)
+            if tuple(weights[k].shape) != tuple(expected[k].shape)
+        ),
+    )
+    if report.missing or report.unexpected or report.mismatched:
+        return None, config, report
+    model, config = load_model(checkpoint, strict=True)
+    return model, config, report
+
+
+@dataclass
+class Capture:
+    """Inputs and outputs of every module of one forward pass, as float32 numpy."""
+
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # completion order (children first)
+    classes: dict[str, str] = field(default_factory=dict)
+    logits: np.ndarray | None = None
+
+
+def _first_array(value: Any) -> Any:
+    import mlx.core as mx
+
+    if isinstance(value, mx.array):
+        return value
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            found = _first_array(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _to_numpy(array: Any) -> np.ndarray | None:
+    import mlx.core as mx
+
+    if array is None or array.dtype not in (mx.float32, mx.float16, mx.bfloat16):
+        return None
+    return np.array(array.astype(mx.float32))
+
+
+@contextmanager
+def recording(model: Any, capture: Capture) -> Iterator[None]:
+    """Record module calls by wrapping `__call__` on the module classes for the duration.
+
+    MLX has no hooks; patching the classes leaves the module tree and its weights
+    untouched. Only the first call of each module is kept.
+    """
+    import mlx.nn as nn
+
+    paths: dict[int, str] = {}
+    for path, module in model.named_modules():
+        if path:
+            paths[id(module)] = path
+            capture.classes[path] = type(module).__name__
+    patched: dict[type, Any] = {}
+    for module_type in {type(m) for _, m in model.named_modules()}:
+        for cls in module_type.__mro__:
+            if cls in patched or not issubclass(cls, nn.Module) or "__call__" not in cls.__dict__:
+                continue
+            patched[cls] = cls.__dict__["__call__"]
+
+    def make_wrapper(original: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = original(self, *args, **kwargs)
+            path = paths.get(id(self))
+            if path is not None and path not in capture.outputs:
+                arg = _first_array(args[:1]) if args else _first_array(list(kwargs.values())[:1])
+                capture.inputs[path] = arg
+                capture.outputs[path] = _first_array(out)
+                capture.order.append(path)
+            return out
+
+        return wrapper
+
+    for cls, original in patched.items():
+        cls.__call__ = make_wrapper(original)
+    try:
+        yield
+    finally:
+        for cls, original in patched.items():
+            cls.__call__ = original
+
+
+def forward(model: Any, ids: np.ndarray, cache: Any = None) -> Capture:
+    import mlx.core as mx
+
+    capture = Capture()
+    with recording(model, capture):
+        logits = model(mx.array(ids), cache=cache)
+    mx.eval(logits)
+    capture.logits = np.array(logits.astype(mx.float32))
+    capture.inputs = {k: _to_numpy(v) for k, v in capture.inputs.items()}
+    capture.outputs = {k: _to_numpy(v) for k, v in capture.outputs.items()}
+    return capture
+
+
+def plain_forward(model: Any, ids: np.ndarray) -> np.ndarray:
+    import mlx.core as mx
+
+    logits = model(mx.array(ids))
+    mx.eval(logits)
+    return np.array(logits.astype(mx.float32))
+
+
+def module_paths(model: Any) -> list[str]:
+    return [path for path, _ in model.named_modules() if path]
+
+
+def iter_modules(model: Any) -> Iterator[tuple[str, Any]]:
+    yield from ((p, m) for p, m in model.named_modules() if p)

@@ -1,0 +1,128 @@
+"""The results schema: the one contract between checks, worker, comment and dashboard.
+
+Bump SCHEMA_VERSION on any change a reader of old results would trip over.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = 1
+
+Verdict = Literal["pass", "fail", "error", "skip"]
+# What kind of code a divergence was localized to.
+Part = Literal[
+    "load", "embedding", "attention", "mlp", "moe", "norm", "ssm", "residual",
+    "final_norm", "lm_head", "unknown",
+]
+
+
+class LayerRow(BaseModel):
+    """One stage of the forward pass compared between transformers and MLX."""
+
+    name: str  # "embeddings", "layers.3", "final_norm", "logits"
+    index: int | None = None  # decoder layer index, None for the other stages
+    layer_type: str | None = None  # e.g. "sliding_attention", "mamba", "moe"
+    rel_l2: float  # ||mlx - ref|| / ||ref||: the verdict metric
+    cosine: float
+    max_abs: float  # max |mlx - ref|
+    max_abs_rel: float  # max |mlx - ref| / max |ref| (the reference harness' metric)
+    nmse: float  # mean((mlx - ref)^2) / var(ref)
+    tolerance: float
+    ok: bool
+
+
+class Localization(BaseModel):
+    """Where inside the first divergent stage the outputs part ways."""
+
+    stage: str  # the LayerRow name
+    module: str  # transformers module path, e.g. "model.layers.2.self_attn.o_proj"
+    part: Part
+    inputs_agree: bool | None  # True: this module's own computation differs
+    input_rel_l2: float | None = None
+    output_rel_l2: float | None = None
+    # Modules of the same stage that agree before the divergence, in call order.
+    agreeing_before: list[str] = Field(default_factory=list)
+    facts: list[str] = Field(default_factory=list)
+
+
+class WeightsReport(BaseModel):
+    missing: list[str] = Field(default_factory=list)  # in the MLX model, not in the checkpoint
+    unexpected: list[str] = Field(default_factory=list)  # in the checkpoint, not in the model
+    mismatched: list[str] = Field(default_factory=list)  # "name: checkpoint (a, b) vs model (c, d)"
+
+
+class CheckResult(BaseModel):
+    check: str  # "layers", "rope", "dtype", ...
+    variant: str  # which synthesized configuration ran, e.g. "default"
+    verdict: Verdict
+    summary: str  # one line of facts
+    metrics: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    layers: list[LayerRow] = Field(default_factory=list)
+    first_divergent_layer: str | None = None
+    localization: Localization | None = None
+    weights: WeightsReport | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+    duration_s: float = 0.0
+
+
+class Variant(BaseModel):
+    """One synthesized tiny checkpoint: a configuration the checks ran on."""
+
+    name: str
+    description: str
+    config_format: Literal["legacy", "rope_parameters", "unknown"]
+    config: dict[str, Any]  # the config.json both libraries loaded
+    overrides: dict[str, Any] = Field(default_factory=dict)  # what differs from the source config
+    checkpoint_dir: str | None = None
+
+
+class Environment(BaseModel):
+    python: str
+    platform: str
+    machine: str
+    mlx: str
+    mlx_device: str
+    torch: str
+    transformers: str
+    mlx_lm_version: str
+    mlx_lm_path: str
+    mlx_lm_git_sha: str | None = None
+    mlx_verify: str
+
+
+class ModelReport(BaseModel):
+    model_type: str
+    source: str  # "transformers default config", "config file X", "hub repo@rev", ...
+    seed: int
+    dtype: str
+    verdict: Verdict
+    variants: list[Variant] = Field(default_factory=list)
+    checks: list[CheckResult] = Field(default_factory=list)
+    error: str | None = None  # set when the model could not run at all
+
+
+class Results(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    command: str  # reproduces the run locally
+    environment: Environment
+    reports: list[ModelReport] = Field(default_factory=list)
+
+    @property
+    def verdict(self) -> Verdict:
+        return combine_verdicts([r.verdict for r in self.reports])
+
+
+def combine_verdicts(verdicts: list[Verdict]) -> Verdict:
+    """error beats fail beats pass; all-skip (or nothing) is skip."""
+    if "error" in verdicts:
+        return "error"
+    if "fail" in verdicts:
+        return "fail"
+    if "pass" in verdicts:
+        return "pass"
+    return "skip"

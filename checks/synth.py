@@ -1,0 +1,403 @@
+"""Tiny checkpoints: a real or default transformers config with only the sizes shrunk.
+
+Every behavioural setting (RoPE, layer pattern, windows, softcaps, norms, routing,
+biases, multipliers) is kept; the config.json keeps the format of its source
+(top-level `rope_theta`/`rope_scaling`, or nested `rope_parameters`), because real
+users load the real file and transformers 5's `save_pretrained` rewrites the format.
+Weights start from transformers' own init and are then rescaled so that attention
+is sharp, norms and biases are not identities, and logits are large enough for
+softcaps and routing to matter.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SYNTH_VERSION = 1  # bump when the checkpoint recipe changes: it is part of the cache key
+
+HIDDEN = 64
+HEADS = 4
+VOCAB = 512
+MAX_EXPERTS = 8
+
+# Config keys holding a size, and the size they shrink to. Applied only when the
+# source value is an int larger than the target.
+SIZE_KEYS: dict[str, int] = {
+    "hidden_size": HIDDEN, "d_model": HIDDEN, "n_embd": HIDDEN, "dim": HIDDEN,
+    "intermediate_size": 128, "ffn_hidden_size": 128, "n_inner": 128, "ffn_dim": 128,
+    "intermediate_size_mlp": 128, "shared_intermediate_size": 64,
+    "moe_intermediate_size": HIDDEN, "expert_ffn_hidden_size": HIDDEN,
+    "shared_expert_intermediate_size": HIDDEN, "moe_shared_expert_intermediate_size": HIDDEN,
+    "share_expert_dim": HIDDEN,
+    "num_attention_heads": HEADS, "n_head": HEADS, "n_heads": HEADS,
+    "num_sliding_attention_heads": HEADS,
+    "vocab_size": VOCAB,
+    "kv_lora_rank": 32, "q_lora_rank": 48,
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "qk_head_dim": 24,
+    "index_head_dim": 16, "index_n_heads": 2,
+    "state_size": 16, "ssm_state_size": 16, "mamba_d_state": 16,
+    "mamba_d_head": 16, "mamba_head_dim": 16, "mamba_n_heads": 8, "mamba_num_heads": 8,
+    "mamba_d_ssm": 128, "mamba_dt_rank": 8,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "linear_num_heads": HEADS, "linear_head_dim": 16,
+    "lru_width": HIDDEN, "hidden_size_per_layer_input": 16,
+    "vocab_size_per_layer_input": VOCAB,
+    "chunk_size": 16, "mamba_chunk_size": 16,
+}
+
+EXPERT_COUNT_KEYS = (
+    "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
+)
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class SynthError(Exception):
+    """The config cannot be turned into a tiny checkpoint (bad or unsupported input)."""
+
+
+def default_config(model_type: str) -> dict[str, Any]:
+    """transformers' own default config for a model_type, as a dict in its native format."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError as e:
+        raise SynthError(f"transformers has no config for model_type {model_type!r}") from e
+    # what save_pretrained writes: the keys that differ from PreTrainedConfig's defaults
+    out = config.to_diff_dict()
+    out.pop("transformers_version", None)
+    out["model_type"] = model_type
+    if not out.get("architectures"):
+        architecture = _causal_lm_class(model_type)
+        if architecture:
+            out["architectures"] = [architecture]
+    return out
+
+
+def _causal_lm_class(model_type: str) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return name if isinstance(name, str) else None
+
+
+def config_format(config: dict[str, Any]) -> str:
+    if "rope_parameters" in config:
+        return "rope_parameters"
+    if "rope_theta" in config or "rope_scaling" in config:
+        return "legacy"
+    return "unknown"
+
+
+def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 `rope_parameters` -> the top-level keys most Hub checkpoints carry.
+
+    Lossless or refused: the caller checks the round trip through transformers.
+    """
+    out = copy.deepcopy(config)
+    params = out.pop("rope_parameters", None)
+    if not params:
+        return out
+    per_layer_type = all(isinstance(v, dict) for v in params.values())
+    main = params.get("full_attention", next(iter(params.values()))) if per_layer_type else params
+    main = dict(main)
+    out["rope_theta"] = main.pop("rope_theta", 10000.0)
+    if "partial_rotary_factor" in main:
+        out["partial_rotary_factor"] = main.pop("partial_rotary_factor")
+    rope_type = main.get("rope_type", "default")
+    if rope_type != "default":
+        out["rope_scaling"] = {**main, "type": rope_type}
+    if per_layer_type and "sliding_attention" in params:
+        # gemma3-style local RoPE base
+        out["rope_local_base_freq"] = params["sliding_attention"].get("rope_theta")
+    return out
+
+
+def _layer_count(config: dict[str, Any]) -> tuple[str, int] | None:
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return key, config[key]
+    return None
+
+
+def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
+    """Fewest layers that keep one of each layer type and the layer pattern's first period."""
+    needed = 2
+    for key, value in config.items():
+        if isinstance(value, (list, str)) and len(value) == n_layers and n_layers > 2:
+            seen: set[Any] = set()
+            for i, item in enumerate(value):
+                item_key = json.dumps(item, sort_keys=True)
+                if item_key not in seen:
+                    seen.add(item_key)
+                    needed = max(needed, i + 1)
+    for key in ("sliding_window_pattern", "attn_layer_period", "full_attention_interval",
+                "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step"):
+        value = config.get(key)
+        if isinstance(value, int) and 1 < value <= 8:
+            needed = max(needed, value)
+    for key in ("attn_layer_offset", "expert_layer_offset", "first_k_dense_replace"):
+        value = config.get(key)
+        if isinstance(value, int) and 0 < value < n_layers:
+            needed = max(needed, min(value, 2) + 2)
+    return min(needed, n_layers)
+
+
+def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Sizes shrunk, every other key kept as it was (format included)."""
+    out = copy.deepcopy(config)
+    for key in ("quantization_config", "auto_map", "_name_or_path"):
+        out.pop(key, None)
+    for nested in ("text_config",):
+        if isinstance(out.get(nested), dict):
+            out[nested] = shrink_config(out[nested])
+
+    orig_heads = next(
+        (out[k] for k in ("num_attention_heads", "n_head", "n_heads") if isinstance(out.get(k), int)),
+        None,
+    )
+    orig_hidden = next(
+        (out[k] for k in ("hidden_size", "d_model", "n_embd") if isinstance(out.get(k), int)), None
+    )
+    orig_head_dim = out.get("head_dim")
+    orig_kv = out.get("num_key_value_heads")
+
+    for key, target in SIZE_KEYS.items():
+        value = out.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > target:
+            out[key] = target
+
+    # Grouped-query attention stays grouped, MQA stays MQA, MHA stays MHA.
+    heads = out.get("num_attention_heads", HEADS)
+    if isinstance(orig_kv, int) and orig_heads:
+        if orig_kv == orig_heads:
+            out["num_key_value_heads"] = heads
+        elif orig_kv == 1:
+            out["num_key_value_heads"] = 1
+        else:
+            out["num_key_value_heads"] = 2
+    # A head_dim that differs from hidden/heads keeps differing.
+    if isinstance(orig_head_dim, int) and orig_hidden and orig_heads:
+        if orig_head_dim * orig_heads == orig_hidden:
+            out["head_dim"] = HIDDEN // HEADS
+        else:
+            out["head_dim"] = 32
+    if isinstance(out.get("rotary_dim"), int) and isinstance(orig_hidden, int) and orig_heads:
+        # gpt-j style partial rotary by count: keep the same fraction of the head
+        frac = out["rotary_dim"] / (orig_hidden // orig_heads)
+        out["rotary_dim"] = max(2, int(round(frac * HIDDEN / HEADS / 2)) * 2)
+
+    # Experts: fewer, but routing still chooses (top-k < experts) and groups still group.
+    for key in EXPERT_COUNT_KEYS:
+        value = out.get(key)
+        if isinstance(value, int) and value > MAX_EXPERTS:
+            out[key] = MAX_EXPERTS
+    n_experts = next((out[k] for k in EXPERT_COUNT_KEYS if isinstance(out.get(k), int)), None)
+    if n_experts:
+        for key in ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k"):
+            if isinstance(out.get(key), int) and out[key] >= n_experts:
+                out[key] = max(1, n_experts // 4)
+            elif isinstance(out.get(key), int) and out[key] > 2:
+                out[key] = 2
+        if isinstance(out.get("n_group"), int) and out["n_group"] > 1:
+            out["n_group"] = 4 if n_experts % 4 == 0 else 2
+            out["topk_group"] = min(out.get("topk_group") or 2, 2)
+        if isinstance(out.get("num_expert_group"), int) and out["num_expert_group"] > 1:
+            out["num_expert_group"] = 4 if n_experts % 4 == 0 else 2
+            if isinstance(out.get("topk_group"), int):
+                out["topk_group"] = min(out["topk_group"], 2)
+        if isinstance(out.get("n_shared_experts"), int) and out["n_shared_experts"] > 1:
+            out["n_shared_experts"] = 1
+
+    if isinstance(out.get("time_step_rank"), int):
+        out["time_step_rank"] = math.ceil(out.get("hidden_size", HIDDEN) / 16)
+
+    layer_count = _layer_count(out)
+    if layer_count is not None:
+        key, n_layers = layer_count
+        keep = _layers_needed(out, n_layers)
+        for k, value in list(out.items()):
+            if isinstance(value, (list, str)) and len(value) == n_layers and k not in TOKEN_ID_KEYS:
+                out[k] = value[:keep]
+        for k in ("max_window_layers", "moe_layer_end_index", "num_nextn_predict_layers"):
+            if isinstance(out.get(k), int) and out[k] > keep:
+                out[k] = keep if k != "num_nextn_predict_layers" else 0
+        out[key] = keep
+
+    vocab = out.get("vocab_size")
+    if isinstance(vocab, int):
+        for key in TOKEN_ID_KEYS:
+            value = out.get(key)
+            if isinstance(value, int) and value >= vocab:
+                out[key] = vocab - 1 - TOKEN_ID_KEYS.index(key)
+            elif isinstance(value, list):
+                out[key] = [v if v < vocab else vocab - 1 for v in value]
+    return out
+
+
+def _is_norm(module_name: str, module: Any) -> bool:
+    name = type(module).__name__.lower()
+    return "norm" in name or module_name.rsplit(".", 1)[-1].startswith(("ln", "norm"))
+
+
+def _q_or_k(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1].lower()
+    return last.startswith(("q_", "k_", "q", "k", "query", "key", "qkv", "wqkv", "c_attn")) and (
+        "proj" in last or last in ("q", "k", "query", "key", "c_attn", "wqkv", "qkv")
+    )
+
+
+def init_weights(model: Any, seed: int) -> None:
+    """Rescale transformers' init so that the paths ports get wrong affect the output.
+
+    - matrices: std 1/sqrt(fan_in) (unit-variance activations), q/k projections x2
+      so attention is sharp, the up/gate projections x1.5 so activations leave their
+      linear region (exact vs tanh GELU differ there), lm_head x4.
+    - embeddings: std 1.
+    - a parameter transformers left constant (norm weights of 1 or 0, zero biases,
+      zero router biases, zero sinks) gets noise, so ignoring it shows.
+    - other non-constant vectors (SSM A_log, dt bias, ...) keep transformers' init.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = getattr(model.config, "hidden_size", None) or HIDDEN
+    owners = {}
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            owners[f"{mod_name}.{p_name}" if mod_name else p_name] = (mod_name, module, p_name)
+
+    with torch.no_grad():
+        for full_name, param in model.named_parameters():
+            mod_name, module, p_name = owners[full_name]
+            data = param.data
+            if isinstance(module, torch.nn.Embedding) or "embed" in full_name and data.dim() == 2:
+                data.copy_(torch.randn(data.shape, generator=gen))
+                continue
+            if data.dim() >= 2 and isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
+                fan_in = data[0].numel()
+                std = 1.0 / math.sqrt(fan_in)
+                if _q_or_k(mod_name):
+                    std *= 2.0
+                elif mod_name.endswith(("gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3")):
+                    std *= 1.5
+                elif mod_name.endswith("lm_head"):
+                    std *= 4.0
+                data.copy_(torch.randn(data.shape, generator=gen) * std)
+                continue
+            if data.dim() >= 2:
+                # fused expert tensors and the like: sizes are shrunk so that
+                # hidden == expert width, so 1/sqrt(hidden) is the fan-in either way
+                data.copy_(torch.randn(data.shape, generator=gen) / math.sqrt(hidden))
+                continue
+            flat = data.flatten()
+            if flat.numel() > 0 and bool((flat == flat[0]).all()):
+                value = float(flat[0])
+                if _is_norm(mod_name, module) and p_name == "weight":
+                    noise = torch.rand(data.shape, generator=gen) - 0.5
+                    data.copy_(value + noise if value != 0 else noise)
+                elif value == 0.0:
+                    data.copy_(torch.randn(data.shape, generator=gen) * 0.1)
+                else:
+                    noise = (torch.rand(data.shape, generator=gen) - 0.5) * 0.4
+                    data.copy_(value * (1.0 + noise))
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MLX_VERIFY_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-verify"
+
+
+def checkpoint_key(config: dict[str, Any], seed: int, dtype: str) -> str:
+    blob = json.dumps(
+        {"config": config, "seed": seed, "dtype": dtype, "synth": SYNTH_VERSION, **_versions()},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _hf_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """What transformers makes of a config dict, for comparing two formats."""
+    from transformers import AutoConfig
+
+    data = copy.deepcopy(config)
+    model_type = data.pop("model_type")
+    loaded = AutoConfig.for_model(model_type, **data).to_dict()
+    loaded.pop("transformers_version", None)
+    return loaded
+
+
+def legacy_is_lossless(v5_config: dict[str, Any], legacy_config: dict[str, Any]) -> bool:
+    try:
+        return _hf_dict(v5_config) == _hf_dict(legacy_config)
+    except Exception:
+        return False
+
+
+def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") -> Path:
+    """Build (or reuse from the cache) a tiny checkpoint whose config.json is exactly `config`."""
+    target = cache_root() / "checkpoints" / checkpoint_key(config, seed, dtype)
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    try:
+        hf_config = AutoConfig.from_pretrained(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SynthError(f"transformers rejects the config: {_one_line(e)}") from e
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SynthError(f"transformers cannot build the model: {_one_line(e)}") from e
+    init_weights(model, seed)
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(tmp)
+    # save_pretrained rewrote config.json in transformers 5's format: put the source back.
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    gen_config = tmp / "generation_config.json"
+    gen_config.unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def token_ids(vocab_size: int, length: int, seed: int, batch: int = 1) -> np.ndarray:
+    """Seeded random prompt ids; 0..3 avoided (often special tokens with zeroed embeddings)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(4, vocab_size, size=(batch, length), dtype=np.int64)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
