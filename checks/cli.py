@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # our own bug: still one line, but say how to see more
         if os.environ.get("MLX_VERIFY_DEBUG"):
             raise
-        return fail(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        return fail(f"internal error: {type(e).__name__}: {first_line}"
                     " (set MLX_VERIFY_DEBUG=1 for the traceback)")
 
 

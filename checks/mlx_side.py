@@ -37,7 +37,9 @@ def use_mlx_lm(path: str | None) -> MlxLmInfo:
     if path is not None:
         root = Path(path).expanduser().resolve()
         if not (root / "mlx_lm" / "__init__.py").is_file():
-            raise MlxLmError(f"{path}: no mlx_lm package there (expected {root}/mlx_lm/__init__.py)")
+            raise MlxLmError(
+                f"{path}: no mlx_lm package there (expected {root}/mlx_lm/__init__.py)"
+            )
         if "mlx_lm" in sys.modules:
             loaded = Path(sys.modules["mlx_lm"].__file__).resolve().parent.parent
             if loaded != root:
