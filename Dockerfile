@@ -1,0 +1,18 @@
+# A Linux CPU runner image: the mlx-verify engine and CLI with mlx[cpu], mlx-lm,
+# transformers and torch. `docker run IMAGE check llama` runs the main job.
+# (The server and report worker have their own image: deploy/Dockerfile.)
+FROM python:3.11-slim
+
+RUN apt-get update && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/*
+RUN useradd --create-home verify
+WORKDIR /opt/mlx-verify
+COPY pyproject.toml README.md ./
+COPY checks ./checks
+COPY app ./app
+COPY workers ./workers
+RUN pip install --no-cache-dir .
+USER verify
+ENV MLX_VERIFY_CACHE=/home/verify/.cache/mlx-verify HF_HUB_OFFLINE=1
+ENTRYPOINT ["mlx-verify"]
+CMD ["check", "llama"]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up what the test suite needs on a fresh Debian/Ubuntu machine, then runs it:
+# system packages (redis-server: the tests start their own), the venv, ruff, pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"
