@@ -3,6 +3,7 @@ both models -> check results. The CLI, the worker and the sweep all call `verify
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import sys
@@ -11,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import layers, synth
+from . import synth
 from .mlx_side import MlxLmError, MlxLmInfo
 from .schema import CheckResult, Environment, ModelReport, Variant, combine_verdicts
+from .subject import Subject
 
-ALL_CHECKS = ("layers",)
 PARITY_TOKENS = 48
 
 
@@ -97,6 +98,22 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
 Progress = Callable[[str], None]
 
 
+# check name -> module defining `run(subject) -> list[CheckResult]`
+CHECK_MODULES = {"layers": "checks.layers"}
+ALL_CHECKS = tuple(CHECK_MODULES)
+
+
+def applies(check: str, variant: str) -> bool:
+    """Which variants a check runs on: parity on all of them, the rest on the default."""
+    if check == "layers":
+        return True
+    if check == "rope":
+        return variant == "default" or variant.startswith("rope")
+    if check == "long":
+        return variant in ("default", "sliding-window")
+    return variant == "default"
+
+
 def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str, ...] = ALL_CHECKS,
            dtype: str = "float32", seed: int = 0, progress: Progress | None = None) -> ModelReport:
     """Run the checks; bad input raises InputError or MlxLmError, findings are verdicts."""
@@ -117,35 +134,51 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         try:
             checkpoint = synth.write_checkpoint(variant.config, seed, dtype="float32")
         except synth.SynthError as e:
-            if config_file is not None:
-                raise InputError(f"{config_file}: {e}") from e
-            raise InputError(f"{model_type}: {e}") from e
+            if variant.name != "default":
+                report.checks.append(CheckResult(
+                    check="layers", variant=variant.name, verdict="error",
+                    summary=f"cannot synthesize this variant: {e}"))
+                continue
+            raise InputError(f"{config_file or model_type}: {e}") from e
         variant.checkpoint_dir = str(checkpoint)
         say(f"{model_type}/{variant.name}: loading transformers and MLX models")
         hf_model = hf_side.load(checkpoint, dtype=dtype)
-        mlx_model, mlx_config, weights = mlx_side.load(checkpoint)
+        mlx_model, _, weights = mlx_side.load(checkpoint)
         if mlx_model is None:
             report.checks.append(_weights_failure(variant.name, weights, start))
             continue
         if dtype != "float32":
             mlx_model.set_dtype(_mlx_dtype(dtype))
-        ids = synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed)
+        subject = Subject(
+            model_type=model_type, variant=variant, checkpoint=checkpoint,
+            config=variant.config, dtype=dtype, seed=seed, hf_model=hf_model,
+            mlx_model=mlx_model, ids=synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed),
+        )
         for check in checks:
-            say(f"{model_type}/{variant.name}: {check}")
-            if check == "layers":
-                try:
-                    result = layers.run(hf_model, mlx_model, variant.config, ids, dtype,
-                                        variant.name)
-                except MlxLmError:
-                    raise
-                except Exception as e:
-                    result = CheckResult(
-                        check="layers", variant=variant.name, verdict="error",
-                        summary=f"forward pass failed: {mlx_side.describe_import_error(e)}",
-                    )
-                report.checks.append(result)
+            if applies(check, variant.name):
+                say(f"{model_type}/{variant.name}: {check}")
+                report.checks.extend(run_check(check, subject))
     report.verdict = combine_verdicts([c.verdict for c in report.checks])
     return report
+
+
+def run_check(check: str, subject: Subject) -> list[CheckResult]:
+    """One check on one subject; a crash inside it is an `error` verdict, not a crash."""
+    from . import mlx_side
+
+    start = time.perf_counter()
+    try:
+        results = importlib.import_module(CHECK_MODULES[check]).run(subject)
+    except MlxLmError:
+        raise
+    except Exception as e:
+        results = [subject.result(check, verdict="error",
+                                  summary=f"{check} failed to run: "
+                                          f"{mlx_side.describe_import_error(e)}")]
+    for result in results:
+        if not result.duration_s:
+            result.duration_s = time.perf_counter() - start
+    return results
 
 
 def _weights_failure(variant: str, weights: Any, start: float) -> CheckResult:

@@ -23,6 +23,7 @@ import numpy as np
 from . import compare
 from .mlx_side import Capture
 from .schema import CheckResult, LayerRow, Localization, Part
+from .subject import Subject
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
@@ -255,19 +256,25 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
-def run(hf_model: Any, mlx_model: Any, config: dict[str, Any], ids: np.ndarray, dtype: str,
-        variant: str) -> CheckResult:
+def run(subject: Subject) -> list[CheckResult]:
     from . import hf_side, mlx_side
 
+    hf = hf_side.forward(subject.hf_model, subject.ids)
+    mlx = mlx_side.forward(subject.mlx_model, subject.ids)
+    return [judge(hf, mlx, subject.config, subject.dtype, subject.variant.name, "layers")]
+
+
+def judge(hf: Capture, mlx: Capture, config: dict[str, Any], dtype: str, variant: str,
+          check: str, tolerance: float | None = None) -> CheckResult:
+    """Rows, verdict, first divergence and its localization for two captures of one input."""
     start = time.perf_counter()
-    tolerance = compare.LAYER_TOLERANCE[dtype]
-    hf = hf_side.forward(hf_model, ids)
-    mlx = mlx_side.forward(mlx_model, ids)
+    tolerance = tolerance or compare.LAYER_TOLERANCE[dtype]
     rows, paths, problem = compare_stages(hf, mlx, config, tolerance)
-    result = CheckResult(check="layers", variant=variant, verdict="pass", summary="",
+    ids_tokens = hf.logits.shape[1] if hf.logits is not None else 0
+    result = CheckResult(check=check, variant=variant, verdict="pass", summary="",
                          layers=rows)
     result.metrics = {
-        "tokens": int(ids.shape[1]),
+        "tokens": int(ids_tokens),
         "tolerance_rel_l2": tolerance,
         "max_rel_l2": max((r.rel_l2 for r in rows), default=None),
         "logits_rel_l2": next((r.rel_l2 for r in rows if r.name == "logits"), None),
