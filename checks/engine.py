@@ -238,3 +238,27 @@ def probe(model_type: str) -> str:
         return (f"no: weights do not load ({len(weights.missing)} missing, "
                 f"{len(weights.unexpected)} unexpected, {len(weights.mismatched)} mis-shaped)")
     return "yes"
+
+
+def load_subject(model_type: str, variant_name: str = "default", *, config_file: str | None = None,
+                 dtype: str = "float32", seed: int = 0) -> Subject:
+    """One variant loaded on both sides, for running a single check (tests, benchmarks)."""
+    from . import hf_side, mlx_side
+
+    source, _ = source_config(model_type, config_file)
+    variants = {v.name: v for v in make_variants(source, from_file=config_file is not None)}
+    if variant_name not in variants:
+        raise InputError(f"{model_type} has no variant {variant_name!r}: {', '.join(variants)}")
+    variant = variants[variant_name]
+    checkpoint = synth.write_checkpoint(variant.config, seed)
+    variant.checkpoint_dir = str(checkpoint)
+    mlx_model, _, weights = mlx_side.load(checkpoint)
+    if mlx_model is None:
+        raise InputError(f"{model_type}/{variant_name}: weights do not load: {weights}")
+    if dtype != "float32":
+        mlx_model.set_dtype(_mlx_dtype(dtype))
+    return Subject(
+        model_type=model_type, variant=variant, checkpoint=checkpoint, config=variant.config,
+        dtype=dtype, seed=seed, hf_model=hf_side.load(checkpoint, dtype=dtype),
+        mlx_model=mlx_model, ids=synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed),
+    )
