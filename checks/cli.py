@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "transformers' default config")
     check.add_argument("--checks", metavar="LIST",
                        help="comma-separated checks to run (default: all)")
+    check.add_argument("--variants", metavar="LIST",
+                       help="comma-separated variants to run (default: all; see the report "
+                            "for the names, e.g. default,rope-theta,sliding-window)")
     check.add_argument("--dtype", choices=DTYPES, default="float32")
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--json", metavar="FILE", help="write the results JSON (- for stdout)")
@@ -105,6 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             results.reports.append(engine.verify(
                 model_type, config_file=args.config, checks=selected, dtype=args.dtype,
                 seed=args.seed, progress=progress,
+                variant_names=tuple(v.strip() for v in args.variants.split(",") if v.strip())
+                if args.variants else None,
             ))
     except (engine.InputError, MlxLmError) as e:
         return fail(str(e))

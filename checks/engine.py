@@ -95,6 +95,27 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
                     config_format=fmt, config=tiny)]
 
 
+def all_variants(model_type: str, source: dict[str, Any], from_file: bool,
+                 names: tuple[str, ...] | None = None) -> list[Variant]:
+    """The default variant, then the bug-finding ones (checks/variants.py); `names` filters."""
+    from . import variants
+
+    default = make_variants(source, from_file)[0]
+    if default.config_format == "rope_parameters":
+        legacy = synth.to_legacy_format(default.config)
+        other = legacy if synth.legacy_is_lossless(default.config, legacy) else None
+    else:
+        other = variants.to_rope_parameters_format(default.config)
+    found = [default, *variants.bug_finding_variants(model_type, default, other)]
+    if names is None:
+        return found
+    unknown = set(names) - {v.name for v in found}
+    if unknown:
+        raise InputError(f"{model_type} has no variant(s) {', '.join(sorted(unknown))}; "
+                         f"available: {', '.join(v.name for v in found)}")
+    return [v for v in found if v.name in names]
+
+
 Progress = Callable[[str], None]
 
 
@@ -115,7 +136,8 @@ def applies(check: str, variant: str) -> bool:
 
 
 def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str, ...] = ALL_CHECKS,
-           dtype: str = "float32", seed: int = 0, progress: Progress | None = None) -> ModelReport:
+           dtype: str = "float32", seed: int = 0, progress: Progress | None = None,
+           variant_names: tuple[str, ...] | None = None) -> ModelReport:
     """Run the checks; bad input raises InputError or MlxLmError, findings are verdicts."""
     from . import hf_side, mlx_side
 
@@ -124,7 +146,10 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
     report = ModelReport(model_type=model_type, source=source_name, seed=seed, dtype=dtype,
                          verdict="skip")
     try:
-        report.variants = make_variants(source, from_file=config_file is not None)
+        report.variants = all_variants(model_type, source, config_file is not None,
+                                       variant_names)
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
 
@@ -246,7 +271,7 @@ def load_subject(model_type: str, variant_name: str = "default", *, config_file:
     from . import hf_side, mlx_side
 
     source, _ = source_config(model_type, config_file)
-    variants = {v.name: v for v in make_variants(source, from_file=config_file is not None)}
+    variants = {v.name: v for v in all_variants(model_type, source, config_file is not None)}
     if variant_name not in variants:
         raise InputError(f"{model_type} has no variant {variant_name!r}: {', '.join(variants)}")
     variant = variants[variant_name]

@@ -1,0 +1,219 @@
+"""Variants that find bugs: the settings where ports break most, each as its own tiny
+checkpoint so a failure names the setting.
+
+Which variants an architecture gets:
+- rope-theta: a non-default base, wherever the config has a RoPE base.
+- rope-linear / rope-dynamic / rope-yarn / rope-llama3: where the MLX ModelArgs claims
+  scaled RoPE (declares rope_scaling or rope_parameters); rope-longrope only where
+  transformers' own config for the architecture names longrope (phi3). Ports are held
+  to what they claim, not to settings no checkpoint of theirs uses.
+- tied-embeddings / untied-embeddings: the other value of tie_word_embeddings.
+- head-dim: head_dim != hidden_size / num_attention_heads, where the config has head_dim.
+- sliding-window: a window (16) shorter than the parity prompt, where the config has one.
+- softcap: active softcaps lowered so they engage strongly, where the config has them.
+- eps: large, distinct norm epsilons, so a hard-coded or swapped eps shows.
+- config-format-*: the same config in the other format (transformers 5 `rope_parameters`
+  vs top-level rope_theta/rope_scaling), with a non-default base so a dropped base shows.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Any
+
+from .schema import Variant
+
+ALT_THETA = 500000.0
+WINDOW = 16
+ATTN_SOFTCAP = 5.0
+FINAL_SOFTCAP = 3.0
+EPS_VALUES = (0.05, 0.02, 0.01)
+
+ROPE_BASE_KEYS = ("rope_theta", "rotary_emb_base")
+
+
+def mlx_args_fields(config: dict[str, Any]) -> set[str]:
+    """The config keys the MLX ModelArgs for this config declares (others are dropped)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _, args_class = _get_classes(config)
+    except Exception:
+        return set()
+    if dataclasses.is_dataclass(args_class):
+        return {f.name for f in dataclasses.fields(args_class)}
+    return set(inspect.signature(args_class).parameters)
+
+
+def transformers_names_longrope(model_type: str) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        config_class = type(AutoConfig.for_model(model_type))
+        return "longrope" in inspect.getsource(inspect.getmodule(config_class))
+    except Exception:
+        return False
+
+
+def _rope_base(config: dict[str, Any]) -> tuple[str, float] | None:
+    for key in ROPE_BASE_KEYS:
+        if isinstance(config.get(key), (int, float)):
+            return key, float(config[key])
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("rope_theta"), (int, float)):
+        return "rope_parameters.rope_theta", float(params["rope_theta"])
+    return None
+
+
+def _set_rope_base(config: dict[str, Any], value: float) -> dict[str, Any]:
+    out = copy.deepcopy(config)
+    found = _rope_base(out)
+    if found is None:
+        return out
+    key, _ = found
+    if key.startswith("rope_parameters"):
+        out["rope_parameters"]["rope_theta"] = value
+    else:
+        out[key] = value
+    return out
+
+
+def _alt_theta(config: dict[str, Any]) -> float:
+    found = _rope_base(config)
+    return 10000.0 if found and found[1] == ALT_THETA else ALT_THETA
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    return config.get("hidden_size", 64) // config.get("num_attention_heads", 4)
+
+
+def scaling_parameters(rope_type: str, config: dict[str, Any]) -> dict[str, Any]:
+    max_pos = int(config.get("max_position_embeddings") or 4096)
+    original = max(max_pos // 4, 64)
+    half = int(config.get("partial_rotary_factor", 1.0) * _head_dim(config)) // 2
+    if rope_type == "linear":
+        return {"rope_type": "linear", "factor": 4.0}
+    if rope_type == "dynamic":
+        return {"rope_type": "dynamic", "factor": 4.0}
+    if rope_type == "yarn":
+        return {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": original}
+    if rope_type == "llama3":
+        return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+    if rope_type == "longrope":
+        return {"rope_type": "longrope", "original_max_position_embeddings": original,
+                "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                "long_factor": [1.0 + 0.5 * i for i in range(half)]}
+    raise ValueError(rope_type)
+
+
+def _with_scaling(config: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(config)
+    if isinstance(out.get("rope_parameters"), dict):
+        theta = out["rope_parameters"].get("rope_theta", 10000.0)
+        out["rope_parameters"] = {"rope_theta": theta, **scaling}
+        if "original_max_position_embeddings" in scaling:
+            out["max_position_embeddings"] = scaling["original_max_position_embeddings"] * 4
+    else:
+        out["rope_scaling"] = {**scaling, "type": scaling["rope_type"]}
+        if "original_max_position_embeddings" in scaling:
+            out["max_position_embeddings"] = scaling["original_max_position_embeddings"] * 4
+    return out
+
+
+def bug_finding_variants(model_type: str, default: Variant,
+                         other_format: dict[str, Any] | None) -> list[Variant]:
+    """The variants to run besides `default`, for this architecture."""
+    config = default.config
+    fmt = default.config_format
+    mlx_fields = mlx_args_fields(config)
+    out: list[Variant] = []
+
+    def add(name: str, description: str, new_config: dict[str, Any],
+            overrides: dict[str, Any], config_format: str = fmt) -> None:
+        out.append(Variant(name=name, description=description, config_format=config_format,
+                           config=new_config, overrides=overrides))
+
+    base = _rope_base(config)
+    if base is not None:
+        theta = _alt_theta(config)
+        add("rope-theta", f"RoPE base {theta:g} instead of {base[1]:g}",
+            _set_rope_base(config, theta), {base[0]: theta})
+        claims_scaling = bool({"rope_scaling", "rope_parameters"} & mlx_fields)
+        types = ["linear", "dynamic", "yarn", "llama3"] if claims_scaling else []
+        if claims_scaling and transformers_names_longrope(model_type):
+            types.append("longrope")
+        for rope_type in types:
+            scaling = scaling_parameters(rope_type, config)
+            new = _with_scaling(config, scaling)
+            add(f"rope-{rope_type}", f"{rope_type} RoPE scaling", new,
+                {"rope_scaling": scaling,
+                 "max_position_embeddings": new.get("max_position_embeddings")})
+
+    if isinstance(config.get("tie_word_embeddings"), bool):
+        tied = not config["tie_word_embeddings"]
+        new = {**copy.deepcopy(config), "tie_word_embeddings": tied}
+        add("tied-embeddings" if tied else "untied-embeddings",
+            f"tie_word_embeddings={tied}", new, {"tie_word_embeddings": tied})
+
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if "head_dim" in config and isinstance(hidden, int) and isinstance(heads, int):
+        if config.get("head_dim") in (None, hidden // heads):
+            new = {**copy.deepcopy(config), "head_dim": 2 * (hidden // heads)}
+            add("head-dim", f"head_dim {new['head_dim']} != hidden_size / heads "
+                f"({hidden // heads})", new, {"head_dim": new["head_dim"]})
+
+    if "sliding_window" in config:
+        new = {**copy.deepcopy(config), "sliding_window": WINDOW}
+        add("sliding-window", f"sliding_window {WINDOW}, shorter than the prompt", new,
+            {"sliding_window": WINDOW})
+
+    softcaps = {k: v for k, v in config.items()
+                if "softcap" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if softcaps:
+        new = copy.deepcopy(config)
+        overrides = {}
+        for key in softcaps:
+            value = ATTN_SOFTCAP if ("attn" in key or "attention" in key) else FINAL_SOFTCAP
+            new[key] = overrides[key] = value
+        add("softcap", "softcaps lowered so they engage: " +
+            ", ".join(f"{k}={v}" for k, v in overrides.items()), new, overrides)
+
+    eps_keys = [k for k, v in config.items()
+                if "eps" in k and isinstance(v, float) and not isinstance(v, bool)]
+    if eps_keys:
+        new = copy.deepcopy(config)
+        overrides = {key: EPS_VALUES[i % len(EPS_VALUES)] for i, key in enumerate(eps_keys)}
+        new.update(overrides)
+        add("eps", "large, distinct norm epsilons: " +
+            ", ".join(f"{k}={v}" for k, v in overrides.items()), new, overrides)
+
+    if other_format is not None and _rope_base(other_format) is not None:
+        theta = _alt_theta(other_format)
+        new = _set_rope_base(other_format, theta)
+        other = "rope_parameters" if "rope_parameters" in new else "legacy"
+        add(f"config-format-{other}",
+            f"the same config in the {other} format, RoPE base {theta:g}", new,
+            {"format": other, "rope_theta": theta}, config_format=other)
+    return out
+
+
+def to_rope_parameters_format(config: dict[str, Any]) -> dict[str, Any] | None:
+    """What transformers 5's save_pretrained writes for this config (None if it cannot)."""
+    from transformers import AutoConfig
+
+    data = copy.deepcopy(config)
+    model_type = data.pop("model_type")
+    try:
+        out = AutoConfig.for_model(model_type, **data).to_diff_dict()
+    except Exception:
+        return None
+    out.pop("transformers_version", None)
+    out["model_type"] = model_type
+    if config.get("architectures"):
+        out["architectures"] = config["architectures"]
+    return out if "rope_parameters" in out else None
