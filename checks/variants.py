@@ -113,6 +113,9 @@ def scaling_parameters(rope_type: str, config: dict[str, Any]) -> dict[str, Any]
 
 def _with_scaling(config: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(config)
+    if "original_max_position_embeddings" in out and "original_max_position_embeddings" in scaling:
+        # phi3-style configs carry it at the top level too; both must agree
+        out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     if isinstance(out.get("rope_parameters"), dict):
         theta = out["rope_parameters"].get("rope_theta", 10000.0)
         out["rope_parameters"] = {"rope_theta": theta, **scaling}

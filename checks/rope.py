@@ -1,0 +1,315 @@
+"""The `rope` check.
+
+(a) The rotation each side actually applies, measured rather than read from config:
+    MLX: each decoder layer's RoPE module applied to one-hot vectors at position 1
+    gives the rotation matrix: which dims pair up (interleaved or half-split), how
+    many are rotated, the angle per pair (the frequency) and any magnitude scale.
+    transformers: the (cos, sin) its attention modules receive at position 1.
+    The summary states the effective base each side applies.
+(b) Far-position parity: a short prompt placed near the start, middle and end of
+    max_position_embeddings, without computing a prefix: transformers gets
+    `position_ids`, MLX a stand-in cache carrying the offset (identity update, causal
+    mask over the new tokens only). Catches offsets not applied, dynamic NTK, longrope
+    short/long factors, position-scaled attention and learned position tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import compare, hf_side, layers, mlx_side
+from .schema import CheckResult
+from .subject import Subject
+
+FAR_TOKENS = 16
+# rel L2 per stage at far positions, from correct ports (docs/tolerances.md): float32
+# angles of p * inv_freq lose ~p * 2^-24 rad, and the two libraries round differently.
+FAR_TOLERANCE_PER_POSITION = 4e-9
+FREQ_TOLERANCE = 1e-4  # relative, per rotated pair, at position 1
+
+
+def far_positions(config: dict[str, Any], tokens: int) -> list[int]:
+    max_pos = config.get("max_position_embeddings") or config.get("n_positions")
+    if not isinstance(max_pos, int) or max_pos <= 4 * tokens:
+        return []
+    return sorted({4 * tokens, max_pos // 2, max_pos - tokens})
+
+
+def far_tolerance(position: int, dtype: str) -> float:
+    return max(compare.LAYER_TOLERANCE[dtype], FAR_TOLERANCE_PER_POSITION * position)
+
+
+class OffsetCache:
+    """Stands in for a KV cache holding `offset` earlier tokens that are never attended:
+    RoPE sees the offset, attention sees only the new tokens, causally."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+        self.keys = None
+        self.values = None
+
+    def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
+        self.offset += keys.shape[2]
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def make_mask(self, N: int, return_array: bool = False,  # noqa: N803 (mlx-lm's name)
+                  window_size: int | None = None) -> Any:
+        from mlx_lm.models.base import create_causal_mask
+
+        if N == 1:
+            return None
+        if return_array or (window_size and N > window_size):
+            return create_causal_mask(N, window_size=window_size)
+        return "causal"
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    @property
+    def state(self) -> tuple[Any, Any]:
+        return self.keys, self.values
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+
+def offset_caches(model: Any, offset: int) -> list[Any] | None:
+    """The model's own caches with every attention KV cache replaced by an OffsetCache;
+    None when the model has no attention caches (pure SSM: no positions)."""
+    from mlx_lm.models import cache as cache_module
+
+    attention_types = tuple(getattr(cache_module, name) for name in
+                            ("KVCache", "RotatingKVCache", "ChunkedKVCache")
+                            if hasattr(cache_module, name))
+    replaced = 0
+
+    def swap(item: Any) -> Any:
+        nonlocal replaced
+        if isinstance(item, attention_types):
+            replaced += 1
+            return OffsetCache(offset)
+        if isinstance(item, cache_module.CacheList):
+            item.caches = [swap(c) for c in item.caches]
+        return item
+
+    caches = [swap(c) for c in cache_module.make_prompt_cache(model)]
+    return caches if replaced else None
+
+
+# --- (a) the rotation each side applies -------------------------------------------------
+
+
+def describe_rotation(matrix: np.ndarray) -> dict[str, Any]:
+    """Pairs, layout, angles and scale from the rotation matrix (columns = images of e_j)."""
+    dims = matrix.shape[0]
+    pairs: list[tuple[int, int, float, float]] = []
+    seen: set[int] = set()
+    for j in range(dims):
+        if j in seen:
+            continue
+        column = matrix[:, j].copy()
+        column[j] = 0.0
+        k = int(np.argmax(np.abs(column)))
+        if abs(column[k]) < 1e-9 and abs(matrix[j, j] - 1.0) < 1e-7:
+            continue  # not rotated
+        seen.update((j, k))
+        angle = math.atan2(matrix[k, j], matrix[j, j])
+        scale = math.hypot(matrix[k, j], matrix[j, j])
+        pairs.append((j, k, angle, scale))
+    rotated = 2 * len(pairs)
+    if pairs and all(k == j + 1 for j, k, _, _ in pairs):
+        layout = "interleaved"
+    elif pairs and all(k == j + rotated // 2 for j, k, _, _ in pairs):
+        layout = "half-split"
+    else:
+        layout = "other" if pairs else "none"
+    return {"rotated_dims": rotated, "layout": layout,
+            "freqs": [abs(a) for _, _, a, _ in pairs],
+            "scale": float(np.mean([s for *_, s in pairs])) if pairs else 1.0}
+
+
+def describe_cos_sin(cos: np.ndarray, sin: np.ndarray) -> dict[str, Any]:
+    """The same description from transformers' (cos, sin) vectors at one position."""
+    rotated = cos.shape[-1]
+    half = rotated // 2
+    if np.allclose(cos[:half], cos[half:]) and np.allclose(sin[:half], sin[half:]):
+        layout, angles_cos, angles_sin = "half-split", cos[:half], sin[:half]
+    elif np.allclose(cos[0::2], cos[1::2]) and np.allclose(sin[0::2], sin[1::2]):
+        layout, angles_cos, angles_sin = "interleaved", cos[0::2], sin[0::2]
+    else:
+        layout, angles_cos, angles_sin = "other", cos[:half], sin[:half]
+    return {"rotated_dims": rotated, "layout": layout,
+            "freqs": [abs(math.atan2(s, c)) for c, s in zip(angles_cos, angles_sin, strict=True)],
+            "scale": float(np.mean(np.hypot(angles_cos, angles_sin)))}
+
+
+def effective_base(freqs: list[float], rotated_dims: int) -> float | None:
+    """The base b of freq_i = b^(-2i/d) that the first two frequencies imply."""
+    if len(freqs) < 2 or freqs[1] <= 0 or freqs[0] <= freqs[1]:
+        return None
+    return (freqs[0] / freqs[1]) ** (rotated_dims / 2)
+
+
+def mlx_rotations(model: Any, head_dim: int) -> dict[int, dict[str, Any]]:
+    """Per decoder layer, the rotation its first RoPE module applies at position 1."""
+    import mlx.core as mx
+
+    out: dict[int, dict[str, Any]] = {}
+    for index, layer in enumerate(getattr(model, "layers", [])):
+        rope = next((m for _, m in layer.named_modules() if "rope" in type(m).__name__.lower()),
+                    None)
+        if rope is None:
+            continue
+        dims = head_dim
+        eye = mx.eye(dims).reshape(dims, 1, 1, dims)  # batch of one-hot vectors
+        try:
+            rotated = rope(eye, offset=1)
+        except Exception:
+            continue
+        matrix = np.array(rotated.astype(mx.float32)).reshape(dims, dims).T
+        out[index] = {"module": type(rope).__name__, **describe_rotation(matrix)}
+    return out
+
+
+def hf_rotations(model: Any, config: dict[str, Any], vocab: int) -> dict[int, dict[str, Any]]:
+    """Per decoder layer, the (cos, sin) transformers hands its attention at position 1."""
+    import torch
+
+    n_layers = layers.layer_count(config) or 0
+    paths = [p for p, _ in model.named_modules()]
+    container = layers.find_layer_list(paths, n_layers)
+    if container is None:
+        return {}
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    handles = []
+    for index in range(n_layers):
+        layer = model.get_submodule(f"{container}.{index}")
+
+        def hook(module: Any, args: tuple, kwargs: dict, index: int = index) -> None:
+            pe = kwargs.get("position_embeddings")
+            if isinstance(pe, dict):  # some models pass one entry per layer type
+                pe = next(iter(pe.values()), None)
+            if isinstance(pe, (tuple, list)) and len(pe) == 2 and index not in seen:
+                seen[index] = (pe[0].detach().float().numpy().reshape(-1),
+                               pe[1].detach().float().numpy().reshape(-1))
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[min(5, vocab - 1)]]),
+                  position_ids=torch.tensor([[1]]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {i: {"module": "position_embeddings", **describe_cos_sin(c, s)}
+            for i, (c, s) in seen.items()}
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    if isinstance(config.get("head_dim"), int):
+        return config["head_dim"]
+    hidden = config.get("hidden_size") or config.get("n_embd") or 64
+    heads = config.get("num_attention_heads") or config.get("n_head") or 4
+    return hidden // heads
+
+
+def compare_rotations(subject: Subject) -> CheckResult:
+    config = subject.config
+    head_dim = _head_dim(config)
+    mlx_side_rot = mlx_rotations(subject.mlx_model, head_dim)
+    hf_side_rot = hf_rotations(subject.hf_model, config, int(subject.ids.max()) + 1)
+    result = subject.result("rope", verdict="pass", summary="")
+    result.metrics["check_part"] = "rotation"
+    if not mlx_side_rot and not hf_side_rot:
+        result.verdict = "skip"
+        result.summary = "no RoPE on either side"
+        return result
+    problems: list[str] = []
+    per_layer = {}
+    for index in sorted(set(mlx_side_rot) | set(hf_side_rot)):
+        m, h = mlx_side_rot.get(index), hf_side_rot.get(index)
+        per_layer[index] = {"mlx": m, "transformers": h}
+        if m is None or h is None:
+            if h is not None and h["rotated_dims"]:
+                problems.append(f"layer {index}: transformers rotates {h['rotated_dims']} "
+                                "dims, MLX applies no RoPE module")
+            continue
+        if m["rotated_dims"] != h["rotated_dims"]:
+            problems.append(f"layer {index}: MLX rotates {m['rotated_dims']} dims, "
+                            f"transformers {h['rotated_dims']}")
+        if m["layout"] != h["layout"]:
+            problems.append(f"layer {index}: MLX layout {m['layout']}, transformers {h['layout']}")
+        n = min(len(m["freqs"]), len(h["freqs"]))
+        if n:
+            rel = max(abs(a - b) / max(abs(b), 1e-12)
+                      for a, b in zip(m["freqs"][:n], h["freqs"][:n], strict=True))
+            per_layer[index]["max_freq_rel_diff"] = rel
+            if rel > FREQ_TOLERANCE:
+                problems.append(f"layer {index}: frequencies differ by up to {rel:.1%}")
+        if abs(m["scale"] - h["scale"]) > FREQ_TOLERANCE * max(1.0, h["scale"]):
+            problems.append(f"layer {index}: MLX scales rotated dims by {m['scale']:.4f}, "
+                            f"transformers by {h['scale']:.4f}")
+    first = min(per_layer)
+    m, h = per_layer[first]["mlx"], per_layer[first]["transformers"]
+
+    def fact(side: dict[str, Any] | None, name: str) -> str:
+        if side is None:
+            return f"{name}: not measurable"
+        base = effective_base(side["freqs"], side["rotated_dims"])
+        base_text = f"base {base:.6g}" if base else "base n/a"
+        return (f"{name} applies {base_text}, {side['rotated_dims']} dims {side['layout']}, "
+                f"scale {side['scale']:.4g}")
+
+    result.summary = f"{fact(m, 'MLX')}; {fact(h, 'transformers')}"
+    if problems:
+        result.verdict = "fail"
+        result.summary = f"{problems[0]}; {result.summary}"
+    result.details = {"problems": problems, "per_layer": {
+        str(i): {side: (None if v is None or isinstance(v, float) else
+                        {k: x for k, x in v.items() if k != "freqs"} |
+                        {"freqs": [round(f, 9) for f in v["freqs"]]})
+                 if side in ("mlx", "transformers") else v
+                 for side, v in entry.items()}
+        for i, entry in per_layer.items()}}
+    return result
+
+
+# --- (b) far positions --------------------------------------------------------------------
+
+
+def far_parity(subject: Subject) -> list[CheckResult]:
+    import torch
+
+    config = subject.config
+    ids = subject.ids[:, :FAR_TOKENS]
+    positions = far_positions(config, FAR_TOKENS)
+    if not positions:
+        return [subject.result("rope", verdict="skip",
+                               summary="no max_position_embeddings to place the prompt in",
+                               metrics={"check_part": "far-positions"})]
+    results = []
+    for position in positions:
+        caches = offset_caches(subject.mlx_model, position)
+        if caches is None:
+            results.append(subject.result(
+                "rope", verdict="skip", summary="no attention caches: positions do not apply",
+                metrics={"check_part": "far-positions", "position": position}))
+            break
+        position_ids = torch.arange(position, position + ids.shape[1])[None]
+        hf = hf_side.forward(subject.hf_model, ids, position_ids=position_ids)
+        mlx = mlx_side.forward(subject.mlx_model, ids, cache=caches)
+        tolerance = far_tolerance(position, subject.dtype)
+        result = layers.judge(hf, mlx, config, subject.dtype, subject.variant.name, "rope",
+                              tolerance=tolerance)
+        result.summary = f"positions {position}..{position + ids.shape[1] - 1}: {result.summary}"
+        result.metrics.update({"check_part": "far-positions", "position": position})
+        results.append(result)
+    return results
+
+
+def run(subject: Subject) -> list[CheckResult]:
+    return [compare_rotations(subject), *far_parity(subject)]
