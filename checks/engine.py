@@ -155,6 +155,15 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
 
     for variant in report.variants:
         start = time.perf_counter()
+        problem = mlx_side.config_problem(variant.config)
+        if problem is not None:
+            if variant.name != "default":
+                report.checks.append(CheckResult(
+                    check="layers", variant=variant.name, verdict="error",
+                    summary=f"mlx-lm cannot read this variant's config: {problem}"))
+                continue
+            raise InputError(f"{config_file or model_type}: mlx-lm cannot read the config: "
+                             f"{problem}")
         say(f"{model_type}/{variant.name}: synthesizing tiny checkpoint")
         try:
             checkpoint = synth.write_checkpoint(variant.config, seed, dtype="float32")

@@ -86,6 +86,26 @@ def describe_import_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}{location}"
 
 
+def config_problem(config: dict[str, Any]) -> str | None:
+    """Why mlx-lm's ModelArgs cannot be built from `config` (e.g. required keys missing),
+    or None. Checked before a checkpoint is synthesized; an import error in the model
+    file raises MlxLmError."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _, args_class = _get_classes(config)
+    except ValueError as e:
+        raise MlxLmError(f"mlx-lm has no model for this config: {e}") from e
+    except Exception as e:
+        raise MlxLmError(f"cannot import the mlx-lm model file: {describe_import_error(e)}") from e
+    try:
+        args_class.from_dict(config)
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0] if text else ''}"
+    return None
+
+
 def model_module_name(config: dict[str, Any]) -> str:
     """The mlx_lm.models file mlx-lm picks for a config (MODEL_REMAPPING applied)."""
     from mlx_lm.utils import _get_classes
