@@ -120,7 +120,11 @@ Progress = Callable[[str], None]
 
 
 # check name -> module defining `run(subject) -> list[CheckResult]`
-CHECK_MODULES = {"layers": "checks.layers", "rope": "checks.rope"}
+CHECK_MODULES = {
+    "layers": "checks.layers",
+    "rope": "checks.rope",
+    "config": "checks.config_keys",
+}
 ALL_CHECKS = tuple(CHECK_MODULES)
 
 
@@ -130,6 +134,8 @@ def applies(check: str, variant: str) -> bool:
         return True
     if check == "rope":
         return variant == "default" or variant.startswith("rope")
+    if check == "config":
+        return variant == "default" or variant.startswith("config-format")
     if check == "long":
         return variant in ("default", "sliding-window")
     return variant == "default"

@@ -16,11 +16,21 @@ def load(checkpoint: Path, dtype: str = "float32") -> Any:
 
     # eager attention: the plainest reading of the modeling code, and the only one
     # that implements softcapping and sinks for every model
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager"
+    model, info = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager",
+        output_loading_info=True,
     )
+    problems = [f"{kind}: {', '.join(map(str, names))}" for kind, names in info.items()
+                if names and kind in ("missing_keys", "mismatched_keys")]
+    if problems:
+        # transformers would fill these with random values: not the checkpoint's model
+        raise WeightsMismatch("; ".join(problems))
     model.eval()
     return model
+
+
+class WeightsMismatch(Exception):
+    """The checkpoint does not hold every weight the transformers model needs."""
 
 
 def _first_tensor(value: Any) -> Any:

@@ -7,9 +7,11 @@ Which variants an architecture gets:
   scaled RoPE (declares rope_scaling or rope_parameters); rope-longrope only where
   transformers' own config for the architecture names longrope (phi3). Ports are held
   to what they claim, not to settings no checkpoint of theirs uses.
-- tied-embeddings / untied-embeddings: the other value of tie_word_embeddings.
+- tied-embeddings / untied-embeddings: the other value of tie_word_embeddings, where the
+  MLX ModelArgs declares it.
 - head-dim: head_dim != hidden_size / num_attention_heads, where the config has head_dim.
-- sliding-window: a window (16) shorter than the parity prompt, where the config has one.
+- sliding-window: a window (16) shorter than the parity prompt, where the MLX ModelArgs
+  declares sliding_window or the source config sets one.
 - softcap: active softcaps lowered so they engage strongly, where the config has them.
 - eps: large, distinct norm epsilons, so a hard-coded or swapped eps shows.
 - config-format-*: the same config in the other format (transformers 5 `rope_parameters`
@@ -157,7 +159,9 @@ def bug_finding_variants(model_type: str, default: Variant,
                 {"rope_scaling": scaling,
                  "max_position_embeddings": new.get("max_position_embeddings")})
 
-    if isinstance(config.get("tie_word_embeddings"), bool):
+    # Flipping tying only tests ports that claim both (declare the key); a port that
+    # supports one value is held to it by the default variant.
+    if isinstance(config.get("tie_word_embeddings"), bool) and "tie_word_embeddings" in mlx_fields:
         tied = not config["tie_word_embeddings"]
         new = {**copy.deepcopy(config), "tie_word_embeddings": tied}
         add("tied-embeddings" if tied else "untied-embeddings",
@@ -170,7 +174,9 @@ def bug_finding_variants(model_type: str, default: Variant,
             add("head-dim", f"head_dim {new['head_dim']} != hidden_size / heads "
                 f"({hidden // heads})", new, {"head_dim": new["head_dim"]})
 
-    if "sliding_window" in config:
+    # A window is tested where the port claims one or the source config sets one.
+    if "sliding_window" in config and ("sliding_window" in mlx_fields
+                                       or config.get("sliding_window") is not None):
         new = {**copy.deepcopy(config), "sliding_window": WINDOW}
         add("sliding-window", f"sliding_window {WINDOW}, shorter than the prompt", new,
             {"sliding_window": WINDOW})
