@@ -1,0 +1,339 @@
+"""The sticky PR comment and the Check Run output, rendered from a verify outcome.
+
+Deterministic templates over the results: numbers, verdicts and facts, no prose that
+depends on anything but the results. Every string in the results came out of a process
+that imported the PR's code, so all of it is untrusted: it goes through escape() or
+code() (no @-mention pings, no HTML, no Markdown breakout), and chart labels are cut
+down to a safe alphabet. The comment stays under GitHub's 65,536 characters by dropping
+details, never rows of the verdict table.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from checks.report import VERDICT_MARK, code, escape
+from checks.schema import CheckResult, Results, combine_verdicts
+
+MARKER = "<!-- mlx-verify:sticky -->"
+COMMENT_LIMIT = 65_536
+CHECK_OUTPUT_LIMIT = 65_535
+MARGIN = 1_000  # room for the trimming notes and the footer
+CHART_MAX_POINTS = 64
+CONCLUSION = {"pass": "success", "fail": "failure", "error": "failure", "skip": "neutral"}
+
+
+@dataclass
+class Rendered:
+    conclusion: str  # Check Run conclusion
+    title: str
+    summary: str  # Check Run summary: the verdict table and first divergences
+    text: str  # Check Run text: the details
+    comment: str | None  # the sticky comment body; None: leave the comment alone
+    verdict: str  # pass / fail / error / skip, for the history line
+    annotations: list[dict[str, Any]]
+
+
+def _label(text: str) -> str:
+    """A chart label: letters, digits and . _ - only, short."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "", text)[:24] or "?"
+
+
+def _log10(value: float) -> float:
+    if not math.isfinite(value):
+        return 2.0
+    return round(max(math.log10(value), -12.0), 2) if value > 0 else -12.0
+
+
+def layer_chart(model_type: str, check: CheckResult) -> list[str]:
+    """A mermaid xychart of log10 rel L2 per stage, with the tolerance as a second line."""
+    rows = check.layers[:CHART_MAX_POINTS]
+    if not rows:
+        return []
+    names = ", ".join(f'"{_label(r.name)}"' for r in rows)
+    values = ", ".join(str(_log10(r.rel_l2)) for r in rows)
+    tolerances = ", ".join(str(_log10(r.tolerance)) for r in rows)
+    low = min(min(_log10(r.rel_l2) for r in rows), min(_log10(r.tolerance) for r in rows))
+    high = max(max(_log10(r.rel_l2) for r in rows), max(_log10(r.tolerance) for r in rows))
+    return [
+        "```mermaid",
+        "xychart-beta",
+        f'    title "{_label(model_type)} {_label(check.check)} {_label(check.variant)}: '
+        f'log10 rel L2 per stage (2nd line: tolerance)"',
+        f"    x-axis [{names}]",
+        f'    y-axis "log10 rel L2" {math.floor(low)} --> {math.ceil(high) + 1}',
+        f"    line [{values}]",
+        f"    line [{tolerances}]",
+        "```",
+    ]
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return escape(str(value))
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else escape(str(value))
+    if isinstance(value, int):
+        return str(value)
+    return escape(str(value), 120)
+
+
+def verdict_rows(results: Results | None, errors: dict[str, str], skipped: list[str],
+                 summary_limit: int) -> list[str]:
+    lines = ["| model_type | variant | check | verdict | summary |", "|---|---|---|---|---|"]
+    for report in results.reports if results else []:
+        if report.error:
+            lines.append(f"| {code(report.model_type, 64)} | – | – | {VERDICT_MARK['error']} | "
+                         f"{escape(report.error, summary_limit)} |")
+        for check in report.checks:
+            lines.append(f"| {code(report.model_type, 64)} | {escape(check.variant, 64)} | "
+                         f"{escape(check.check, 64)} | {VERDICT_MARK[check.verdict]} | "
+                         f"{escape(check.summary, summary_limit)} |")
+    for model_type, line in errors.items():
+        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['error']} | "
+                     f"could not run: {escape(line, summary_limit)} |")
+    for model_type in skipped:
+        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} | "
+                     "not a transformers model_type |")
+    return lines
+
+
+def first_divergences(results: Results | None) -> list[str]:
+    lines = []
+    for report in results.reports if results else []:
+        for check in report.checks:
+            if check.verdict != "fail" or not check.first_divergent_layer:
+                continue
+            row = next((r for r in check.layers if r.name == check.first_divergent_layer), None)
+            text = (f"- {code(report.model_type, 64)} {escape(check.check, 64)} / "
+                    f"{escape(check.variant, 64)}: first divergent stage "
+                    f"**{escape(check.first_divergent_layer, 64)}**")
+            if row is not None:
+                text += (f", rel L2 {_num(row.rel_l2)} (tolerance {_num(row.tolerance)}), "
+                         f"cosine {_num(row.cosine)}, max abs {_num(row.max_abs)}")
+            if check.localization is not None:
+                loc = check.localization
+                text += f"; part **{escape(loc.part, 32)}**, module {code(loc.module, 120)}"
+            lines.append(text)
+    return lines
+
+
+def check_details(model_type: str, check: CheckResult) -> list[str]:
+    """Everything about one check: facts, metrics, weights, chart and layer table."""
+    lines = [f"#### {escape(model_type, 64)} / {escape(check.check, 64)} / "
+             f"{escape(check.variant, 64)}: {VERDICT_MARK[check.verdict]}", ""]
+    if check.localization is not None:
+        for fact in check.localization.facts[:20]:
+            lines.append(f"- {escape(fact)}")
+    if check.weights is not None:
+        for label, names in (("missing", check.weights.missing),
+                             ("unexpected", check.weights.unexpected),
+                             ("mis-shaped", check.weights.mismatched)):
+            if names:
+                shown = ", ".join(code(n, 120) for n in names[:10])
+                more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
+                lines.append(f"- {label} weights ({len(names)}): {shown}{more}")
+    metrics = [(k, v) for k, v in check.metrics.items() if v is not None][:40]
+    if metrics:
+        lines.append("- " + ", ".join(f"{escape(k, 48)} {_num(v)}" for k, v in metrics))
+    if check.layers:
+        lines.append("")
+        lines.extend(layer_chart(model_type, check))
+        lines.extend(["", "| stage | type | rel L2 | cosine | max abs | tolerance | ok |",
+                      "|---|---|---|---|---|---|---|"])
+        for row in check.layers[:200]:
+            mark = "✅" if row.ok else "❌"
+            if row.name == check.first_divergent_layer:
+                mark += " first"
+            lines.append(f"| {escape(row.name, 48)} | {escape(row.layer_type or '', 32)} | "
+                         f"{_num(row.rel_l2)} | {_num(row.cosine)} | {_num(row.max_abs)} | "
+                         f"{_num(row.tolerance)} | {mark} |")
+    lines.append("")
+    return lines
+
+
+def detail_sections(results: Results | None) -> list[list[str]]:
+    """One collapsed section per model_type; failing checks first within it."""
+    sections = []
+    for report in results.reports if results else []:
+        lines = [f"<details><summary>{escape(report.model_type, 64)}: "
+                 f"{VERDICT_MARK[report.verdict]}</summary>", "",
+                 f"- source: {escape(report.source, 200)}; seed {report.seed}; "
+                 f"dtype {escape(report.dtype, 16)}"]
+        for variant in report.variants[:20]:
+            lines.append(f"- variant {code(variant.name, 64)}: {escape(variant.description)} "
+                         f"(config format: {escape(variant.config_format, 32)})")
+        lines.append("")
+        ordered = sorted(report.checks, key=lambda c: c.verdict != "fail")
+        for check in ordered:
+            lines.extend(check_details(report.model_type, check))
+        lines.extend(["</details>", ""])
+        sections.append(lines)
+    return sections
+
+
+def reproduce(repo: str, number: int, sha: str, model_types: list[str],
+              request: dict[str, Any]) -> list[str]:
+    """The local command, built from the request (not from the untrusted results)."""
+    command = ["mlx-verify", "check", *model_types, "--mlx-lm", "."]
+    if request.get("checks"):
+        command += ["--checks", ",".join(request["checks"])]
+    if request.get("dtype", "float32") != "float32":
+        command += ["--dtype", request["dtype"]]
+    safe = [re.sub(r"[^A-Za-z0-9_.,/\-]", "", part) for part in command]
+    return ["```bash",
+            f"git clone https://github.com/{re.sub(r'[^A-Za-z0-9_./-]', '', repo)}.git "
+            f"&& cd {re.sub(r'[^A-Za-z0-9_.-]', '', repo.split('/')[-1])}",
+            f"git fetch origin pull/{int(number)}/head && git checkout {sha[:40]}",
+            " ".join(safe), "```"]
+
+
+def environment_lines(results: Results | None) -> list[str]:
+    if results is None:
+        return []
+    env = results.environment
+    return [f"- mlx-lm {escape(env.mlx_lm_version, 40)}, mlx {escape(env.mlx, 40)} "
+            f"({escape(env.mlx_device, 40)}), torch {escape(env.torch, 40)}, transformers "
+            f"{escape(env.transformers, 40)}, python {escape(env.python, 40)}, "
+            f"{escape(env.platform, 80)}; mlx-verify {escape(env.mlx_verify, 40)}, results "
+            f"schema v{results.schema_version}"]
+
+
+def _fit(head: list[str], optional: list[list[str]], tail: list[str], limit: int) -> str:
+    """head and tail always; optional sections in order while they fit."""
+    used = sum(len(line) + 1 for line in head + tail) + MARGIN
+    body = list(head)
+    dropped = 0
+    for section in optional:
+        size = sum(len(line) + 1 for line in section)
+        if used + size <= limit:
+            body.extend(section)
+            used += size
+        else:
+            dropped += 1
+    if dropped:
+        body.extend([f"_{dropped} detail section(s) left out to stay under GitHub's size "
+                     "limit: run the command below locally for all of them._", ""])
+    return "\n".join(body + tail)
+
+
+def _verdict_table(results: Results | None, errors: dict[str, str], skipped: list[str],
+                   budget: int) -> list[str]:
+    """The verdict table with every row; cell summaries shortened until it fits."""
+    for summary_limit in (300, 120, 40, 0):
+        rows = verdict_rows(results, errors, skipped, summary_limit)
+        if sum(len(r) + 1 for r in rows) <= budget:
+            return rows
+    return rows
+
+
+def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
+           request: dict[str, Any], history: list[dict[str, str]],
+           dashboard_url: str | None, changed_files: list[str]) -> Rendered:
+    """Check Run output and comment for a finished verify job.
+
+    outcome: the runner's answer, see workers.verify.run_verify.
+    history: earlier SHAs of this PR, newest first: {"sha", "verdict", "counts"}.
+    """
+    status = outcome.get("status")
+    short = sha[:12]
+    if status == "nothing":
+        summary = "No model code changed: no `mlx_lm/models/*.py` file that a model uses."
+        return Rendered("neutral", "no model code changed", summary, "", None, "skip", [])
+    if status == "stale":
+        summary = f"Commit {short} is no longer the head of the PR: not run."
+        return Rendered("neutral", "superseded by a newer push", summary, "", None, "skip", [])
+
+    results = Results.model_validate(outcome["results"]) if outcome.get("results") else None
+    errors = {str(k): str(v) for k, v in (outcome.get("errors") or {}).items()}
+    skipped = [str(t) for t in outcome.get("skipped") or []]
+    verdicts = ([r.verdict for r in results.reports] if results else []) + \
+        ["error"] * len(errors)
+    failure = None
+    if status == "timeout":
+        failure = f"timed out after {int(outcome.get('timeout_s', 0))} s"
+    elif status == "crashed":
+        failure = f"the check process died: {outcome.get('reason', 'unknown reason')}"
+    if failure:
+        verdicts.append("error")
+    verdict = combine_verdicts(verdicts)  # type: ignore[arg-type]
+    conclusion = "timed_out" if status == "timeout" else CONCLUSION[verdict]
+
+    counts = _counts(results, errors)
+    title = f"{VERDICT_MARK[verdict]}: {counts}" if not failure else f"⚠️ {failure}"
+    model_types = [str(t) for t in outcome.get("model_types") or []]
+    head = [MARKER, f"### mlx-verify: {VERDICT_MARK[verdict]} at `{short}`", ""]
+    if failure:
+        head.extend([f"**Could not finish: {escape(failure, 200)}.**", ""])
+        tail_lines = [escape(line, 200) for line in (outcome.get("stderr_tail") or "")
+                      .splitlines()[-10:]]
+        if tail_lines:
+            head.extend(["Last lines of its error output:", ""] +
+                         [f"    {line}" for line in tail_lines] + [""])
+    planned = outcome.get("planned") or []
+    if outcome.get("truncated"):
+        head.extend([f"Planned {len(planned)} model_types from the changed files; ran the "
+                     f"first {len(model_types)}. Run others with `/verify MODEL_TYPE`.", ""])
+    table = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 2)
+    head.extend(table + [""])
+    divergences = first_divergences(results)
+    if divergences:
+        head.extend(["**First divergence**", ""] + divergences + [""])
+
+    tail = ["<details><summary>environment and reproduction</summary>", ""]
+    tail.extend(environment_lines(results))
+    tail.extend([""] + reproduce(repo, number, sha, model_types, request) + [""])
+    if dashboard_url:
+        tail.append(f"[Full results on the dashboard]({dashboard_url})")
+    tail.extend(["", "</details>", ""])
+    if history:
+        tail.extend(["<details><summary>earlier commits</summary>", ""])
+        for entry in history[:10]:
+            tail.append(f"- `{entry['sha'][:12]}`: {VERDICT_MARK.get(entry['verdict'], '?')} "
+                        f"({escape(entry.get('counts', ''), 80)})")
+        tail.extend(["", "</details>", ""])
+
+    sections = detail_sections(results)
+    comment = _fit(head, sections, tail, COMMENT_LIMIT)
+    summary_lines = head[1:]  # the marker means nothing in a Check Run
+    summary = _fit(summary_lines, [], [], CHECK_OUTPUT_LIMIT)
+    text = _fit([], sections, tail, CHECK_OUTPUT_LIMIT)
+    annotations = _annotations(results, changed_files)
+    return Rendered(conclusion, title[:250], summary, text, comment, verdict, annotations)
+
+
+def _counts(results: Results | None, errors: dict[str, str]) -> str:
+    reports = results.reports if results else []
+    total = len(reports) + len(errors)
+    failing = sum(r.verdict in ("fail", "error") for r in reports) + len(errors)
+    return f"{failing} of {total} model_types with findings" if failing else \
+        f"{total} model_types pass"
+
+
+def _annotations(results: Results | None, changed_files: list[str]) -> list[dict[str, Any]]:
+    """Annotations the engine points at code ({"path", "line", "message"} items in a
+    check's details["annotations"]), kept only on files the PR changes."""
+    found: list[dict[str, Any]] = []
+    for report in results.reports if results else []:
+        for check in report.checks:
+            for item in check.details.get("annotations") or []:
+                if not isinstance(item, dict):
+                    continue
+                path, line = item.get("path"), item.get("line")
+                if path not in changed_files or not isinstance(line, int) or line < 1:
+                    continue
+                found.append({
+                    "path": path, "start_line": line, "end_line": line,
+                    "annotation_level": "failure" if check.verdict == "fail" else "notice",
+                    "title": f"{report.model_type} {check.check}"[:250],
+                    "message": str(item.get("message", check.summary))[:2000],
+                })
+    return found[:500]
+
+
+def history_entry(sha: str, rendered: Rendered) -> dict[str, str]:
+    return {"sha": sha, "verdict": rendered.verdict,
+            "counts": rendered.title.split(": ", 1)[-1]}

@@ -1,0 +1,146 @@
+"""Settings from the environment, checked at start-up.
+
+A missing or invalid setting stops start-up with one line naming it (SettingsError).
+The runner (verify queues) reads only what it needs: REDIS_URL and GITHUB_GIT_URL, so a
+runner machine never needs, and should never have, the App key or webhook secret.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class SettingsError(Exception):
+    """One line naming the setting that is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    redis_url: str
+    git_url: str  # clone URLs are {git_url}/{owner}/{repo}.git
+    work_dir: str  # parent of the per-job work dirs
+    timeout_s: int  # wall time of one `mlx-verify check` run
+    memory_mb: int  # address-space limit of that run (Linux; advisory on macOS)
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    redis_url: str
+    app_id: int
+    private_key: str
+    webhook_secret: str
+    api_url: str
+    git_url: str
+    dashboard_url: str | None
+    # Optional tuning: only these model_types are run automatically (None: all),
+    # and at most this many per automatic run (a shared-module change can plan ~80).
+    auto_model_types: tuple[str, ...] | None
+    max_model_types: int
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value.strip() if value and value.strip() else None
+
+
+def _required(name: str) -> str:
+    value = _env(name)
+    if value is None:
+        raise SettingsError(f"{name} is not set")
+    return value
+
+
+def _url(name: str, default: str | None, schemes: tuple[str, ...]) -> str:
+    value = _env(name) or default
+    if value is None:
+        raise SettingsError(f"{name} is not set")
+    parsed = urlparse(value)
+    if parsed.scheme not in schemes or (parsed.scheme != "file" and not parsed.netloc):
+        raise SettingsError(f"{name} is not a {'/'.join(schemes)} URL: {value!r}")
+    return value.rstrip("/")
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingsError(f"{name} is not an integer: {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}")
+    return number
+
+
+def redis_url() -> str:
+    return _url("REDIS_URL", None, ("redis", "rediss", "unix"))
+
+
+def load_runner_settings() -> RunnerSettings:
+    work_dir = _env("VERIFY_WORK_DIR") or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), "mlx-verify-jobs")
+    return RunnerSettings(
+        redis_url=redis_url(),
+        git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
+        work_dir=work_dir,
+        timeout_s=_int("VERIFY_TIMEOUT", 1800),
+        memory_mb=_int("VERIFY_MEMORY_MB", 16384, minimum=512),
+    )
+
+
+def _private_key() -> str:
+    path = _env("GITHUB_PRIVATE_KEY_PATH")
+    if path is not None:
+        try:
+            key = Path(path).read_text()
+        except OSError as e:
+            raise SettingsError(f"GITHUB_PRIVATE_KEY_PATH: cannot read {path}: "
+                                f"{e.strerror}") from None
+        name = "GITHUB_PRIVATE_KEY_PATH"
+    else:
+        # A key pasted into an env file often has literal "\n" for its line breaks.
+        key = _required("GITHUB_PRIVATE_KEY").replace("\\n", "\n")
+        name = "GITHUB_PRIVATE_KEY"
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        load_pem_private_key(key.encode(), password=None)
+    except (ValueError, TypeError) as e:
+        raise SettingsError(f"{name} is not a PEM private key ({str(e).splitlines()[0]})") \
+            from None
+    return key
+
+
+def load_app_settings() -> AppSettings:
+    app_id = _required("GITHUB_APP_ID")
+    if not app_id.isdigit():
+        raise SettingsError(f"GITHUB_APP_ID is not a number: {app_id!r}")
+    auto = _env("VERIFY_MODEL_TYPES")
+    dashboard = _env("DASHBOARD_URL")
+    return AppSettings(
+        redis_url=redis_url(),
+        app_id=int(app_id),
+        private_key=_private_key(),
+        webhook_secret=_required("GITHUB_WEBHOOK_SECRET"),
+        api_url=_url("GITHUB_API_URL", "https://api.github.com", ("https", "http")),
+        git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
+        dashboard_url=_url("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,
+        auto_model_types=tuple(t.strip() for t in auto.split(",") if t.strip()) if auto else None,
+        max_model_types=_int("VERIFY_MAX_MODEL_TYPES", 24),
+    )
+
+
+def connect_redis(url: str):
+    """A Redis client that has answered a PING; SettingsError naming REDIS_URL otherwise."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url)
+        client.ping()
+    except (redis.RedisError, ValueError) as e:
+        raise SettingsError(f"REDIS_URL: cannot connect ({str(e).splitlines()[0]})") from None
+    return client

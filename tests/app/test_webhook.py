@@ -1,0 +1,104 @@
+"""Webhook intake: signatures, redelivery, authorisation of /verify. No checks run here."""
+
+from __future__ import annotations
+
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from tests.app.conftest import OUTSIDER, REPO
+
+LLAMA = "mlx_lm/models/llama.py"
+
+
+def queued(env, name: str) -> int:
+    return Queue(name, connection=env.redis, serializer=JSONSerializer).count
+
+
+def test_bad_signature_gets_401_and_enqueues_nothing(env):
+    payload = env.payload("pull_request.opened.payload.json", number=1, sha="a" * 40)
+    response = env.send("pull_request", payload, secret="not-the-secret")
+    assert response.status_code == 401
+    assert queued(env, "report") == 0 and queued(env, "verify") == 0
+    assert env.redis.keys("mlxv:delivery:*") == []
+    assert env.github.writes == []
+
+
+def test_ping_and_ignored_events(env):
+    ping = env.send("ping", env.payload("ping.payload.json"))
+    assert ping.status_code == 200 and ping.json() == {"status": "pong"}
+    labeled = env.payload("pull_request.labeled.payload.json", number=1, sha="a" * 40)
+    assert env.send("pull_request", labeled).json() == {"status": "ignored"}
+    installed = env.send("installation", env.payload("installation.created.payload.json"))
+    assert installed.status_code == 200
+    assert queued(env, "report") == 0
+
+
+def test_redelivered_delivery_runs_once(env):
+    sha, files = env.git_host.make_pr(11, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # ok")})
+    env.open_pr(11, sha, files)
+    payload = env.payload("pull_request.opened.payload.json", number=11, sha=sha)
+    first = env.send("pull_request", payload, delivery="delivery-1")
+    again = env.send("pull_request", payload, delivery="delivery-1")
+    assert first.status_code == 202
+    assert again.json() == {"status": "duplicate delivery"}
+    # A different delivery of the same PR head (reopened) maps to the same job id.
+    reopened = env.payload("pull_request.reopened.payload.json", number=11, sha=sha)
+    assert env.send("pull_request", reopened, delivery="delivery-2").status_code == 202
+    env.run_queue("report")
+    assert queued(env, "verify") == 1
+    assert len(env.check_runs(sha)) == 1
+    assert env.check_runs(sha)[0]["status"] == "queued"
+
+
+def test_verify_from_user_without_write_permission_enqueues_nothing(env):
+    sha, files = env.git_host.make_pr(12, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # ok")})
+    env.open_pr(12, sha, files)
+    payload = env.payload("issue_comment.created.payload.json", sender=OUTSIDER)
+    payload["issue"].update(number=12, pull_request={"url": f"https://x/{REPO}/pulls/12"})
+    payload["comment"]["body"] = "Please check this.\n/verify llama\n"
+    assert env.send("issue_comment", payload).status_code == 202
+    env.run_queue("report")
+    assert queued(env, "verify") == 0
+    assert env.check_runs(sha) == []
+    replies = env.comments(12)
+    assert len(replies) == 1 and "needs write access" in replies[0]["body"]
+    assert env.github.reactions == []
+
+
+def test_malformed_verify_gets_usage_reply(env):
+    sha, files = env.git_host.make_pr(13, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # ok")})
+    env.open_pr(13, sha, files)
+    payload = env.payload("issue_comment.created.with-installation.payload.json")
+    payload["issue"]["number"] = 13
+    payload["comment"]["body"] = "/verify llama --dtype int3 @someone"
+    env.send("issue_comment", payload)
+    env.run_queue("report")
+    assert queued(env, "verify") == 0
+    (reply,) = env.comments(13)
+    assert "could not read the command" in reply["body"] and "@someone" not in reply["body"]
+
+
+def test_no_model_code_changed_gives_neutral_check_and_no_comment(env):
+    sha, files = env.git_host.make_pr(14, {"README.md": ("upstream", "the upstream")})
+    env.open_pr(14, sha, files)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=14,
+                                         sha=sha))
+    env.run_queue("report")
+    (run,) = env.check_runs(sha)
+    assert (run["status"], run["conclusion"]) == ("completed", "neutral")
+    assert env.comments(14) == [] and queued(env, "verify") == 0
+
+
+def test_untrusted_author_waits_for_a_maintainer(env):
+    sha, files = env.git_host.make_pr(15, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # ok")})
+    env.open_pr(15, sha, files, author=OUTSIDER)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=15,
+                                         sha=sha, sender=OUTSIDER))
+    env.run_queue("report")
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "neutral" and "/verify" in run["output"]["summary"]
+    assert queued(env, "verify") == 0

@@ -1,0 +1,431 @@
+"""Report jobs: run beside the server, the only place that holds the App key.
+
+`handle_event` turns a webhook delivery into GitHub reads (PR, changed files,
+permissions), Check Runs and verify jobs. `verify_started` / `verify_finished` /
+`verify_failed` / `verify_requeued` come from runners and do the GitHub writes for
+them: the Check Run of the job and the one sticky comment per PR.
+
+State kept in Redis (prefix mlxv:), per PR and per verify job:
+  mlxv:head:{repo}#{n}    the PR's head SHA as last seen
+  mlxv:sha:{repo}:{sha}   PR number of a head SHA (check-suite events of forks lack it)
+  mlxv:prjobs:{repo}#{n}  verify job ids of the PR
+  mlxv:job:{job_id}       repo, number, sha, installation, request, check_run_id, state
+  mlxv:pr:{repo}#{n}      comment_id, current (latest report), history (earlier SHAs)
+  mlxv:results:{job_id}   the validated results JSON, for the dashboard
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import redis
+from githubkit import GitHub
+from rq import Callback, Queue, Retry
+from rq.command import send_stop_job_command
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from app import comment, github, planning
+from app.commands import USAGE, Command, CommandError, VerifyRequest, find_command_line, parse
+from app.settings import AppSettings, connect_redis, load_app_settings
+
+REPORT_QUEUE = "report"
+VERIFY_QUEUE = "verify"
+LARGE_VERIFY_QUEUE = "verify-large"  # runners with the memory for real checkpoints
+VERIFY_QUEUES_KEY = "mlxv:verify-queues"
+CHECK_NAME = "mlx-verify"
+VERIFY_JOB_TIMEOUT = 3 * 3600  # backstop above the runner's own VERIFY_TIMEOUT
+STATE_TTL = 90 * 86400
+RESULTS_TTL = 30 * 86400
+ACTIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+PR_ACTIONS = ("opened", "synchronize", "reopened", "ready_for_review")
+HELP = ("mlx-verify commands, each on its own line of a PR comment (write access needed):\n\n"
+        f"- `{USAGE}`: check these model_types (default: the ones the PR's changed files "
+        "affect) on the PR's current head commit\n"
+        "- `/verify help`: this message\n")
+
+
+@lru_cache(maxsize=1)
+def context() -> tuple[AppSettings, redis.Redis, GitHub]:
+    settings = load_app_settings()
+    connection = connect_redis(settings.redis_url)
+    return settings, connection, github.app_client(settings, connection)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _pr_key(repo: str, number: int) -> str:
+    return f"{repo}#{number}"
+
+
+def verify_job_id(repo: str, number: int, sha: str, request: VerifyRequest) -> str:
+    """Deterministic per (repository, PR, head SHA, request): repeats dedupe on it."""
+    digest = hashlib.sha256(f"{repo}\n{number}\n{sha}\n{request.key()}".encode()).hexdigest()
+    return f"verify-{number}-{sha[:12]}-{digest[:16]}"
+
+
+def installation_gh(settings: AppSettings, connection: redis.Redis, app_gh: GitHub,
+                    payload: dict[str, Any]) -> tuple[GitHub, int]:
+    owner, name = payload["repository"]["full_name"].split("/", 1)
+    installation_id = (payload.get("installation") or {}).get("id")
+    if not installation_id:
+        installation_id = github.repo_installation(app_gh, owner, name)
+    return github.installation_client(settings, connection, int(installation_id)), \
+        int(installation_id)
+
+
+def _split(repo: str) -> tuple[str, str]:
+    owner, name = repo.split("/", 1)
+    return owner, name
+
+
+# ---- webhook events -------------------------------------------------------------------
+
+def handle_event(event: str, delivery: str, payload: dict[str, Any]) -> str:
+    """Entry point for one webhook delivery; returns what it did, for the job record."""
+    settings, connection, app_gh = context()
+    if event == "pull_request":
+        return on_pull_request(settings, connection, app_gh, payload)
+    if event == "issue_comment":
+        return on_comment(settings, connection, app_gh, payload)
+    if event == "check_run":
+        run = payload["check_run"]
+        return on_rerequest(settings, connection, app_gh, payload, run["head_sha"],
+                            run.get("pull_requests") or [], run.get("external_id") or "")
+    if event == "check_suite":
+        suite = payload["check_suite"]
+        return on_rerequest(settings, connection, app_gh, payload, suite["head_sha"],
+                            suite.get("pull_requests") or [], "")
+    return "ignored"
+
+
+def on_pull_request(settings, connection, app_gh, payload) -> str:
+    pull = payload["pull_request"]
+    if payload.get("action") not in PR_ACTIONS:
+        return "ignored action"
+    if pull.get("draft"):
+        return "draft: skipped until ready for review"
+    if pull.get("state", "open") != "open":
+        return "closed"
+    repo = payload["repository"]["full_name"]
+    number, sha = int(pull["number"]), pull["head"]["sha"]
+    gh, installation_id = installation_gh(settings, connection, app_gh, payload)
+    record_head(settings, connection, gh, repo, number, sha)
+    owner, name = _split(repo)
+    files = github.changed_files(gh, owner, name, number)
+    if not planning.touches_models(files):
+        github.create_check_run(
+            gh, owner, name, name=CHECK_NAME, head_sha=sha, status="completed",
+            conclusion="neutral", completed_at=_now(),
+            output={"title": "no model code changed",
+                    "summary": "No `mlx_lm/models/*.py` file changed: nothing to verify."})
+        return "no model code changed"
+    author = (pull.get("user") or {}).get("login", "")
+    if not github.has_write_permission(gh, owner, name, author):
+        github.create_check_run(
+            gh, owner, name, name=CHECK_NAME, head_sha=sha, status="completed",
+            conclusion="neutral", completed_at=_now(),
+            output={"title": "waiting for a maintainer",
+                    "summary": "The author of this PR has no write access to the repository, "
+                               "so its code is not run automatically. A maintainer can start "
+                               "the checks with a comment holding the line `/verify`."})
+        return "author not trusted: waiting for /verify"
+    return start_verify(settings, connection, gh, installation_id, repo, number, sha,
+                        VerifyRequest(), files, rerun=False)
+
+
+def reply(gh: GitHub, repo: str, number: int, text: str) -> None:
+    owner, name = _split(repo)
+    github.create_comment(gh, owner, name, number, text)
+
+
+def on_comment(settings, connection, app_gh, payload) -> str:
+    if payload.get("action") != "created":
+        return "ignored action"
+    body = (payload.get("comment") or {}).get("body")
+    line = find_command_line(body)
+    sender = payload.get("sender") or {}
+    if line is None or sender.get("type") == "Bot":
+        return "no command"
+    repo = payload["repository"]["full_name"]
+    owner, name = _split(repo)
+    number = int(payload["issue"]["number"])
+    gh, installation_id = installation_gh(settings, connection, app_gh, payload)
+    pull = github.get_pull(gh, owner, name, number)
+    if pull is None:
+        return "not a pull request"
+    if not github.has_write_permission(gh, owner, name, sender.get("login", "")):
+        reply(gh, repo, number, "mlx-verify: `/verify` needs write access to this "
+                                "repository; nothing was started.")
+        return "sender not authorised"
+    try:
+        command: Command = parse(line)
+    except CommandError as e:
+        reply(gh, repo, number, f"mlx-verify: could not read the command ({e}). "
+                                f"Usage: `{USAGE}`")
+        return "malformed command"
+    if command.help:
+        reply(gh, repo, number, HELP)
+        return "help"
+    comment_id = int(payload["comment"]["id"])
+    github.react(gh, owner, name, comment_id, "eyes")
+    if pull.get("state") != "open":
+        return "closed"
+    sha = pull["head"]["sha"]  # pinned: the head at the moment the command was read
+    record_head(settings, connection, gh, repo, number, sha)
+    files = github.changed_files(gh, owner, name, number)
+    return start_verify(settings, connection, gh, installation_id, repo, number, sha,
+                        command.request, files, rerun=False)
+
+
+def on_rerequest(settings, connection, app_gh, payload, sha: str,
+                 pull_requests: list[dict[str, Any]], external_id: str) -> str:
+    if payload.get("action") != "rerequested":
+        return "ignored action"
+    repo = payload["repository"]["full_name"]
+    owner, name = _split(repo)
+    gh, installation_id = installation_gh(settings, connection, app_gh, payload)
+    sender = (payload.get("sender") or {}).get("login", "")
+    if not github.has_write_permission(gh, owner, name, sender):
+        return "sender not authorised"
+    number = None
+    if pull_requests:
+        number = int(pull_requests[0]["number"])
+    elif (known := connection.get(f"mlxv:sha:{repo}:{sha}")) is not None:
+        number = int(known)
+    else:  # a fork PR: its check suite carries no pull_requests
+        for pull in github.open_pulls(gh, owner, name):
+            if pull["head"]["sha"] == sha:
+                number = int(pull["number"])
+                break
+    if number is None:
+        return "no open PR has this head SHA"
+    pull = github.get_pull(gh, owner, name, number)
+    if pull is None or pull["head"]["sha"] != sha or pull.get("state") != "open":
+        return "not the PR's current head"
+    request = VerifyRequest()
+    job = connection.hgetall(f"mlxv:job:{external_id}") if external_id else {}
+    if job.get(b"request"):
+        request = VerifyRequest.from_dict(json.loads(job[b"request"]))
+    record_head(settings, connection, gh, repo, number, sha)
+    files = github.changed_files(gh, owner, name, number)
+    return start_verify(settings, connection, gh, installation_id, repo, number, sha,
+                        request, files, rerun=True)
+
+
+# ---- queue ----------------------------------------------------------------------------
+
+def record_head(settings, connection, gh, repo: str, number: int, sha: str) -> None:
+    """Remember the PR's head; cancel or stop jobs of its older SHAs."""
+    key = _pr_key(repo, number)
+    connection.set(f"mlxv:head:{key}", sha, ex=STATE_TTL)
+    connection.set(f"mlxv:sha:{repo}:{sha}", number, ex=STATE_TTL)
+    owner, name = _split(repo)
+    for raw in connection.smembers(f"mlxv:prjobs:{key}"):
+        job_id = raw.decode()
+        info = connection.hgetall(f"mlxv:job:{job_id}")
+        if not info or info[b"sha"].decode() == sha:
+            continue
+        if info.get(b"state", b"").decode() in ("queued", "running"):
+            try:
+                job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+                status = job.get_status()
+                if status == JobStatus.STARTED:
+                    send_stop_job_command(connection, job_id, serializer=JSONSerializer)
+                elif status in ACTIVE:
+                    job.cancel()
+            except NoSuchJobError:
+                pass
+            connection.hset(f"mlxv:job:{job_id}", "state", "superseded")
+            github.update_check_run(
+                gh, owner, name, int(info[b"check_run_id"]), status="completed",
+                conclusion="neutral", completed_at=_now(),
+                output={"title": "superseded by a newer push",
+                        "summary": f"The PR's head moved to `{sha[:12]}`; this run was "
+                                   "cancelled."})
+        connection.srem(f"mlxv:prjobs:{key}", job_id)
+
+
+def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
+                 installation_id: int, repo: str, number: int, sha: str,
+                 request: VerifyRequest, files: list[str], rerun: bool) -> str:
+    """Create the Check Run and enqueue the verify job, once per job id."""
+    job_id = verify_job_id(repo, number, sha, request)
+    try:
+        existing = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        status = existing.get_status()
+        if status in ACTIVE or (status == JobStatus.FINISHED and not rerun):
+            return f"already {status.value}: {job_id}"
+        existing.delete()  # failed, stopped, canceled, or finished and re-run requested
+    except NoSuchJobError:
+        pass
+    owner, name = _split(repo)
+    queue_name = LARGE_VERIFY_QUEUE if request.hub else VERIFY_QUEUE
+    check_run_id = github.create_check_run(
+        gh, owner, name, name=CHECK_NAME, head_sha=sha, status="queued", external_id=job_id,
+        output={"title": "queued", "summary": f"Waiting for a runner on queue `{queue_name}`."},
+        **({"details_url": f"{settings.dashboard_url}/runs/{job_id}"}
+           if settings.dashboard_url else {}))
+    connection.hset(f"mlxv:job:{job_id}", mapping={
+        "repo": repo, "number": number, "sha": sha, "installation_id": installation_id,
+        "request": json.dumps(request.to_dict()), "check_run_id": check_run_id,
+        "state": "queued", "changed_files": json.dumps(files[:3000]),
+    })
+    connection.expire(f"mlxv:job:{job_id}", STATE_TTL)
+    connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
+    connection.sadd(VERIFY_QUEUES_KEY, queue_name)
+    spec = {
+        "job_id": job_id, "repo": repo, "number": number, "sha": sha,
+        "changed_files": files[:3000], "request": request.to_dict(),
+        "auto_model_types": list(settings.auto_model_types)
+        if settings.auto_model_types is not None else None,
+        "max_model_types": settings.max_model_types,
+    }
+    Queue(queue_name, connection=connection, serializer=JSONSerializer).enqueue(
+        "workers.verify.run_verify", spec, job_id=job_id, job_timeout=VERIFY_JOB_TIMEOUT,
+        retry=Retry(max=2, interval=[10, 60]), result_ttl=7 * 86400,
+        failure_ttl=30 * 86400, on_failure=Callback("workers.verify.on_verify_failure"),
+        description=f"verify {repo}#{number} @ {sha[:12]}")
+    return f"enqueued {job_id}"
+
+
+# ---- reports from runners -------------------------------------------------------------
+
+def _job_info(connection: redis.Redis, job_id: str) -> dict[str, str] | None:
+    raw = connection.hgetall(f"mlxv:job:{job_id}")
+    return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+
+def _job_gh(settings, connection, info) -> GitHub:
+    return github.installation_client(settings, connection, int(info["installation_id"]))
+
+
+def verify_started(job_id: str) -> str:
+    settings, connection, _ = context()
+    info = _job_info(connection, job_id)
+    if info is None or info["state"] not in ("queued", "running"):
+        return "no active job"
+    connection.hset(f"mlxv:job:{job_id}", "state", "running")
+    owner, name = _split(info["repo"])
+    github.update_check_run(
+        _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
+        status="in_progress", started_at=_now(),
+        output={"title": "running", "summary": "A runner is checking this commit."})
+    return "in progress"
+
+
+def verify_requeued(job_id: str, reason: str) -> str:
+    settings, connection, _ = context()
+    info = _job_info(connection, job_id)
+    if info is None or info["state"] not in ("queued", "running"):
+        return "no active job"
+    connection.hset(f"mlxv:job:{job_id}", "state", "queued")
+    owner, name = _split(info["repo"])
+    github.update_check_run(
+        _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
+        status="queued",
+        output={"title": "queued again",
+                "summary": f"The previous attempt did not finish ({reason}); it will be "
+                           "retried."})
+    return "requeued"
+
+
+def verify_failed(job_id: str, reason: str) -> str:
+    settings, connection, _ = context()
+    info = _job_info(connection, job_id)
+    if info is None or info["state"] not in ("queued", "running"):
+        return "no active job"
+    connection.hset(f"mlxv:job:{job_id}", "state", "failed")
+    owner, name = _split(info["repo"])
+    github.update_check_run(
+        _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
+        status="completed", conclusion="neutral", completed_at=_now(),
+        output={"title": "could not run",
+                "summary": f"The checks could not run: {reason}. Nothing is known about this "
+                           "commit yet. Re-run this check, or comment `/verify`."})
+    return "failed"
+
+
+def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
+    settings, connection, _ = context()
+    info = _job_info(connection, job_id)
+    if info is None or info["state"] not in ("queued", "running"):
+        return "no active job"
+    repo, number, sha = info["repo"], int(info["number"]), info["sha"]
+    owner, name = _split(repo)
+    gh = _job_gh(settings, connection, info)
+    pr_key = _pr_key(repo, number)
+    state = connection.hgetall(f"mlxv:pr:{pr_key}")
+    history = json.loads(state.get(b"history", b"[]"))
+    current = json.loads(state[b"current"]) if state.get(b"current") else None
+    if current and current["sha"] != sha:
+        history = [current] + [h for h in history if h["sha"] != current["sha"]]
+    dashboard = f"{settings.dashboard_url}/runs/{job_id}" if settings.dashboard_url else None
+    try:
+        rendered = comment.render(
+            outcome, repo=repo, number=number, sha=sha, request=json.loads(info["request"]),
+            history=[h for h in history if h["sha"] != sha], dashboard_url=dashboard,
+            changed_files=json.loads(info.get("changed_files", "[]")))
+    except Exception as e:  # results that pass the runner's check but not ours
+        rendered = comment.Rendered(
+            "neutral", "unreadable results",
+            f"The runner's results could not be read: {type(e).__name__}.", "", None,
+            "error", [])
+    head = connection.get(f"mlxv:head:{pr_key}")
+    is_head = head is None or head.decode() == sha
+    title = rendered.title if is_head else f"(no longer the PR head) {rendered.title}"
+    output: dict[str, Any] = {"title": title[:250], "summary": rendered.summary}
+    if rendered.text:
+        output["text"] = rendered.text
+    if rendered.annotations:
+        output["annotations"] = rendered.annotations
+    github.update_check_run(gh, owner, name, int(info["check_run_id"]), status="completed",
+                            conclusion=rendered.conclusion, completed_at=_now(), output=output)
+    connection.hset(f"mlxv:job:{job_id}", "state", "completed")
+    if outcome.get("results"):
+        connection.set(f"mlxv:results:{job_id}", json.dumps(outcome["results"]),
+                       ex=RESULTS_TTL)
+    if rendered.comment is None or not is_head:
+        return f"completed {rendered.conclusion} (comment untouched)"
+    upsert_comment(settings, connection, gh, repo, number, rendered.comment)
+    connection.hset(f"mlxv:pr:{pr_key}", mapping={
+        "current": json.dumps(comment.history_entry(sha, rendered)),
+        "history": json.dumps(history[:10]),
+    })
+    connection.expire(f"mlxv:pr:{pr_key}", STATE_TTL)
+    return f"completed {rendered.conclusion}"
+
+
+def upsert_comment(settings, connection, gh, repo: str, number: int, body: str) -> int:
+    """Update the PR's one sticky comment, or create it."""
+    _, _, app_gh = context()
+    owner, name = _split(repo)
+    pr_key = f"mlxv:pr:{_pr_key(repo, number)}"
+    known = connection.hget(pr_key, "comment_id")
+    comment_id = int(known) if known else None
+    if comment_id is None:
+        bot_id, _ = github.bot_user(app_gh, connection)
+        comment_id = github.find_comment(gh, owner, name, number, comment.MARKER, bot_id)
+    if comment_id is not None and github.update_comment(gh, owner, name, comment_id, body):
+        connection.hset(pr_key, "comment_id", comment_id)
+        return comment_id
+    comment_id = github.create_comment(gh, owner, name, number, body)
+    connection.hset(pr_key, "comment_id", comment_id)
+    return comment_id
+
+
+def sweep_abandoned(connection: redis.Redis) -> None:
+    """Move jobs of dead runners out of the started registries of the verify queues:
+    their failure callback reports them, so no Check Run stays in progress."""
+    from rq.registry import StartedJobRegistry
+
+    for raw in connection.smembers(VERIFY_QUEUES_KEY):
+        StartedJobRegistry(raw.decode(), connection=connection,
+                           serializer=JSONSerializer).cleanup()

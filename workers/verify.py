@@ -1,0 +1,308 @@
+"""The verify job: runs on a runner, which holds no GitHub credentials.
+
+One job checks one PR head SHA:
+1. fetch the base repository's `pull/N/head` into a fresh per-job work dir;
+2. plan the model_types from the changed files on that tree (app.planning, no import);
+3. run `mlx-verify check` on it in a subprocess with a scrubbed environment (no tokens,
+   no Redis URL, no App settings, its own HOME and caches), a wall-time limit, an
+   address-space limit and output to files;
+4. read back the results JSON, size-capped and validated against checks.schema;
+5. hand the outcome to a `report` job (the server side does every GitHub write);
+6. remove the work dir.
+
+Only infrastructure failures raise (and so are retried by rq): a failing fetch, a full
+disk. Anything the PR's code does (a finding, an exception, a hang, a crash) is an
+outcome, reported once and never retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rq import get_current_job
+from rq.exceptions import AbandonedJobError
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+
+from app import planning
+from app.settings import RunnerSettings, load_runner_settings
+
+REPORT_QUEUE = "report"
+RESULTS_MAX_BYTES = 8 * 1024 * 1024
+STDERR_TAIL_BYTES = 4096
+OUTPUT_FILE_MAX_BYTES = 512 * 1024 * 1024  # RLIMIT_FSIZE of the check process
+GIT_TIMEOUT_S = 600
+# The only variables the check process inherits; everything else (tokens, REDIS_URL,
+# GITHUB_*, cloud credentials) stays behind.
+ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
+
+
+class InfraError(Exception):
+    """A failure of the runner or the git host, not of the PR: worth a retry."""
+
+
+def report(connection, function: str, *args: Any) -> None:
+    """Enqueue a report job beside the server (where the GitHub key lives)."""
+    from rq import Retry
+
+    Queue(REPORT_QUEUE, connection=connection, serializer=JSONSerializer).enqueue(
+        f"workers.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
+        job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400)
+
+
+def scrubbed_env(work: Path) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+    env.update({
+        "HOME": str(work / "home"),
+        "TMPDIR": str(work / "tmp"),
+        "MLX_VERIFY_CACHE": str(work / "cache"),  # a PR must not poison another's checkpoints
+        "HF_HOME": str(work / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+    })
+    for name in ("home", "tmp", "cache", "hf"):
+        (work / name).mkdir(exist_ok=True)
+    return env
+
+
+def git(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-c", "advice.detachedHead=false", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+
+
+def fetch(settings: RunnerSettings, repo: str, number: int, sha: str, src: Path,
+          env: dict[str, str]) -> bool:
+    """Check out `sha` of PR `number` into src. False when the SHA is gone (force-push)."""
+    url = f"{settings.git_url}/{repo}.git"
+    src.mkdir()
+    for args in (["init", "-q"], ["fetch", "-q", "--no-tags", "--depth=1", url,
+                                  f"+refs/pull/{number}/head:refs/mlx-verify/head"]):
+        done = git(args, src, env)
+        if done.returncode != 0:
+            raise InfraError(f"git {args[0]} failed: {done.stderr.strip()[-300:]}")
+    head = git(["rev-parse", "refs/mlx-verify/head"], src, env).stdout.strip()
+    if head != sha:
+        # The PR moved on since the job was queued; the pinned SHA may still be fetchable.
+        if git(["fetch", "-q", "--no-tags", "--depth=1", url, sha], src, env).returncode != 0:
+            return False
+    done = git(["checkout", "-q", "--detach", sha], src, env)
+    if done.returncode != 0:
+        raise InfraError(f"git checkout failed: {done.stderr.strip()[-300:]}")
+    return True
+
+
+def _limit_resources(memory_mb: int) -> None:
+    # Runs in the child between fork and exec.
+    for limit, value in ((resource.RLIMIT_AS, memory_mb * 1024 * 1024),
+                         (resource.RLIMIT_FSIZE, OUTPUT_FILE_MAX_BYTES),
+                         (resource.RLIMIT_CORE, 0)):
+        try:
+            resource.setrlimit(limit, (value, value))
+        except (ValueError, OSError):
+            pass  # macOS does not enforce RLIMIT_AS; the wall-time limit still holds
+
+
+def _tail(path: Path, size: int = STDERR_TAIL_BYTES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list[str],
+              request: dict[str, Any], env: dict[str, str], tag: str,
+              config_file: Path | None = None) -> dict[str, Any]:
+    """One `mlx-verify check` subprocess: {"code", "results" | None, "stderr", "timeout"}."""
+    run_dir = work / f"run-{tag}"
+    run_dir.mkdir()
+    out = run_dir / "results.json"
+    # -I: no PYTHON* variables, no user site, and the cwd is not on sys.path, so the
+    # PR tree cannot shadow our own modules; mlx_lm comes from --mlx-lm only.
+    command = [sys.executable, "-I", "-m", "checks.cli", "check", *model_types,
+               "--mlx-lm", str(src), "--json", str(out)]
+    if config_file is not None:
+        command += ["--config", str(config_file)]
+    if request.get("checks"):
+        command += ["--checks", ",".join(request["checks"])]
+    if request.get("dtype", "float32") != "float32":
+        command += ["--dtype", request["dtype"]]
+    stdout_path, stderr_path = run_dir / "stdout.txt", run_dir / "stderr.txt"
+    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen(
+            command, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
+            stderr=stderr, preexec_fn=lambda: _limit_resources(settings.memory_mb))
+        try:
+            code = process.wait(timeout=settings.timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return {"code": None, "results": None, "stderr": _tail(stderr_path),
+                    "timeout": True}
+    results = None
+    if code in (0, 1) and out.is_file():
+        size = out.stat().st_size
+        if size > RESULTS_MAX_BYTES:
+            return {"code": code, "results": None, "timeout": False,
+                    "stderr": f"results JSON too large ({size} bytes)"}
+        from pydantic import ValidationError
+
+        from checks.schema import Results
+
+        try:
+            results = Results.model_validate_json(out.read_bytes()).model_dump(mode="json")
+        except ValidationError as e:
+            return {"code": code, "results": None, "timeout": False,
+                    "stderr": f"results JSON does not match the schema: "
+                              f"{str(e).splitlines()[0]}"}
+    return {"code": code, "results": results, "stderr": _tail(stderr_path), "timeout": False}
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "no error output"
+
+
+def _merge(into: dict[str, Any] | None, results: dict[str, Any]) -> dict[str, Any]:
+    if into is None:
+        return results
+    into["reports"].extend(results["reports"])
+    return into
+
+
+def hub_config(repo_id: str, work: Path) -> Path:
+    """config.json of a Hub repository (the runner's own download: no PR code runs)."""
+    from huggingface_hub import hf_hub_download
+
+    target = work / "hub" / repo_id.replace("/", "__")
+    target.mkdir(parents=True, exist_ok=True)
+    return Path(hf_hub_download(repo_id, "config.json", local_dir=target))
+
+
+def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str, Any],
+                env: dict[str, str]) -> dict[str, Any]:
+    """Plan and run the checks on a checked-out tree; the outcome dict for the report."""
+    request = spec["request"]
+    outcome: dict[str, Any] = {"status": "done", "results": None, "errors": {},
+                               "skipped": [], "planned": [], "model_types": [],
+                               "truncated": False}
+    mlx_lm_dir = src / "mlx_lm"
+    if not (mlx_lm_dir / "__init__.py").is_file():
+        outcome["errors"]["(tree)"] = "no mlx_lm package at the top of the repository"
+        return outcome
+
+    if request.get("model_types"):
+        planned = list(request["model_types"])
+    elif request.get("hub"):
+        planned = []
+    else:
+        planned = planning.plan(mlx_lm_dir, spec.get("changed_files") or [])
+        if spec.get("auto_model_types") is not None:
+            planned = [t for t in planned if t in spec["auto_model_types"]]
+    model_types, unknown = planning.verifiable(planned)
+    outcome["planned"], outcome["skipped"] = planned, unknown
+    limit = int(spec.get("max_model_types") or len(model_types) or 1)
+    if request.get("source") == "auto" and len(model_types) > limit:
+        model_types, outcome["truncated"] = model_types[:limit], True
+    outcome["model_types"] = model_types
+    if not model_types and not request.get("hub"):
+        outcome["status"] = "nothing" if not unknown else "done"
+        return outcome
+
+    runs: list[tuple[list[str], Path | None]] = []
+    if model_types:
+        runs.append((model_types, None))
+    for repo_id in request.get("hub") or []:
+        try:
+            config = hub_config(repo_id, work)
+            model_type = str(json.loads(config.read_text()).get("model_type", ""))
+        except Exception as e:  # network, missing repo, bad JSON: the user's input
+            outcome["errors"][repo_id] = f"cannot read config.json from the Hub: {e}"[:300]
+            continue
+        outcome["model_types"].append(model_type)
+        runs.append(([model_type], config))
+
+    for index, (types, config) in enumerate(runs):
+        run = run_check(settings, work, src, types, request, env, str(index), config)
+        if run["timeout"]:
+            outcome.update(status="timeout", timeout_s=settings.timeout_s,
+                           stderr_tail=run["stderr"])
+            return outcome
+        if run["code"] in (0, 1) and run["results"] is not None:
+            outcome["results"] = _merge(outcome["results"], run["results"])
+        elif run["code"] == 2 and len(types) > 1:
+            # One model_type could not run; find out which, keep the others' results.
+            for single in types:
+                alone = run_check(settings, work, src, [single], request, env,
+                                  f"{index}-{single}")
+                if alone["timeout"]:
+                    outcome.update(status="timeout", timeout_s=settings.timeout_s,
+                                   stderr_tail=alone["stderr"])
+                    return outcome
+                if alone["results"] is not None:
+                    outcome["results"] = _merge(outcome["results"], alone["results"])
+                else:
+                    outcome["errors"][single] = _last_line(alone["stderr"])
+        elif run["code"] == 2 or (run["code"] in (0, 1) and run["results"] is None):
+            key = config and types[0] or ",".join(types)
+            outcome["errors"][key] = _last_line(run["stderr"])
+        else:  # killed by a signal (memory limit, segfault) or an unknown exit code
+            outcome.update(status="crashed", stderr_tail=run["stderr"],
+                           reason=f"exit status {run['code']}")
+            return outcome
+    return outcome
+
+
+def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
+    """The rq entry point. spec: {job_id, repo, number, sha, changed_files, request,
+    auto_model_types, max_model_types}; returns a short summary of the outcome."""
+    settings = load_runner_settings()
+    job = get_current_job()
+    connection = job.connection if job is not None else None
+    if connection is not None:
+        report(connection, "verify_started", spec["job_id"])
+    started = time.monotonic()
+    Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="job-", dir=settings.work_dir))
+    try:
+        env = scrubbed_env(work)
+        src = work / "src"
+        if not fetch(settings, spec["repo"], int(spec["number"]), spec["sha"], src, env):
+            outcome: dict[str, Any] = {"status": "stale"}
+        else:
+            outcome = verify_tree(settings, work, src, spec, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    outcome["duration_s"] = round(time.monotonic() - started, 1)
+    if connection is not None:
+        report(connection, "verify_finished", spec["job_id"], outcome)
+    return {k: outcome.get(k) for k in ("status", "model_types", "errors", "duration_s")}
+
+
+def on_verify_failure(job: Job, connection, exc_type, exc_value, traceback) -> None:
+    """rq failure callback, also run for a runner that died (AbandonedJobError) by
+    whichever process cleans the registry. Never writes to GitHub itself."""
+    spec = job.args[0] if job.args else job.kwargs.get("spec", {})
+    if exc_type is AbandonedJobError or isinstance(exc_value, AbandonedJobError):
+        reason = "the runner stopped while running the checks"
+    else:
+        first = str(exc_value).splitlines()[0] if str(exc_value) else ""
+        reason = f"{getattr(exc_type, '__name__', 'error')}: {first}"[:300]
+    if job.retries_left:
+        report(connection, "verify_requeued", spec.get("job_id", job.id), reason)
+    else:
+        report(connection, "verify_failed", spec.get("job_id", job.id), reason)

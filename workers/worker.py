@@ -1,0 +1,51 @@
+"""`mlx-verify worker --queue NAME [--queue NAME ...] [--burst]`: an rq worker.
+
+Queue `report` runs beside the server and needs the App settings (it does every GitHub
+write). Any other queue (`verify`, `verify-large`, ...) is a runner queue: it needs only
+REDIS_URL and GITHUB_GIT_URL and must not be given the App key or webhook secret.
+Jobs are JSON-serialized (never pickle: whoever can write to Redis could run code on
+every worker). On macOS the spawn-based worker is used: MLX and Objective-C libraries
+are not fork-safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rq import SpawnWorker, Worker
+from rq.serializers import JSONSerializer
+
+from app.settings import SettingsError, connect_redis, load_app_settings, load_runner_settings
+
+from .report import REPORT_QUEUE
+
+JOB_MONITORING_INTERVAL = 15  # heartbeat period: a dead runner is noticed ~75 s later
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--queue", action="append", required=True, metavar="NAME",
+                        help="queue to work on: report, verify, verify-large, ... (repeatable)")
+    parser.add_argument("--burst", action="store_true",
+                        help="exit once the queues are empty")
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Run a worker until stopped (or until the queues are empty with --burst)."""
+    queues = args.queue if isinstance(args.queue, list) else [args.queue]
+    try:
+        if REPORT_QUEUE in queues:
+            url = load_app_settings().redis_url
+        else:
+            url = load_runner_settings().redis_url
+        connection = connect_redis(url)
+    except SettingsError as e:
+        print(f"mlx-verify: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    worker_class = SpawnWorker if sys.platform == "darwin" else Worker
+    rq_worker = worker_class(queues, connection=connection, serializer=JSONSerializer,
+                             job_monitoring_interval=JOB_MONITORING_INTERVAL)
+    rq_worker.work(burst=bool(getattr(args, "burst", False)), with_scheduler=True)
+    return 0
