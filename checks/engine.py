@@ -124,6 +124,7 @@ CHECK_MODULES = {
     "layers": "checks.layers",
     "rope": "checks.rope",
     "config": "checks.config_keys",
+    "weights": "checks.weights",
 }
 ALL_CHECKS = tuple(CHECK_MODULES)
 
