@@ -160,8 +160,15 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
     except Exception as e:
         raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
 
+    default_loads = True
     for variant in report.variants:
         start = time.perf_counter()
+        if not default_loads:
+            # the same load failure again on every variant would bury the report
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="skip",
+                summary="not run: the default variant's weights do not load"))
+            continue
         problem = mlx_side.config_problem(variant.config)
         if problem is not None:
             if variant.name != "default":
@@ -184,10 +191,17 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
             raise InputError(f"{config_file or model_type}: {e}") from e
         variant.checkpoint_dir = str(checkpoint)
         say(f"{model_type}/{variant.name}: loading transformers and MLX models")
-        hf_model = hf_side.load(checkpoint, dtype=dtype)
+        try:
+            hf_model = hf_side.load(checkpoint, dtype=dtype)
+        except Exception as e:
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="error",
+                summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}"))
+            continue
         mlx_model, _, weights = mlx_side.load(checkpoint)
         if mlx_model is None:
             report.checks.append(_weights_failure(variant.name, weights, start))
+            default_loads = variant.name != "default"
             continue
         if dtype != "float32":
             mlx_model.set_dtype(_mlx_dtype(dtype))
