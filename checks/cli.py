@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", metavar="FILE",
                        help="a real config.json (or its directory) to shrink instead of "
                             "transformers' default config")
+    check.add_argument("--hub-model", dest="hub_models", action="append", default=[],
+                       metavar="REPO_ID[@REVISION]",
+                       help="a Hugging Face Hub repository whose config.json to check "
+                            "(repeatable: variants are diffed; honours the local cache and "
+                            "HF_HUB_OFFLINE)")
+    check.add_argument("--checkpoint", dest="checkpoints", action="append", default=[],
+                       metavar="DIR", help="a local checkpoint directory (repeatable)")
+    check.add_argument("--full-weights", action="store_true",
+                       help="also run on the real weights of --hub-model/--checkpoint "
+                            "(needs the memory for them)")
     check.add_argument("--checks", metavar="LIST",
                        help="comma-separated checks to run (default: all)")
     check.add_argument("--variants", metavar="LIST",
@@ -86,7 +96,7 @@ def _write(target: str, text: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import engine, report
+    from . import engine, report, sources
     from .mlx_side import MlxLmError, use_mlx_lm
     from .schema import Results
 
@@ -97,21 +107,29 @@ def cmd_check(args: argparse.Namespace) -> int:
         if unknown or not selected:
             return fail(f"unknown check(s) {', '.join(unknown) or '(none given)'}; "
                         f"available: {', '.join(engine.ALL_CHECKS)}")
-    if args.config is not None and len(args.model_types) > 1:
-        return fail("--config goes with a single MODEL_TYPE")
+    given = args.config is not None or args.hub_models or args.checkpoints
+    if given and len(args.model_types) > 1:
+        return fail("--config, --hub-model and --checkpoint go with a single MODEL_TYPE")
+    if args.full_weights and not (args.hub_models or args.checkpoints):
+        return fail("--full-weights needs --hub-model or --checkpoint")
     progress = Progress()
     try:
+        found = [sources.from_checkpoint(p) for p in args.checkpoints]
+        found += [sources.from_hub(spec, args.full_weights) for spec in args.hub_models]
+        if args.config is not None:
+            found.insert(0, sources.from_config_file(args.config))
         info = use_mlx_lm(args.mlx_lm)
         env = engine.environment(info)
         results = Results(command=engine.command_line(), environment=env)
         for model_type in args.model_types:
             results.reports.append(engine.verify(
-                model_type, config_file=args.config, checks=selected, dtype=args.dtype,
-                seed=args.seed, progress=progress,
+                model_type, checks=selected, dtype=args.dtype,
+                seed=args.seed, progress=progress, given=found or None,
+                full_weights=args.full_weights,
                 variant_names=tuple(v.strip() for v in args.variants.split(",") if v.strip())
                 if args.variants else None,
             ))
-    except (engine.InputError, MlxLmError) as e:
+    except (engine.InputError, MlxLmError, sources.SourceError) as e:
         return fail(str(e))
     if args.json:
         _write(args.json, results.model_dump_json(indent=2))

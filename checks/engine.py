@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import synth
+from . import sources, synth
 from .mlx_side import MlxLmError, MlxLmInfo
 from .schema import CheckResult, Environment, ModelReport, Variant, combine_verdicts
+from .sources import Source
 from .subject import Subject
 
 PARITY_TOKENS = 48
@@ -46,33 +47,29 @@ def environment(mlx_lm: MlxLmInfo) -> Environment:
     )
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if file.is_dir():
-        file = file / "config.json"
+def resolve_sources(model_type: str, config_file: str | None = None,
+                    given: list[Source] | None = None) -> list[Source]:
+    """The configurations to check: given sources, a config file, or transformers' default."""
     try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError as e:
-        raise InputError(f"{path}: no such config file") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not a readable JSON config ({e})") from e
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise InputError(f"{path}: config has no model_type")
-    return config
+        if given:
+            found = list(given)
+        elif config_file is not None:
+            found = [sources.from_config_file(config_file)]
+        else:
+            found = [Source(name="transformers default config",
+                            config=synth.default_config(model_type), from_file=False)]
+    except (sources.SourceError, synth.SynthError) as e:
+        raise InputError(str(e)) from e
+    for source in found:
+        if source.config["model_type"] != model_type:
+            raise InputError(f"{source.name}: model_type is {source.config['model_type']!r}, "
+                             f"not {model_type!r}")
+    return found
 
 
 def source_config(model_type: str, config_file: str | None) -> tuple[dict[str, Any], str]:
-    if config_file is not None:
-        config = read_config_file(config_file)
-        if config["model_type"] != model_type:
-            raise InputError(
-                f"{config_file}: model_type is {config['model_type']!r}, not {model_type!r}"
-            )
-        return config, f"config file {config_file}"
-    try:
-        return synth.default_config(model_type), "transformers default config"
-    except synth.SynthError as e:
-        raise InputError(str(e)) from e
+    source = resolve_sources(model_type, config_file)[0]
+    return source.config, source.name
 
 
 def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
@@ -116,6 +113,40 @@ def all_variants(model_type: str, source: dict[str, Any], from_file: bool,
     return [v for v in found if v.name in names]
 
 
+def source_variants(model_type: str, found: list[Source], names: tuple[str, ...] | None,
+                    full_weights: bool) -> list[Variant]:
+    """The first source's variants, then one tiny checkpoint per further distinct config
+    (`source-N`), then the real checkpoints when full weights are asked for."""
+    first = found[0]
+    out = all_variants(model_type, first.config, first.from_file)
+    out[0].description = f"{first.name}: {out[0].description}"
+    seen = {json.dumps(out[0].config, sort_keys=True)}
+    for index, source in enumerate(found[1:], start=1):
+        variant = make_variants(source.config, from_file=True)[0]
+        key = json.dumps(variant.config, sort_keys=True)
+        if key in seen:
+            continue  # same tiny config as an earlier source: nothing new to check
+        seen.add(key)
+        variant.name = f"source-{index}"
+        variant.description = f"{source.name}: sizes shrunk"
+        out.insert(index, variant)
+    if full_weights:
+        for index, source in enumerate(found):
+            if source.checkpoint is None:
+                raise InputError(f"{source.name}: no weights to run with --full-weights")
+            out.append(Variant(name=f"full-weights-{index}", description=f"{source.name}: "
+                               "the real weights", config_format=synth.config_format(
+                                   source.config), config=source.config,
+                               checkpoint_dir=str(source.checkpoint)))
+    if names is None:
+        return out
+    unknown = set(names) - {v.name for v in out}
+    if unknown:
+        raise InputError(f"{model_type} has no variant(s) {', '.join(sorted(unknown))}; "
+                         f"available: {', '.join(v.name for v in out)}")
+    return [v for v in out if v.name in names]
+
+
 Progress = Callable[[str], None]
 
 
@@ -134,7 +165,7 @@ def applies(check: str, variant: str) -> bool:
     if check == "layers":
         return True
     if check == "rope":
-        return variant == "default" or variant.startswith("rope")
+        return variant == "default" or variant.startswith(("rope", "source-", "full-weights"))
     if check == "config":
         return variant == "default" or variant.startswith("config-format")
     if check == "long":
@@ -144,17 +175,18 @@ def applies(check: str, variant: str) -> bool:
 
 def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str, ...] = ALL_CHECKS,
            dtype: str = "float32", seed: int = 0, progress: Progress | None = None,
-           variant_names: tuple[str, ...] | None = None) -> ModelReport:
+           variant_names: tuple[str, ...] | None = None, given: list[Source] | None = None,
+           full_weights: bool = False) -> ModelReport:
     """Run the checks; bad input raises InputError or MlxLmError, findings are verdicts."""
     from . import hf_side, mlx_side
 
     say = progress or (lambda message: None)
-    source, source_name = source_config(model_type, config_file)
-    report = ModelReport(model_type=model_type, source=source_name, seed=seed, dtype=dtype,
-                         verdict="skip")
+    found = resolve_sources(model_type, config_file, given)
+    report = ModelReport(model_type=model_type, source="; ".join(f.name for f in found),
+                         seed=seed, dtype=dtype, verdict="skip",
+                         config_diff=sources.config_diff(found))
     try:
-        report.variants = all_variants(model_type, source, config_file is not None,
-                                       variant_names)
+        report.variants = source_variants(model_type, found, variant_names, full_weights)
     except InputError:
         raise
     except Exception as e:
@@ -176,11 +208,14 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                     check="layers", variant=variant.name, verdict="error",
                     summary=f"mlx-lm cannot read this variant's config: {problem}"))
                 continue
-            raise InputError(f"{config_file or model_type}: mlx-lm cannot read the config: "
+            raise InputError(f"{found[0].name}: mlx-lm cannot read the config: "
                              f"{problem}")
         say(f"{model_type}/{variant.name}: synthesizing tiny checkpoint")
         try:
-            checkpoint = synth.write_checkpoint(variant.config, seed, dtype="float32")
+            if variant.name.startswith("full-weights"):
+                checkpoint = Path(variant.checkpoint_dir or "")
+            else:
+                checkpoint = synth.write_checkpoint(variant.config, seed, dtype="float32")
         except synth.SynthError as e:
             if variant.name != "default":
                 # transformers does not support this setting for this architecture
@@ -188,7 +223,7 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                     check="layers", variant=variant.name, verdict="skip",
                     summary=f"not applicable: {e}"))
                 continue
-            raise InputError(f"{config_file or model_type}: {e}") from e
+            raise InputError(f"{found[0].name}: {e}") from e
         variant.checkpoint_dir = str(checkpoint)
         say(f"{model_type}/{variant.name}: loading transformers and MLX models")
         try:

@@ -8,6 +8,7 @@ out of the table.
 
 from __future__ import annotations
 
+import json
 import re
 
 from .schema import CheckResult, ModelReport, Results
@@ -99,6 +100,12 @@ def model_section(report: ModelReport) -> list[str]:
     for variant in report.variants:
         lines.append(f"- variant {code(variant.name)}: {escape(variant.description)} "
                      f"(config format: {variant.config_format})")
+    if report.config_diff:
+        lines.append(f"- config keys that differ between the sources ({len(report.config_diff)}):")
+        for key, values in list(report.config_diff.items())[:40]:
+            shown = "; ".join(f"{escape(name, 80)}: {code(json.dumps(value), 80)}"
+                              for name, value in values.items())
+            lines.append(f"  - {code(key)}: {shown}")
     for check in report.checks:
         lines.append("")
         lines.append(f"#### {check.check} / {escape(check.variant)}: "

@@ -101,6 +101,8 @@ class ModelReport(BaseModel):
     dtype: str
     verdict: Verdict
     variants: list[Variant] = Field(default_factory=list)
+    # keys whose values differ between several sources: key -> {source: value}
+    config_diff: dict[str, dict[str, Any]] = Field(default_factory=dict)
     checks: list[CheckResult] = Field(default_factory=list)
     error: str | None = None  # set when the model could not run at all
 
