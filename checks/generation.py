@@ -1,0 +1,459 @@
+"""The `generation` check: decoding with the model's own caches, against transformers.
+
+Three measurements, one result each (`details["part"]`):
+
+- greedy: N tokens decoded greedily after the parity prompt. MLX decodes with the
+  caches `make_prompt_cache` returns, one token at a time; transformers decodes the
+  same tokens with its own cache (an explicit `past_key_values` loop fed MLX's
+  tokens, which is transformers' own greedy decoding up to the first mismatch). At
+  the first mismatch both candidates must be a near tie on both sides.
+- kv-cache: the logits of every decode step equal (1) one full MLX forward over the
+  same sequence without a cache and (2) transformers' incremental decoding. At the
+  first divergent step the step is re-run with every module captured on both sides,
+  and the per-layer comparison names the layer and module.
+- batch: prompts of different lengths through mlx-lm's BatchGenerator (right-padded
+  prefill rolled into left padding, batch caches) equal the single-prompt runs.
+
+Bounds are calibrated on correct ports; see docs/tolerances.md ("generation and long").
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import compare, layers
+from .schema import CheckResult
+from .subject import Subject
+
+CHECK = "generation"
+DECODE_STEPS = 16
+BATCH_STEPS = 8
+# Prompt slices of the parity prompt for the batch: different lengths, different starts.
+BATCH_SLICES = ((0, 48), (7, 42), (20, 39))
+
+# rel L2 of one step's logits. Cross-framework: as the per-layer parity bound.
+# MLX cache vs MLX full forward: same kernels on one machine, measured 0 to 1e-6.
+KV_TOLERANCE = compare.LAYER_TOLERANCE
+SELF_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
+# Near tie: top-2 logit gap / std of the step's logits. Correct fp32 ports measure
+# max |logit error| / std <= 1e-5; the bound leaves a factor of 10 above that.
+TIE_BOUND = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+# Batched vs single: rel L2 of the log-probabilities (same kernels, padded shapes).
+BATCH_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
+
+
+@dataclass
+class Decode:
+    """One greedy decode: logits of the prompt pass and of every step."""
+
+    prompt_logits: np.ndarray  # (prompt, vocab): the prompt pass
+    step_logits: np.ndarray  # (steps, vocab): step 0 is the prompt's last position
+    tokens: list[int]  # greedy token of each step
+    cache_types: list[str]
+
+
+def _mlx_cache_types(cache: list[Any]) -> list[str]:
+    names = []
+    for c in cache:
+        name = type(c).__name__
+        inner = getattr(c, "caches", None)
+        if inner:
+            name += "(" + ",".join(type(i).__name__ for i in inner) + ")"
+        names.append(name)
+    return names
+
+
+def mlx_decode(model: Any, prompt: np.ndarray, steps: int,
+               forced: list[int] | None = None) -> Decode:
+    """Prompt pass, then one token at a time with the model's own caches; greedy
+    unless `forced` gives the tokens to feed."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(prompt), cache=cache).astype(mx.float32)
+    prompt_logits = np.array(logits[0])
+    steps_out = [prompt_logits[-1]]
+    tokens = [int(np.argmax(steps_out[-1]))]
+    for k in range(1, steps):
+        fed = forced[k - 1] if forced is not None else tokens[-1]
+        logits = model(mx.array([[fed]]), cache=cache).astype(mx.float32)
+        steps_out.append(np.array(logits[0, -1]))
+        tokens.append(int(np.argmax(steps_out[-1])))
+    return Decode(prompt_logits, np.stack(steps_out), tokens, _mlx_cache_types(cache))
+
+
+def _hf_cache_keyword(model: Any) -> str:
+    # Mamba-style models take `cache_params`, the others `past_key_values`.
+    params = inspect.signature(model.forward).parameters
+    return "past_key_values" if "past_key_values" in params else "cache_params"
+
+
+def hf_decode(model: Any, prompt: np.ndarray, forced: list[int]) -> Decode:
+    """transformers' incremental decoding with its own cache, fed `forced` tokens."""
+    import torch
+
+    keyword = _hf_cache_keyword(model)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
+        cache = getattr(out, keyword)
+        prompt_logits = out.logits[0].float().numpy().copy()
+        steps_out = [prompt_logits[-1]]
+        for token in forced:
+            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
+            cache = getattr(out, keyword)
+            steps_out.append(out.logits[0, -1].float().numpy().copy())
+    logits = np.stack(steps_out)
+    return Decode(prompt_logits, logits, [int(t) for t in logits.argmax(-1)],
+                  [type(cache).__name__])
+
+
+def _std(logits: np.ndarray) -> float:
+    return float(np.std(logits.astype(np.float64))) or 1.0
+
+
+def tie_gaps(a: np.ndarray, b: np.ndarray, token_a: int, token_b: int) -> tuple[float, float]:
+    """How far each side prefers its own token over the other's, in units of the
+    step's logits std."""
+    gap_a = (float(a[token_a]) - float(a[token_b])) / _std(a)
+    gap_b = (float(b[token_b]) - float(b[token_a])) / _std(b)
+    return gap_a, gap_b
+
+
+def first_mismatch(a: list[int], b: list[int]) -> int | None:
+    for k, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return k
+    return None
+
+
+def _rel(candidate: np.ndarray, reference: np.ndarray) -> float:
+    return compare.metrics(candidate, reference)["rel_l2"]
+
+
+def _error(subject: Subject, part: str, what: str, e: Exception) -> CheckResult:
+    from .mlx_side import describe_import_error
+
+    return subject.result(CHECK, verdict="error", summary=f"{part}: {what} raised "
+                          f"{describe_import_error(e)}", details={"part": part})
+
+
+def run(subject: Subject) -> list[CheckResult]:
+    from . import mlx_side
+
+    start = time.perf_counter()
+    prompt = subject.ids
+    try:
+        mlx_run = mlx_decode(subject.mlx_model, prompt, DECODE_STEPS)
+    except Exception as e:
+        failed = _error(subject, "greedy", "MLX decoding with make_prompt_cache", e)
+        return [failed, _error(subject, "kv-cache", "MLX decoding with make_prompt_cache", e),
+                batch_result(subject)]
+    try:
+        hf_run = hf_decode(subject.hf_model, prompt, mlx_run.tokens[:-1])
+    except Exception as e:
+        return [_error(subject, "greedy", "transformers incremental decoding", e),
+                _error(subject, "kv-cache", "transformers incremental decoding", e),
+                batch_result(subject)]
+    sequence = np.concatenate([prompt, np.array([mlx_run.tokens[:-1]], dtype=prompt.dtype)], 1)
+    full = mlx_side.plain_forward(subject.mlx_model, sequence)[0]
+    results = [greedy_result(subject, mlx_run, hf_run),
+               kv_result(subject, mlx_run, hf_run, full)]
+    for result in results:
+        result.duration_s = time.perf_counter() - start
+    results.append(batch_result(subject))
+    return results
+
+
+def greedy_result(subject: Subject, mlx_run: Decode, hf_run: Decode) -> CheckResult:
+    bound = TIE_BOUND[subject.dtype]
+    prompt_len = subject.ids.shape[1]
+    k = first_mismatch(mlx_run.tokens, hf_run.tokens)
+    metrics: dict[str, Any] = {
+        "steps": len(mlx_run.tokens), "prompt_tokens": prompt_len, "tie_bound": bound,
+        "tokens_agreeing": len(mlx_run.tokens) if k is None else k,
+        "first_mismatch_step": k,
+    }
+    details: dict[str, Any] = {"part": "greedy", "mlx_tokens": mlx_run.tokens,
+                               "transformers_tokens": hf_run.tokens[: (k or 0) + 1]
+                               if k is not None else hf_run.tokens}
+    if k is None:
+        return subject.result(CHECK, verdict="pass", metrics=metrics, details=details,
+                              summary=f"greedy: {len(mlx_run.tokens)}/{len(mlx_run.tokens)} "
+                                      "tokens agree with transformers")
+    mlx_gap, hf_gap = tie_gaps(mlx_run.step_logits[k], hf_run.step_logits[k],
+                               mlx_run.tokens[k], hf_run.tokens[k])
+    step_rel = _rel(mlx_run.step_logits[k], hf_run.step_logits[k])
+    metrics.update({"first_mismatch_position": prompt_len + k - 1, "mlx_gap": mlx_gap,
+                    "transformers_gap": hf_gap, "step_logits_rel_l2": step_rel})
+    tie = mlx_gap <= bound and hf_gap <= bound
+    where = (f"step {k} (the prompt pass)" if k == 0
+             else f"step {k} (position {prompt_len + k - 1})")
+    text = (f"{where}: MLX picks {mlx_run.tokens[k]}, transformers {hf_run.tokens[k]}; "
+            f"gaps {mlx_gap:.1e} (MLX) and {hf_gap:.1e} (transformers) x logits std, "
+            f"tie bound {bound:.0e}; step logits rel_l2 {step_rel:.2e}")
+    if tie:
+        return subject.result(CHECK, verdict="pass", metrics=metrics, details=details,
+                              summary=f"greedy: {k} tokens agree, then a near tie at {text}")
+    return subject.result(CHECK, verdict="fail", metrics=metrics, details=details,
+                          first_divergent_layer=f"step {k}",
+                          summary=f"greedy: first mismatch at {text}")
+
+
+def kv_result(subject: Subject, mlx_run: Decode, hf_run: Decode,
+              full: np.ndarray) -> CheckResult:
+    """MLX incremental vs MLX full forward and vs transformers incremental."""
+    dtype = subject.dtype
+    cross_tol, self_tol = KV_TOLERANCE[dtype], SELF_TOLERANCE[dtype]
+    prompt_len = subject.ids.shape[1]
+    steps = len(mlx_run.tokens)
+    # Full forward positions prompt_len-1 .. prompt_len+steps-2 are the decode steps.
+    full_steps = full[prompt_len - 1:]
+    vs_full = [_rel(mlx_run.step_logits[k], full_steps[k]) for k in range(steps)]
+    vs_hf = [_rel(mlx_run.step_logits[k], hf_run.step_logits[k]) for k in range(steps)]
+    prefill_vs_full = _rel(mlx_run.prompt_logits, full[:prompt_len])
+    prefill_vs_hf = _rel(mlx_run.prompt_logits, hf_run.prompt_logits)
+    metrics: dict[str, Any] = {
+        "steps": steps, "prompt_tokens": prompt_len,
+        "tolerance_vs_full": self_tol, "tolerance_vs_transformers": cross_tol,
+        "prefill_vs_full_rel_l2": prefill_vs_full, "prefill_vs_transformers_rel_l2": prefill_vs_hf,
+        "max_step_vs_full_rel_l2": max(vs_full), "max_step_vs_transformers_rel_l2": max(vs_hf),
+        "caches": ",".join(sorted(set(mlx_run.cache_types))),
+    }
+    details: dict[str, Any] = {
+        "part": "kv-cache", "mlx_caches": mlx_run.cache_types,
+        "transformers_cache": hf_run.cache_types[0],
+        "step_vs_full_rel_l2": vs_full, "step_vs_transformers_rel_l2": vs_hf,
+    }
+    bad_full = [k for k in range(steps) if vs_full[k] > self_tol]
+    bad_hf = [k for k in range(steps) if vs_hf[k] > cross_tol]
+    prefill_ok = prefill_vs_full <= self_tol and prefill_vs_hf <= cross_tol
+    if not bad_full and not bad_hf and prefill_ok:
+        return subject.result(
+            CHECK, verdict="pass", metrics=metrics, details=details,
+            summary=f"kv-cache: prefill and {steps} decode steps with "
+                    f"{metrics['caches']} agree with one full forward (max rel_l2 "
+                    f"{max(vs_full):.1e} <= {self_tol:.0e}) and with transformers' "
+                    f"cache (max {max(vs_hf):.1e} <= {cross_tol:.0e})")
+    k = min(bad_full + bad_hf) if (bad_full or bad_hf) else 0
+    metrics["first_divergent_step"] = k
+    metrics["first_divergent_position"] = prompt_len + k - 1
+    facts = []
+    if not prefill_ok:
+        k = 0
+        metrics["first_divergent_step"] = 0
+        if prefill_vs_full > self_tol:
+            facts.append(f"the prompt pass with the cache differs from the same pass without "
+                         f"a cache (rel_l2 {prefill_vs_full:.2e}): the cache's prefill path "
+                         "(mask from make_mask, update_and_fetch) is at fault")
+        else:
+            facts.append(f"the prompt pass differs from transformers with and without a "
+                         f"cache (rel_l2 {prefill_vs_hf:.2e}): not a cache bug, see `layers`")
+    else:
+        facts.append(f"the prompt pass agrees (rel_l2 {prefill_vs_hf:.1e} vs transformers); "
+                     f"decoding diverges from step {k} (position {prompt_len + k - 1}): the "
+                     "cache path (RoPE offset, cache update, decode mask, state carry-over)")
+        if k in bad_full:
+            facts.append(f"step {k} also differs from MLX's own full forward (rel_l2 "
+                         f"{vs_full[k]:.2e}): MLX is inconsistent with itself")
+        else:
+            facts.append(f"step {k} equals MLX's own full forward: the same positions differ "
+                         "without a cache too")
+    result = subject.result(CHECK, verdict="fail", summary="", metrics=metrics, details=details)
+    _localize_step(subject, result, mlx_run, k)
+    details["facts"] = facts
+    where = (f"at layer {result.first_divergent_layer}, {result.localization.part} "
+             f"({result.localization.module})" if result.localization else "")
+    result.summary = (f"kv-cache: step {k} (position {prompt_len + k - 1}) diverges: "
+                      f"vs full forward rel_l2 {vs_full[k]:.2e} (tol {self_tol:.0e}), vs "
+                      f"transformers {vs_hf[k]:.2e} (tol {cross_tol:.0e}); prompt pass "
+                      f"{'agrees' if prefill_ok else 'differs'}{'; ' + where if where else ''}")
+    if result.localization is not None:
+        result.localization.facts = facts + result.localization.facts
+    return result
+
+
+def _localize_step(subject: Subject, result: CheckResult, mlx_run: Decode, k: int) -> None:
+    """Re-run decode step k with every module captured on both sides; per-layer rows."""
+    from . import hf_side, mlx_side
+
+    try:
+        mlx_capture = _mlx_capture_step(subject.mlx_model, subject.ids, mlx_run.tokens, k,
+                                        mlx_side)
+        hf_capture = _hf_capture_step(subject.hf_model, subject.ids, mlx_run.tokens, k, hf_side)
+    except Exception as e:
+        result.details["localization_error"] = f"{type(e).__name__}: {e}"[:300]
+        return
+    judged = layers.judge(hf_capture, mlx_capture, subject.config, subject.dtype,
+                          subject.variant.name, CHECK, KV_TOLERANCE[subject.dtype])
+    result.layers = judged.layers
+    result.first_divergent_layer = judged.first_divergent_layer
+    result.localization = judged.localization
+    result.details["step_capture"] = judged.summary
+
+
+def _mlx_capture_step(model: Any, prompt: np.ndarray, tokens: list[int], k: int,
+                      mlx_side: Any) -> Any:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if k == 0:
+        return mlx_side.forward(model, prompt, cache=cache)
+    model(mx.array(prompt), cache=cache)
+    for token in tokens[: k - 1]:
+        model(mx.array([[token]]), cache=cache)
+    return mlx_side.forward(model, np.array([[tokens[k - 1]]]), cache=cache)
+
+
+def _hf_capture_step(model: Any, prompt: np.ndarray, tokens: list[int], k: int,
+                     hf_side: Any) -> Any:
+    import torch
+
+    keyword = _hf_cache_keyword(model)
+    if k == 0:
+        return hf_side.forward(model, prompt)
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
+        cache = getattr(out, keyword)
+        for token in tokens[: k - 1]:
+            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
+            cache = getattr(out, keyword)
+    # hf_side.forward passes use_cache=False; the cache given is still read and updated.
+    return hf_side.forward(model, np.array([[tokens[k - 1]]]), **{keyword: cache})
+
+
+def batch_result(subject: Subject) -> CheckResult:
+    """BatchGenerator on prompts of different lengths vs single-prompt greedy runs."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    start = time.perf_counter()
+    dtype = subject.dtype
+    prompts = [subject.ids[0, a:b].tolist() for a, b in BATCH_SLICES]
+    details: dict[str, Any] = {"part": "batch", "prompt_lengths": [len(p) for p in prompts]}
+    caches = make_prompt_cache(subject.mlx_model)
+    cant = sorted({type(c).__name__ for c in caches if not hasattr(c, "merge")})
+    if cant:
+        return subject.result(CHECK, verdict="skip", details=details,
+                              duration_s=time.perf_counter() - start,
+                              summary=f"batch: mlx-lm cannot batch {', '.join(cant)} "
+                                      "(no merge): not supported for this model")
+    try:
+        batched = _batch_generate(subject.mlx_model, prompts, BATCH_STEPS)
+    except Exception as e:
+        from .mlx_side import describe_import_error
+
+        details["exception"] = describe_import_error(e)
+        return subject.result(CHECK, verdict="skip", details=details,
+                              duration_s=time.perf_counter() - start,
+                              summary="batch: mlx-lm batch generation does not run for this "
+                                      f"model: {describe_import_error(e)}")
+    ignores_padding = _state_ignores_padding(subject.mlx_model, caches)
+    tol, bound = BATCH_TOLERANCE[dtype], TIE_BOUND[dtype]
+    worst = 0.0
+    failure: str | None = None
+    first: tuple[int, int] | None = None
+    agreeing_tokens = 0
+    for i, prompt in enumerate(prompts):
+        single = mlx_decode(subject.mlx_model, np.array([prompt]), BATCH_STEPS)
+        single_lp = _log_softmax(single.step_logits)
+        tokens, logprobs = batched[i]
+        k_tok = first_mismatch(tokens, single.tokens)
+        last = BATCH_STEPS if k_tok is None else k_tok + 1  # compare up to the mismatch
+        for k in range(last):
+            rel = _rel(logprobs[k], single_lp[k])
+            worst = max(worst, rel)
+            if rel > tol and failure is None:
+                first = (i, k)
+                failure = (f"prompt {i} (length {len(prompt)}, left padding "
+                           f"{max(map(len, prompts)) - len(prompt)}) step {k}: log-probs "
+                           f"rel_l2 {rel:.2e} > {tol:.0e}")
+        if k_tok is not None and failure is None:
+            gap_b, gap_s = tie_gaps(logprobs[k_tok], single_lp[k_tok], tokens[k_tok],
+                                    single.tokens[k_tok])
+            if gap_b > bound or gap_s > bound:
+                first = (i, k_tok)
+                failure = (f"prompt {i} step {k_tok}: batch token {tokens[k_tok]} vs single "
+                           f"{single.tokens[k_tok]}, not a near tie (gaps {gap_b:.1e}, "
+                           f"{gap_s:.1e})")
+        agreeing_tokens += BATCH_STEPS if k_tok is None else k_tok
+    metrics: dict[str, Any] = {"prompts": len(prompts), "steps": BATCH_STEPS,
+                               "tolerance_rel_l2": tol, "max_logprobs_rel_l2": worst,
+                               "tokens_agreeing": agreeing_tokens}
+    elapsed = time.perf_counter() - start
+    if failure is not None and ignores_padding:
+        # mlx-lm batches these caches but the model never reads the padding: a known
+        # limitation of the model file, not something a port can be held to here.
+        details["measured"] = failure
+        return subject.result(CHECK, verdict="skip", metrics=metrics, details=details,
+                              duration_s=elapsed,
+                              summary=f"batch: {ignores_padding} never reads the padding "
+                                      "(no SSM mask or lengths from ArraysCache): mlx-lm does "
+                                      f"not support batching prompts of different lengths "
+                                      f"for it (measured: {failure})")
+    if failure is None:
+        return subject.result(CHECK, verdict="pass", metrics=metrics, details=details,
+                              duration_s=elapsed,
+                              summary=f"batch: {len(prompts)} left-padded prompts (lengths "
+                                      f"{', '.join(str(len(p)) for p in prompts)}) x "
+                                      f"{BATCH_STEPS} steps equal single runs (max rel_l2 "
+                                      f"{worst:.1e} <= {tol:.0e})")
+    assert first is not None
+    stage = ("first step: the padded prefill of all but the last prompt token, then the "
+             "last token (padding mask, left_padding, lengths)" if first[1] == 0
+             else "decoding with the batch cache")
+    details["facts"] = [f"first divergence in the {stage}"]
+    return subject.result(CHECK, verdict="fail", metrics=metrics, details=details,
+                          duration_s=elapsed, first_divergent_layer=f"step {first[1]}",
+                          summary=f"batch: {failure}; in the {stage}")
+
+
+def _state_ignores_padding(model: Any, caches: list[Any]) -> str | None:
+    """The model file's name when it keeps a recurrent state (ArraysCache) but its
+    source never asks the cache for a padding mask or lengths."""
+    import sys
+
+    from mlx_lm.models.cache import ArraysCache, CacheList
+
+    flat = []
+    for c in caches:
+        flat.extend(c.caches if isinstance(c, CacheList) else [c])
+    if not any(isinstance(c, ArraysCache) for c in flat):
+        return None
+    module = sys.modules.get(type(model).__module__)
+    source = inspect.getsource(module) if module is not None else ""
+    if any(word in source for word in ("create_ssm_mask", "make_mask", "lengths",
+                                       "left_padding")):
+        return None
+    return f"models/{type(model).__module__.rsplit('.', 1)[-1]}.py"
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
+
+
+def _batch_generate(model: Any, prompts: list[list[int]],
+                    steps: int) -> list[tuple[list[int], list[np.ndarray]]]:
+    """mlx-lm's BatchGenerator, greedy, no stop tokens: tokens and log-probs per prompt."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, max_tokens=steps, prefill_batch_size=len(prompts),
+                         completion_batch_size=len(prompts))
+    try:
+        uids = gen.insert(prompts, [steps] * len(prompts))
+        out: dict[int, tuple[list[int], list[np.ndarray]]] = {u: ([], []) for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                out[r.uid][0].append(int(r.token))
+                out[r.uid][1].append(np.array(r.logprobs.astype(mx.float32)))
+    finally:
+        gen.close()
+    return [out[u] for u in uids]

@@ -1,0 +1,174 @@
+"""The `long` check: one long prefill compared with transformers at the last positions.
+
+The parity prompt of `layers` is 48 tokens: a sliding window longer than that, or a
+mask that goes wrong only once a window is crossed, never shows there. Here the
+prefill is long enough to cross every sliding window at least 4 times (4 x window
++ 64 tokens), or 2048 tokens when there is no window (or the window is too long to
+cross on a CPU). MLX runs the prefill with the model's own caches (the path
+`generate` takes); transformers runs its eager attention without a cache.
+
+The verdict is the per-layer comparison (`layers.judge`) restricted to the last 16
+positions, so a failure names the layer and the module. The logits of every
+position are compared too: the first divergent position (e.g. exactly the window
+size) says where the mask or the positions go wrong. A second MLX pass without a
+cache separates the cache's prefill path from the model code.
+
+Bounds are calibrated on correct ports; see docs/tolerances.md ("generation and long").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from . import compare, layers, synth
+from .mlx_side import Capture
+from .schema import CheckResult
+from .subject import Subject
+
+CHECK = "long"
+LONG_TOKENS = 2048  # without a (crossable) window
+MAX_TOKENS = 4 * 1024 + 64  # longest prefill: eager attention on 2 CPU cores
+TAIL = 16  # compared positions at the end
+WINDOW_CROSSINGS = 4
+WINDOW_KEYS = ("sliding_window", "attention_window", "sliding_window_size", "window_size")
+# rel L2 per stage over the last positions. Errors grow with length, on the MLX side
+# (CPU attention accumulates in fp32 over every key): correct fp32 ports measure up to
+# 1.9e-5 at 2048 tokens (phi3), vs ~1e-6 at 48 (docs/tolerances.md). Window and mask
+# bugs measure 1e-2 and more.
+LONG_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+
+
+def windows(config: dict[str, Any]) -> list[int]:
+    """The sliding-window sizes the config declares (both libraries read these keys)."""
+    text = config.get("text_config")
+    sources = [config] + ([text] if isinstance(text, dict) else [])
+    found = set()
+    for source in sources:
+        if source.get("use_sliding_window") is False:
+            continue
+        for key in WINDOW_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                found.add(value)
+    return sorted(found)
+
+
+def sequence_length(window_sizes: list[int]) -> int:
+    if window_sizes:
+        needed = WINDOW_CROSSINGS * max(window_sizes) + 64
+        if needed <= MAX_TOKENS:
+            return needed
+    return LONG_TOKENS
+
+
+def _tail_array(array: np.ndarray | None, length: int, n: int) -> np.ndarray | None:
+    """The last n positions along the first axis (after batch) of size `length`."""
+    if array is None:
+        return None
+    for axis in range(1, array.ndim):
+        if array.shape[axis] == length:
+            return np.take(array, np.arange(length - n, length), axis=axis)
+    return array
+
+
+def tail(capture: Capture, length: int, n: int) -> Capture:
+    return Capture(
+        inputs={k: _tail_array(v, length, n) for k, v in capture.inputs.items()},
+        outputs={k: _tail_array(v, length, n) for k, v in capture.outputs.items()},
+        order=list(capture.order), classes=dict(capture.classes),
+        logits=_tail_array(capture.logits, length, n),
+    )
+
+
+def per_position_rel_l2(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    a = candidate.astype(np.float64)[0]
+    b = reference.astype(np.float64)[0]
+    return np.linalg.norm(a - b, axis=-1) / np.maximum(np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def run(subject: Subject) -> list[CheckResult]:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from . import hf_side, mlx_side
+
+    start = time.perf_counter()
+    tol = LONG_TOLERANCE[subject.dtype]
+    window_sizes = windows(subject.config)
+    length = sequence_length(window_sizes)
+    vocab = int(subject.hf_model.config.get_text_config().vocab_size or synth.VOCAB)
+    ids = synth.token_ids(vocab, length, subject.seed + 1)
+
+    hf = hf_side.forward(subject.hf_model, ids)
+    cache = make_prompt_cache(subject.mlx_model)
+    mlx = mlx_side.forward(subject.mlx_model, ids, cache=cache)
+    mx.clear_cache()
+
+    n = min(TAIL, length)
+    result = layers.judge(tail(hf, length, n), tail(mlx, length, n), subject.config,
+                          subject.dtype, subject.variant.name, CHECK, tol)
+    per_pos = per_position_rel_l2(mlx.logits, hf.logits)
+    no_cache_tail = cache_vs_no_cache = None
+    if result.verdict != "pass":
+        # MLX without a cache (slow on CPU: only to localize): is the cache path at fault?
+        no_cache_logits = mlx_side.plain_forward(subject.mlx_model, ids)
+        no_cache_tail = compare.rel_l2(no_cache_logits[:, -n:], hf.logits[:, -n:])
+        cache_vs_no_cache = compare.rel_l2(mlx.logits[:, -n:], no_cache_logits[:, -n:])
+    bad = np.nonzero(per_pos > tol)[0]
+    first_bad = int(bad[0]) if bad.size else None
+    crossings = {w: round(length / w, 2) for w in window_sizes}
+    result.metrics.update({
+        "tokens": length, "tail_positions": n,
+        "windows": ",".join(map(str, window_sizes)) or None,
+        "min_window_crossings": min(crossings.values()) if crossings else None,
+        "first_divergent_position": first_bad,
+        "max_position_logits_rel_l2": float(per_pos.max()),
+        "no_cache_tail_logits_rel_l2": no_cache_tail,
+        "cache_vs_no_cache_tail_rel_l2": cache_vs_no_cache,
+    })
+    result.details = {
+        "caches": sorted({type(c).__name__ for c in cache}),
+        # error profile: max per-position logits rel_l2 per block of positions
+        "logits_rel_l2_by_block": _profile(per_pos),
+    }
+    facts = []
+    if first_bad is not None:
+        at_window = [w for w in window_sizes if first_bad in (w - 1, w, w + 1)]
+        facts.append(f"logits agree up to position {first_bad - 1} and diverge from position "
+                     f"{first_bad} (rel_l2 {per_pos[first_bad]:.2e})"
+                     + (f", the edge of the {at_window[0]}-token window: sliding-window mask"
+                        if at_window else ""))
+    if cache_vs_no_cache is not None and cache_vs_no_cache > tol:
+        facts.append(f"the cached prefill differs from MLX's own forward without a cache "
+                     f"(rel_l2 {cache_vs_no_cache:.2e}): the cache's prefill mask path")
+    uncrossed = [w for w in window_sizes if length < WINDOW_CROSSINGS * w]
+    if uncrossed:
+        facts.append(f"window(s) {', '.join(map(str, uncrossed))} not crossed "
+                     f"{WINDOW_CROSSINGS} times within {length} tokens (cap)")
+    result.details["facts"] = facts
+    if result.localization is not None:
+        result.localization.facts = facts + result.localization.facts
+    window_text = (f", window {'/'.join(map(str, window_sizes))} crossed "
+                   f"{min(crossings.values()):g}x" if window_sizes else "")
+    if result.verdict == "pass":
+        result.summary = (f"{length}-token prefill{window_text}: last {n} positions agree at "
+                          f"every stage (max rel_l2 {result.metrics['max_rel_l2']:.1e} <= "
+                          f"{tol:.0e})")
+    elif result.verdict == "fail":
+        where = (f" from position {first_bad}" if first_bad is not None else "")
+        result.summary = (f"{length}-token prefill{window_text}: logits diverge{where}; "
+                          + (result.summary or "; ".join(facts)))
+    else:
+        result.summary = f"{length}-token prefill{window_text}: {result.summary}"
+    result.duration_s = time.perf_counter() - start
+    return [result]
+
+
+def _profile(per_pos: np.ndarray, blocks: int = 16) -> list[dict[str, float | int]]:
+    size = max(1, -(-per_pos.size // blocks))
+    return [{"from": int(i), "to": int(min(i + size, per_pos.size) - 1),
+             "max_rel_l2": float(per_pos[i:i + size].max())}
+            for i in range(0, per_pos.size, size)]

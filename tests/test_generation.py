@@ -1,0 +1,118 @@
+"""The `generation` check: clean ports pass on several architectures (in process); an
+injected cache-offset bug in a copy of mlx_lm fails generation while `layers` passes
+(subprocess, through the CLI once the check is registered)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Edit, copy_mlx_lm, run_cli
+
+# A real-format gemma3_text config with a window (16) shorter than the 48-token prompt:
+# the sliding layers decode through RotatingKVCache.
+WINDOW_OVERRIDES = {"sliding_window": 16}
+
+
+def window_config(tmp_dir: Path, model_type: str, **overrides: Any) -> str:
+    from checks import synth
+
+    config = synth.to_legacy_format(synth.default_config(model_type))
+    config.update(overrides)
+    path = tmp_dir / f"{model_type}-config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def run_in_process(model_type: str, cache_dir: Path, config_file: str | None = None):
+    os.environ["MLX_VERIFY_CACHE"] = str(cache_dir)
+    from checks import engine, generation
+    from checks.mlx_side import use_mlx_lm
+
+    use_mlx_lm(None)
+    subject = engine.load_subject(model_type, config_file=config_file)
+    return {r.details["part"]: r for r in generation.run(subject)}
+
+
+def run_check_subprocess(check: str, model_type: str, mlx_lm_root: Path, cache_dir: Path,
+                         tmp_path: Path, extra: list[str] | None = None) -> list[dict[str, Any]]:
+    """The check's results (as JSON dicts) from a fresh process importing mlx_lm from
+    `mlx_lm_root`: the real CLI when the check is registered, else the module."""
+    from checks import engine
+
+    if check in engine.CHECK_MODULES:
+        run = run_cli(["check", model_type, "--mlx-lm", str(mlx_lm_root),
+                       "--checks", f"layers,{check}", *(extra or [])],
+                      cache_dir, tmp_path / "results.json")
+        assert run.returncode in (0, 1), run.stderr[-2000:]
+        return run.report(model_type)["checks"]
+    module = {"generation": "checks.generation", "long": "checks.long_context"}[check]
+    config = extra[extra.index("--config") + 1] if extra and "--config" in extra else None
+    code = (
+        "import json, sys\n"
+        "from checks import engine, layers\n"
+        "from checks.mlx_side import use_mlx_lm\n"
+        f"use_mlx_lm({str(mlx_lm_root)!r})\n"
+        "import importlib\n"
+        f"mod = importlib.import_module({module!r})\n"
+        f"s = engine.load_subject({model_type!r}, config_file={config!r})\n"
+        "out = layers.run(s) + mod.run(s)\n"
+        "print(json.dumps([r.model_dump(mode='json') for r in out]))\n"
+    )
+    env = {**os.environ, "MLX_VERIFY_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mixtral", "mamba"])
+def test_clean_generation_passes(model_type: str, cache_dir: Path) -> None:
+    parts = run_in_process(model_type, cache_dir)
+    assert parts["greedy"].verdict == "pass", parts["greedy"].summary
+    assert parts["greedy"].metrics["tokens_agreeing"] == 16
+    assert parts["kv-cache"].verdict == "pass", parts["kv-cache"].summary
+    assert parts["batch"].verdict in ("pass", "skip"), parts["batch"].summary
+    if model_type == "llama":
+        assert parts["batch"].verdict == "pass", parts["batch"].summary
+
+
+def test_clean_sliding_window_decoding_passes(cache_dir: Path, tmp_path: Path) -> None:
+    parts = run_in_process("gemma3_text", cache_dir,
+                           window_config(tmp_path, "gemma3_text", **WINDOW_OVERRIDES))
+    kv = parts["kv-cache"]
+    assert kv.verdict == "pass", kv.summary
+    assert "RotatingKVCache" in kv.metrics["caches"]
+    assert parts["greedy"].verdict == "pass", parts["greedy"].summary
+    assert parts["batch"].verdict == "pass", parts["batch"].summary
+
+
+def test_cache_offset_bug_fails_generation_not_layers(cache_dir: Path, tmp_path: Path) -> None:
+    """RoPE of the queries ignores cache.offset: invisible without a cache (layers), the
+    decode steps go wrong from the first one after the prompt."""
+    root = copy_mlx_lm(tmp_path / "tree", [Edit(
+        "models/llama.py",
+        "queries = self.rope(queries, offset=cache.offset)",
+        "queries = self.rope(queries)",
+    )])
+    checks = run_check_subprocess("generation", "llama", root, cache_dir, tmp_path)
+    layers = [c for c in checks if c["check"] == "layers"]
+    assert layers[0]["verdict"] == "pass", layers[0]["summary"]
+    parts = {c["details"]["part"]: c for c in checks if c["check"] == "generation"}
+    assert parts["greedy"]["verdict"] == "fail", parts["greedy"]["summary"]
+    assert parts["greedy"]["metrics"]["first_mismatch_step"] == 1
+    kv = parts["kv-cache"]
+    assert kv["verdict"] == "fail"
+    assert kv["metrics"]["first_divergent_step"] == 1
+    assert kv["metrics"]["prefill_vs_transformers_rel_l2"] < 1e-5  # the prompt pass agrees
+    assert kv["first_divergent_layer"] == "layers.0"
+    assert kv["localization"]["part"] == "attention"
+    assert kv["localization"]["module"] == "model.layers.0.self_attn"
+    assert kv["localization"]["inputs_agree"] is False  # between the projections: RoPE
+    assert any("prompt pass agrees" in f for f in kv["localization"]["facts"])

@@ -1,0 +1,76 @@
+"""The `long` check: clean ports pass at 2048 tokens (no window) and across a small
+window (in process); a sliding-window mask off by one in a copy of mlx_lm fails `long`
+at the window's edge while `layers` (48 tokens, inside the window) passes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Edit, copy_mlx_lm
+from tests.test_generation import run_check_subprocess, window_config
+
+
+def run_in_process(model_type: str, cache_dir: Path, config_file: str | None = None):
+    os.environ["MLX_VERIFY_CACHE"] = str(cache_dir)
+    from checks import engine, long_context
+    from checks.mlx_side import use_mlx_lm
+
+    use_mlx_lm(None)
+    subject = engine.load_subject(model_type, config_file=config_file)
+    (result,) = long_context.run(subject)
+    return result
+
+
+def test_windows_and_length() -> None:
+    from checks import long_context
+
+    assert long_context.windows({"sliding_window": 16}) == [16]
+    assert long_context.windows({"sliding_window": 16, "use_sliding_window": False}) == []
+    assert long_context.windows({"text_config": {"sliding_window": 32}}) == [32]
+    assert long_context.sequence_length([]) == 2048
+    assert long_context.sequence_length([16]) == 4 * 16 + 64
+    assert long_context.sequence_length([4096]) == 2048  # too long to cross: the default cap
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mamba"])
+def test_clean_long_prefill_passes(model_type: str, cache_dir: Path) -> None:
+    result = run_in_process(model_type, cache_dir)
+    assert result.verdict == "pass", result.summary
+    assert result.metrics["tokens"] == 2048
+    assert result.metrics["tail_positions"] == 16
+    assert result.layers and result.layers[-1].name == "logits"
+
+
+def test_clean_sliding_window_passes(cache_dir: Path, tmp_path: Path) -> None:
+    result = run_in_process("gemma3_text", cache_dir,
+                            window_config(tmp_path, "gemma3_text", sliding_window=16))
+    assert result.verdict == "pass", result.summary
+    assert result.metrics["tokens"] == 4 * 16 + 64
+    assert result.metrics["min_window_crossings"] >= 4
+
+
+def test_window_off_by_one_fails_long_not_layers(cache_dir: Path, tmp_path: Path) -> None:
+    """The mask lets one key too many into the window. A 64-token window is longer than
+    the 48-token parity prompt, so `layers` cannot see it; the 320-token prefill can,
+    from exactly position 64 on, in the first sliding layer."""
+    root = copy_mlx_lm(tmp_path / "tree", [Edit(
+        "models/base.py",
+        "mask = mask & (linds < rinds + window_size)",
+        "mask = mask & (linds <= rinds + window_size)",
+    )])
+    config = window_config(tmp_path, "gemma3_text", sliding_window=64)
+    checks = run_check_subprocess("long", "gemma3_text", root, cache_dir, tmp_path,
+                                  ["--config", config])
+    layers = [c for c in checks if c["check"] == "layers"]
+    assert layers[0]["verdict"] == "pass", layers[0]["summary"]
+    (long,) = [c for c in checks if c["check"] == "long"]
+    assert long["verdict"] == "fail", long["summary"]
+    assert long["metrics"]["tokens"] == 4 * 64 + 64
+    assert long["metrics"]["first_divergent_position"] == 64
+    assert long["first_divergent_layer"] == "layers.0"
+    assert long["layers"][1]["layer_type"] == "sliding_attention"
+    assert long["localization"]["part"] == "attention"
+    assert any("window" in f for f in long["localization"]["facts"])
