@@ -1,0 +1,582 @@
+"""The `dtype` check: checkpoint dtype inference, half-precision dtype tracing, bf16 parity.
+
+(a) The checkpoint's dtype, inferred as transformers would (`dtype`/`torch_dtype` in
+    the config, a nested text config, the index metadata, else the safetensors
+    headers), and where the answer came from.
+(b) For bfloat16 and float16: a checkpoint written in that dtype, loaded through
+    mlx-lm's loader. Every parameter must keep the dtype after `sanitize`, and the
+    hidden states and logits must keep it through every layer. On contamination the
+    first stage, the module where float32 enters and the float32 parameter (or the
+    float32 lines of the module's code) are named, from a trace of the dtypes going
+    into and out of every module in call order.
+(c) Parity in half precision: the MLX half model against transformers in float32 on
+    the same (half-rounded) weights, so the measured error is the compute rounding
+    of the port only. Transformers' own half-precision run on the same weights is
+    measured against the same reference and reported next to it: a correct port's
+    error is of the same size as transformers' own.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import struct
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import compare, layers
+from .schema import CheckResult
+from .subject import Subject
+
+CHECK = "dtype"
+HALF_DTYPES = ("bfloat16", "float16")
+# The half parity bound is max(LAYER_TOLERANCE[dtype], HF_RATIO x transformers' own half
+# error on the same weights); correct ports measured 0.8-1.44x (docs/tolerances.md).
+HF_RATIO = 2.0
+
+# safetensors header dtype names -> torch/mlx dtype names
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U32": "uint32", "BOOL": "bool",
+}
+FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
+
+
+# ---------------------------------------------------------------- (a) inference
+
+
+@dataclass
+class DtypeInference:
+    dtype: str | None  # "bfloat16", "float16", "float32", ... or None when unknown
+    source: str  # where the answer came from, e.g. "config.json torch_dtype"
+    facts: list[str] = field(default_factory=list)
+    header_counts: dict[str, int] = field(default_factory=dict)  # dtype -> tensor count
+
+
+def _config_dtype(config: dict[str, Any]) -> tuple[str | None, str | None]:
+    # transformers 5 writes `dtype`, older versions `torch_dtype`; both are read.
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and value != "auto":
+            return value.removeprefix("torch."), key
+    return None, None
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length))
+
+
+def header_dtypes(checkpoint: Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(tensor name, dtype name, shape) for every tensor of every model*.safetensors."""
+    tensors = []
+    for file in sorted(checkpoint.glob("model*.safetensors")):
+        for name, info in safetensors_header(file).items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"], info["dtype"].lower())
+            tensors.append((name, dtype, tuple(info["shape"])))
+    return tensors
+
+
+def infer_checkpoint_dtype(checkpoint: Path) -> DtypeInference:
+    """The checkpoint's dtype the way transformers decides it for `dtype="auto"`, with
+    the safetensors fallback of the porting skill: the majority floating dtype of the
+    tensors, ignoring 1-D float32 tensors (norms often kept in float32)."""
+    config: dict[str, Any] = {}
+    config_file = checkpoint / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+    facts: list[str] = []
+    dtype, key = _config_dtype(config)
+    if dtype is not None:
+        return DtypeInference(dtype, f"config.json {key}")
+    for nested in ("text_config", "language_config", "llm_config"):
+        sub = config.get(nested)
+        if isinstance(sub, dict):
+            dtype, key = _config_dtype(sub)
+            if dtype is not None:
+                return DtypeInference(dtype, f"config.json {nested}.{key}")
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text()).get("metadata") or {}
+        if isinstance(meta.get("dtype"), str):
+            return DtypeInference(meta["dtype"].removeprefix("torch."),
+                                  "model.safetensors.index.json metadata dtype")
+    tensors = header_dtypes(checkpoint)
+    if not tensors:
+        return DtypeInference(None, "no dtype in config.json and no safetensors files")
+    floats = [(n, d, s) for n, d, s in tensors if d in FLOAT_NAMES]
+    counts = Counter(d for _, d, _ in floats)
+    # 1-D float32 tensors in a half checkpoint are norms/biases kept in float32 on purpose
+    half = [(n, d, s) for n, d, s in floats if not (d == "float32" and len(s) <= 1)]
+    votes = Counter(d for _, d, _ in half) or counts
+    if not votes:
+        return DtypeInference(None, "safetensors headers hold no floating tensor",
+                              header_counts=dict(Counter(d for _, d, _ in tensors)))
+    dtype = votes.most_common(1)[0][0]
+    stray = [n for n, d, s in floats if d == "float32" and len(s) <= 1 and dtype != "float32"]
+    if stray:
+        facts.append(f"{len(stray)} 1-D float32 tensors ignored (first: {stray[0]})")
+    if len(votes) > 1:
+        facts.append("mixed floating dtypes: " + ", ".join(f"{d} x{c}" for d, c in
+                                                            votes.most_common()))
+    # transformers itself takes the first floating tensor of the first file
+    first = next((d for _, d, _ in floats), None)
+    if first is not None and first != dtype:
+        facts.append(f"transformers' own rule (first floating tensor) gives {first}")
+    return DtypeInference(dtype, "safetensors header majority (config.json has no dtype)",
+                          facts=facts, header_counts=dict(counts))
+
+
+# ---------------------------------------------------------------- (b) dtype trace
+
+
+@dataclass
+class Call:
+    """One module call: the dtypes of its floating array inputs and outputs."""
+
+    path: str
+    cls: str
+    start: int  # call order
+    end: int = -1  # completion order (children first)
+    input: str | None = None  # dtype of the first floating input (the hidden states)
+    inputs: list[str] = field(default_factory=list)  # every floating input
+    output: str | None = None  # dtype of the first floating output
+
+
+def _float_arrays(value: Any) -> Iterator[Any]:
+    import mlx.core as mx
+
+    if isinstance(value, mx.array):
+        if mx.issubdtype(value.dtype, mx.floating):
+            yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _float_arrays(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _float_arrays(item)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+@contextmanager
+def dtype_recording(model: Any, calls: dict[str, Call]) -> Iterator[None]:
+    """Record the raw dtypes of every module call, first call of each module only.
+
+    Same class-patching idea as mlx_side.recording, but the arrays are not converted:
+    only their dtypes are kept.
+    """
+    import mlx.nn as nn
+
+    paths = {id(m): p for p, m in model.named_modules() if p}
+    classes = {p: type(m).__name__ for p, m in model.named_modules() if p}
+    patched: dict[type, Any] = {}
+    for module_type in {type(m) for _, m in model.named_modules()}:
+        for cls in module_type.__mro__:
+            if cls in patched or not issubclass(cls, nn.Module) or "__call__" not in cls.__dict__:
+                continue
+            patched[cls] = cls.__dict__["__call__"]
+    counter = {"start": 0, "end": 0}
+
+    def make_wrapper(original: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            path = paths.get(id(self))
+            call = None
+            if path is not None and path not in calls:
+                call = Call(path=path, cls=classes[path], start=counter["start"])
+                counter["start"] += 1
+                found = [_dtype_name(a.dtype) for a in _float_arrays([args, kwargs])]
+                call.inputs = found
+                call.input = found[0] if found else None
+                calls[path] = call
+            out = original(self, *args, **kwargs)
+            if call is not None:
+                first = next(_float_arrays(out), None)
+                call.output = None if first is None else _dtype_name(first.dtype)
+                call.end = counter["end"]
+                counter["end"] += 1
+            return out
+
+        return wrapper
+
+    for cls, original in patched.items():
+        cls.__call__ = make_wrapper(original)
+    try:
+        yield
+    finally:
+        for cls, original in patched.items():
+            cls.__call__ = original
+
+
+def trace(model: Any, ids: np.ndarray) -> tuple[dict[str, Call], str]:
+    """Module calls of one forward, and the logits dtype."""
+    import mlx.core as mx
+
+    calls: dict[str, Call] = {}
+    with dtype_recording(model, calls):
+        logits = model(mx.array(ids))
+    mx.eval(logits)
+    return calls, _dtype_name(logits.dtype)
+
+
+def parameter_dtypes(model: Any) -> dict[str, str]:
+    from mlx.utils import tree_flatten
+
+    return {k: _dtype_name(v.dtype) for k, v in tree_flatten(model.parameters())}
+
+
+Stage = tuple[str, str, str | None]  # (stage name, module path prefix, output dtype)
+
+
+def _stages(calls: dict[str, Call], n_layers: int | None) -> tuple[list[Stage], str | None]:
+    """(stage name, module path prefix, output dtype) in forward order, and the layer list."""
+    paths = list(calls)
+    layer_list = layers.find_layer_list(paths, n_layers) if n_layers else None
+    stages: list[tuple[str, str, str | None]] = []
+    if layer_list is None:
+        return stages, None
+    first = calls.get(f"{layer_list}.0")
+    if first is not None:
+        stages.append(("embeddings", "", first.input))
+    for i in range(n_layers or 0):
+        call = calls.get(f"{layer_list}.{i}")
+        if call is not None:
+            stages.append((f"layers.{i}", f"{layer_list}.{i}", call.output))
+    base = layer_list.rpartition(".")[0]
+    if base and base in calls:
+        stages.append(("final_norm", base, calls[base].output))
+    return stages, layer_list
+
+
+def _children(calls: dict[str, Call], parent: str) -> list[Call]:
+    return sorted((c for p, c in calls.items() if p.rpartition(".")[0] == parent),
+                  key=lambda c: c.start)
+
+
+def _float32_lines(module: Any) -> list[str]:
+    """Lines of the module's own __call__ that mention float32: the usual constant."""
+    try:
+        source, first_line = inspect.getsourcelines(type(module).__call__)
+        file = inspect.getsourcefile(type(module).__call__) or "?"
+    except (OSError, TypeError):
+        return []
+    return [f"{Path(file).name}:{first_line + i}: {line.strip()}"
+            for i, line in enumerate(source) if "float32" in line]
+
+
+def locate_upcast(model: Any, calls: dict[str, Call], stage: str, prefix: str,
+                  layer_list: str | None, want: str) -> dict[str, Any]:
+    """Where float32 enters inside one stage: the first module (completion order) whose
+    hidden-state input has the half dtype and whose output does not; then its float32
+    parameters, or the child calls around the switch and the float32 lines of its code."""
+    modules = dict(model.named_modules())
+
+    def inside(path: str) -> bool:
+        if prefix:
+            return path == prefix or path.startswith(prefix + ".")
+        # the embeddings stage: every module outside the decoder layers
+        return layer_list is None or not (path == layer_list or path.startswith(layer_list + "."))
+
+    ordered = sorted((c for p, c in calls.items() if inside(p) and c.end >= 0),
+                     key=lambda c: c.end)
+    lead = next((c for c in ordered if c.input == want and c.output not in (None, want)), None)
+    if lead is None:
+        lead = next((c for c in ordered if c.output not in (None, want)), None)
+    if lead is None:
+        return {"stage": stage, "module": prefix or "(outside the layers)",
+                "facts": ["no module call inside the stage returned a non-half dtype"]}
+    module = modules.get(lead.path)
+    own = {k: _dtype_name(v.dtype) for k, v in
+           (module.parameters().items() if module is not None else [])
+           if hasattr(v, "dtype")}
+    float_params = [f"{lead.path}.{k}" for k, d in own.items() if d != want]
+    facts = [f"{lead.path} ({lead.cls}): input {lead.input}, output {lead.output}"]
+    found: dict[str, Any] = {"stage": stage, "module": lead.path, "class": lead.cls,
+                             "input": lead.input, "output": lead.output}
+    if float_params:
+        found["parameters"] = float_params
+        facts.append("parameter(s) not in " + want + ": " + ", ".join(
+            f"{p} ({own[p[len(lead.path) + 1:]]})" for p in float_params))
+    else:
+        kids = _children(calls, lead.path)
+        before = [c.path for c in kids if c.input in (want, None) and c.output in (want, None)
+                  and not any(k.start < c.start and k.input not in (want, None) for k in kids)]
+        after = next((c for c in kids if c.input not in (want, None)), None)
+        if kids:
+            where = f"in the code of {lead.path} itself"
+            if before:
+                where += f", after {before[-1]}"
+            if after is not None:
+                where += f", before {after.path} (which receives {after.input})"
+            facts.append(f"no parameter of {lead.path} is outside {want}: float32 enters {where}")
+            found["after"] = before[-1] if before else None
+            found["before"] = after.path if after is not None else None
+        else:
+            facts.append(f"no parameter of {lead.path} is outside {want}: a float32 constant "
+                         "or an explicit cast in its code")
+        lines = _float32_lines(module) if module is not None else []
+        if lines:
+            found["float32_lines"] = lines
+            facts.append("float32 in its code: " + "; ".join(lines[:3]))
+    found["facts"] = facts
+    return found
+
+
+# ---------------------------------------------------------------- (c) parity and the check
+
+
+def half_checkpoint(checkpoint: Path, dtype: str) -> Path:
+    """The float32 tiny checkpoint with its floating tensors cast to `dtype`, next to it.
+
+    Bit-identical to synth.write_checkpoint(config, seed, dtype) (same weights, same
+    round-to-nearest cast) without building the transformers model again.
+    """
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = checkpoint.with_name(f"{checkpoint.name}-{dtype}")
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in checkpoint.iterdir():
+        if file.name.endswith(".safetensors"):
+            tensors = load_file(file)
+            cast = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+                    for k, v in tensors.items()}
+            save_file(cast, tmp / file.name, metadata={"format": "pt"})
+        elif file.is_file():
+            shutil.copy(file, tmp / file.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+@contextmanager
+def cpu_gather_mm() -> Iterator[dict[str, int]]:
+    """MLX's CPU backend runs gather_mm (MoE experts) in float32 only. On CPU, compute
+    it in float32 and return the dtype the GPU kernel returns (the promoted input
+    dtype), so MoE models can be traced and compared in half precision. Yields a
+    count of the emulated calls."""
+    import mlx.core as mx
+
+    emulated = {"calls": 0}
+    if mx.default_device() != mx.cpu:
+        yield emulated
+        return
+    original = mx.gather_mm
+
+    def gather_mm(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
+        out_dtype = mx.result_type(a, b)
+        emulated["calls"] += 1
+        return original(a.astype(mx.float32), b.astype(mx.float32), *args,
+                        **kwargs).astype(out_dtype)
+
+    mx.gather_mm = gather_mm
+    try:
+        yield emulated
+    finally:
+        mx.gather_mm = original
+
+
+def _load_mlx(checkpoint: Path) -> tuple[Any, Any]:
+    from . import mlx_side
+
+    model, _, weights = mlx_side.load(checkpoint)
+    return model, weights
+
+
+def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> CheckResult:
+    """One half dtype: weights after loading, the dtype trace, parity against transformers."""
+    from . import hf_side, mlx_side
+
+    start = time.perf_counter()
+    checkpoint = half_checkpoint(subject.checkpoint, dtype)
+    written = infer_checkpoint_dtype(checkpoint)
+    model, weights = _load_mlx(checkpoint)
+    result = subject.result(CHECK, verdict="pass", summary="")
+    result.metrics = {"dtype": dtype, "checkpoint_dtype": inference.dtype,
+                      "checkpoint_dtype_source": inference.source}
+    result.details = {"checkpoint_dtype": {"dtype": inference.dtype, "source": inference.source,
+                                           "facts": inference.facts,
+                                           "header_counts": inference.header_counts},
+                      "half_checkpoint": {"dtype": written.dtype, "source": written.source}}
+    if model is None:
+        result.verdict = "fail"
+        result.weights = weights
+        result.summary = f"{dtype}: the {dtype} checkpoint does not load strictly"
+        return result
+
+    params = parameter_dtypes(model)
+    wrong_params = sorted(k for k, d in params.items() if d in FLOAT_NAMES and d != dtype)
+    cast = getattr(model, "cast_predicate", None)
+    declared = [k for k in wrong_params if callable(cast) and not cast(k)]
+    wrong_params = [k for k in wrong_params if k not in declared]
+    result.metrics["parameters"] = len(params)
+    result.metrics["parameters_not_in_dtype"] = len(wrong_params)
+    result.details["parameters_not_in_dtype"] = {k: params[k] for k in wrong_params}
+    if declared:
+        result.details["kept_by_cast_predicate"] = {k: params[k] for k in declared}
+
+    try:
+        with cpu_gather_mm() as emulated:
+            calls, logits_dtype = trace(model, subject.ids)
+            mlx_capture = mlx_side.forward(model, subject.ids)
+    except RuntimeError as e:
+        if not backend_limitation(e):
+            raise
+        # another op the CPU backend runs only in float32: nothing to measure
+        result.details["backend_limitation"] = str(e)
+        result.verdict = "fail" if wrong_params else "skip"
+        result.summary = (f"{dtype}: " + (f"{len(wrong_params)} parameters not {dtype} after "
+                                          f"loading (first: {wrong_params[0]}); " if wrong_params
+                                          else "")
+                          + f"forward not run: the MLX {_device()} backend cannot ({e})")
+        result.duration_s = time.perf_counter() - start
+        return result
+    if emulated["calls"]:
+        result.details["cpu_gather_mm_emulated"] = (
+            f"{emulated['calls']} gather_mm calls (MoE experts) computed in float32 and cast "
+            "to the input dtype: MLX's CPU backend has no half-precision gather_mm")
+    stages, layer_list = _stages(calls, layers.layer_count(subject.config))
+    stages.append(("logits", "", logits_dtype))
+    result.details["stage_dtypes"] = {name: d for name, _, d in stages}
+    result.metrics["logits_dtype"] = logits_dtype
+    bad_stage = next(((n, p) for n, p, d in stages if d != dtype), None)
+    upcast = None
+    if bad_stage is not None:
+        name, prefix = bad_stage
+        if name == "logits":
+            prefix = "lm_head" if "lm_head" in calls else ""
+        upcast = locate_upcast(model, calls, name, prefix, layer_list, dtype)
+        result.details["upcast"] = upcast
+        result.first_divergent_layer = name
+    result.metrics["first_non_half_stage"] = None if bad_stage is None else bad_stage[0]
+
+    # parity: MLX half vs transformers float32 on the same half-rounded weights
+    ref = hf_side.forward(hf_side.load(checkpoint, dtype="float32"), subject.ids)
+    hf_half = hf_side.forward(hf_side.load(checkpoint, dtype=dtype), subject.ids)
+    # transformers' own half-precision error on the same weights: the noise floor. Where
+    # it is large (an MoE router flipping between near-tied experts), the bound follows it.
+    fixed = compare.LAYER_TOLERANCE[dtype]
+    hf_rows, _, _ = layers.compare_stages(ref, hf_half, subject.config, fixed)
+    hf_max = max((r.rel_l2 for r in hf_rows), default=0.0)
+    tolerance = max(fixed, HF_RATIO * hf_max)
+    parity = layers.judge(ref, mlx_capture, subject.config, dtype, subject.variant.name, CHECK,
+                          tolerance=tolerance)
+    result.layers = parity.layers
+    hf_logits_rel = compare.rel_l2(hf_half.logits, ref.logits)
+    result.metrics.update({
+        "tolerance_rel_l2": tolerance,
+        "fixed_tolerance_rel_l2": fixed,
+        "max_rel_l2": parity.metrics.get("max_rel_l2"),
+        "logits_rel_l2": parity.metrics.get("logits_rel_l2"),
+        "hf_half_logits_rel_l2": hf_logits_rel,
+        "hf_half_max_rel_l2": hf_max,
+        "top1_agreement": parity.metrics.get("top1_agreement"),
+    })
+
+    problems = []
+    if wrong_params:
+        problems.append(f"{len(wrong_params)} parameters not {dtype} after loading "
+                        f"(first: {wrong_params[0]} {params[wrong_params[0]]})")
+    if bad_stage is not None and upcast is not None:
+        where = upcast["module"]
+        if upcast.get("parameters"):
+            where += f", parameter {upcast['parameters'][0]}"
+        elif upcast.get("before"):
+            where += f" between {upcast.get('after')} and {upcast['before']}"
+        problems.append(f"hidden states leave {dtype} at {bad_stage[0]} "
+                        f"({_stage_dtype(stages, bad_stage[0])}): float32 enters at {where}")
+    if parity.verdict == "fail":
+        result.localization = parity.localization
+        if result.first_divergent_layer is None:
+            result.first_divergent_layer = parity.first_divergent_layer
+        problems.append(f"parity vs transformers float32: {parity.summary}")
+    elif parity.verdict == "error":
+        problems.append(f"parity could not run: {parity.summary}")
+
+    if problems:
+        result.verdict = "fail" if parity.verdict != "error" or len(problems) > 1 else "error"
+        result.summary = f"{dtype}: " + "; ".join(problems)
+    else:
+        result.summary = (f"{dtype}: {len(params)} parameters and {len(stages)} stages stay "
+                          f"{dtype}; max rel_l2 vs transformers float32 "
+                          f"{parity.metrics['max_rel_l2']:.2e} <= {tolerance:.1e} "
+                          f"(transformers {dtype} logits: {_fmt(hf_logits_rel)}); checkpoint "
+                          f"dtype {inference.dtype} from {inference.source}")
+    result.duration_s = time.perf_counter() - start
+    return result
+
+
+def backend_limitation(e: BaseException) -> bool:
+    """An MLX backend that cannot run an op in half precision (not a finding about the port)."""
+    return "only supports float32" in str(e)
+
+
+def _device() -> str:
+    import mlx.core as mx
+
+    return str(mx.default_device())
+
+
+def _stage_dtype(stages: list[Stage], name: str) -> str | None:
+    return next((d for n, _, d in stages if n == name), None)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def run(subject: Subject) -> list[CheckResult]:
+    inference = infer_checkpoint_dtype(subject.checkpoint)
+    return [check_half(subject, dtype, inference) for dtype in HALF_DTYPES]
+
+
+def calibrate(model_types: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+    """The numbers behind LAYER_TOLERANCE's half-precision bounds (docs/tolerances.md):
+    max per-stage rel_l2 of MLX half and of transformers half against transformers float32
+    on the same weights, for correct ports of the installed mlx-lm."""
+    from . import engine
+
+    rows = []
+    for model_type in model_types:
+        for seed in seeds:
+            subject = engine.load_subject(model_type, seed=seed)
+            for r in run(subject):
+                m = r.metrics
+                rows.append({"model_type": model_type, "seed": seed, "dtype": m["dtype"],
+                             "verdict": r.verdict, "mlx_max": m.get("max_rel_l2"),
+                             "hf_max": m.get("hf_half_max_rel_l2"),
+                             "top1": m.get("top1_agreement")})
+    return rows
+
+
+if __name__ == "__main__":
+    # python -m checks.dtypes MODEL_TYPE,... SEED,...  (JSON lines on stdout)
+    import sys
+
+    from .mlx_side import use_mlx_lm
+
+    use_mlx_lm(None)
+    for row in calibrate(sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]):
+        print(json.dumps(row), flush=True)
