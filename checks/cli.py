@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the Markdown report (- for stdout; the default when "
                             "neither --json nor --markdown is given)")
 
+    sweep = sub.add_parser("sweep", help="check every model_type both libraries have")
+    sweep.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH")
+    sweep.add_argument("--out", default="sweep", metavar="DIR",
+                       help="results directory (resumable; default ./sweep)")
+    sweep.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2)),
+                       help="model_types checked at once (default: the number of cores)")
+    sweep.add_argument("--types", metavar="LIST", help="only these model_types")
+    sweep.add_argument("--checks", metavar="LIST")
+    sweep.add_argument("--variants", metavar="LIST")
+    sweep.add_argument("--previous", metavar="DIR",
+                       help="an earlier sweep's directory: list what changed since")
+
     listing = sub.add_parser("list", help="model_types present in both libraries")
     listing.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH")
     listing.add_argument("--no-probe", action="store_true",
@@ -161,10 +173,46 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_PASS
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import engine
+    from . import sweep as sweeping
+    from .mlx_side import MlxLmError, use_mlx_lm
+
+    try:
+        info = use_mlx_lm(args.mlx_lm)
+    except MlxLmError as e:
+        return fail(str(e))
+    import transformers
+
+    available = [t for t, _ in engine.shared_model_types()]
+    types = available
+    if args.types:
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        unknown = [t for t in types if t not in available]
+        if unknown:
+            return fail(f"not in both libraries: {', '.join(unknown)}")
+    if args.previous and not Path(args.previous).is_dir():
+        return fail(f"{args.previous}: not a directory")
+    options = []
+    for flag, value in (("--mlx-lm", args.mlx_lm), ("--checks", args.checks),
+                        ("--variants", args.variants)):
+        if value:
+            options += [flag, value]
+    fingerprint = {"mlx_lm": f"{info.version} {info.git_sha or ''} {info.path}".strip(),
+                   "transformers": transformers.__version__, "options": options}
+    rows, summary = sweeping.sweep(types, Path(args.out), options, args.jobs, fingerprint,
+                                   Path(args.previous) if args.previous else None, Progress())
+    print(summary.read_text(), end="")
+    verdicts = [r["verdict"] for r in rows]
+    return EXIT_PASS if all(v in ("pass", "skip") for v in verdicts) else EXIT_FINDING
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
-    handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list}
+    handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list, "sweep": cmd_sweep}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

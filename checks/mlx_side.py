@@ -61,11 +61,17 @@ def use_mlx_lm(path: str | None) -> MlxLmInfo:
 
 
 def _git_sha(directory: Path) -> str | None:
+    """HEAD of the checkout that tracks this mlx_lm package; None for an installed copy
+    (which may sit inside some other repository's ignored venv)."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(directory), "rev-parse", "HEAD"],
+        tracked = subprocess.run(
+            ["git", "-C", str(directory), "ls-files", "--error-unmatch", "__init__.py"],
             capture_output=True, text=True, timeout=10,
         )
+        if tracked.returncode != 0:
+            return None
+        out = subprocess.run(["git", "-C", str(directory), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
