@@ -359,6 +359,7 @@ def batch_result(subject: Subject) -> CheckResult:
     failure: str | None = None
     first: tuple[int, int] | None = None
     agreeing_tokens = 0
+    longest = max(map(len, prompts))
     for i, prompt in enumerate(prompts):
         single = mlx_decode(subject.mlx_model, np.array([prompt]), BATCH_STEPS)
         single_lp = _log_softmax(single.step_logits)
@@ -371,7 +372,7 @@ def batch_result(subject: Subject) -> CheckResult:
             if rel > tol and failure is None:
                 first = (i, k)
                 failure = (f"prompt {i} (length {len(prompt)}, left padding "
-                           f"{max(map(len, prompts)) - len(prompt)}) step {k}: log-probs "
+                           f"{longest - len(prompt)}) step {k}: log-probs "
                            f"rel_l2 {rel:.2e} > {tol:.0e}")
         if k_tok is not None and failure is None:
             gap_b, gap_s = tie_gaps(logprobs[k_tok], single_lp[k_tok], tokens[k_tok],
@@ -386,7 +387,8 @@ def batch_result(subject: Subject) -> CheckResult:
                                "tolerance_rel_l2": tol, "max_logprobs_rel_l2": worst,
                                "tokens_agreeing": agreeing_tokens}
     elapsed = time.perf_counter() - start
-    if failure is not None and ignores_padding:
+    padded = first is not None and longest > len(prompts[first[0]])
+    if failure is not None and ignores_padding and padded:
         # mlx-lm batches these caches but the model never reads the padding: a known
         # limitation of the model file, not something a port can be held to here.
         details["measured"] = failure

@@ -144,6 +144,9 @@ def run(subject: Subject) -> list[CheckResult]:
     if cache_vs_no_cache is not None and cache_vs_no_cache > tol:
         facts.append(f"the cached prefill differs from MLX's own forward without a cache "
                      f"(rel_l2 {cache_vs_no_cache:.2e}): the cache's prefill mask path")
+    elif cache_vs_no_cache is not None:
+        facts.append(f"MLX without a cache gives the same logits (rel_l2 "
+                     f"{cache_vs_no_cache:.1e}): the model code or its mask, not the cache")
     uncrossed = [w for w in window_sizes if length < WINDOW_CROSSINGS * w]
     if uncrossed:
         facts.append(f"window(s) {', '.join(map(str, uncrossed))} not crossed "

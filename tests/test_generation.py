@@ -116,3 +116,28 @@ def test_cache_offset_bug_fails_generation_not_layers(cache_dir: Path, tmp_path:
     assert kv["localization"]["module"] == "model.layers.0.self_attn"
     assert kv["localization"]["inputs_agree"] is False  # between the projections: RoPE
     assert any("prompt pass agrees" in f for f in kv["localization"]["facts"])
+
+
+def test_ssm_conv_state_bug_fails_kv_cache_not_layers(cache_dir: Path, tmp_path: Path) -> None:
+    """Mamba keeps the wrong K-1 inputs as its conv state: the prompt pass (no state
+    read) and `layers` agree, the first decode step reads the state and diverges in
+    the first mixer."""
+    root = copy_mlx_lm(tmp_path / "tree", [Edit(
+        "models/mamba.py",
+        "new_conv_cache = x_full[:, -(K - 1) :, :]",
+        "new_conv_cache = x_full[:, -K : -1, :]",
+    )])
+    checks = run_check_subprocess("generation", "mamba", root, cache_dir, tmp_path)
+    layers = [c for c in checks if c["check"] == "layers"]
+    assert layers[0]["verdict"] == "pass", layers[0]["summary"]
+    parts = {c["details"]["part"]: c for c in checks if c["check"] == "generation"}
+    kv = parts["kv-cache"]
+    assert kv["verdict"] == "fail", kv["summary"]
+    assert kv["metrics"]["first_divergent_step"] == 1
+    assert kv["metrics"]["caches"] == "ArraysCache"
+    assert kv["first_divergent_layer"] == "layers.0"
+    assert kv["localization"]["part"] == "ssm"
+    assert kv["localization"]["module"] == "backbone.layers.0.mixer"
+    # the batch path prefills through the same state: a real failure, not the
+    # "ignores padding" skip
+    assert parts["batch"]["verdict"] == "fail", parts["batch"]["summary"]
