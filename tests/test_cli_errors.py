@@ -1,0 +1,100 @@
+"""Bad inputs: exit 2, one line on stderr naming the problem, no traceback, no results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import CliRun, Edit, copy_mlx_lm, run_cli
+
+EXIT_CANNOT_RUN = 2
+
+
+def assert_cannot_run(run: CliRun, *fragments: str) -> str:
+    """The run refused cleanly; returns its one stderr line."""
+    assert run.returncode == EXIT_CANNOT_RUN, f"exit {run.returncode}: {run.stderr[-2000:]}"
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1, run.stderr
+    line = lines[0]
+    assert line.startswith("mlx-verify: error: "), line
+    assert "internal error" not in line, line
+    for fragment in fragments:
+        assert fragment in line, line
+    assert run.stdout == ""
+    assert run.results is None  # no results file is written
+    return line
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_unknown_model_type(cache_dir: Path, tmp_path: Path) -> None:
+    run = run_cli(["check", "no_such_model_type"], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, "no_such_model_type")
+
+
+def test_mlx_lm_path_without_package(cache_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "checkout"
+    empty.mkdir()
+    run = run_cli(["check", "llama", "--mlx-lm", str(empty)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, str(empty), "no mlx_lm package")
+
+
+def test_mlx_lm_path_that_does_not_exist(cache_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    run = run_cli(["check", "llama", "--mlx-lm", str(missing)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, str(missing), "no mlx_lm package")
+
+
+def test_syntax_error_in_model_file_names_the_file(cache_dir: Path, tmp_path: Path) -> None:
+    tree = copy_mlx_lm(tmp_path / "tree", [
+        Edit("models/llama.py", "class MLP(nn.Module):", "class MLP(nn.Module:"),
+    ])
+    run = run_cli(["check", "llama", "--mlx-lm", str(tree)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, "SyntaxError", str(tree / "mlx_lm" / "models" / "llama.py"))
+
+
+def test_config_missing_required_keys(cache_dir: Path, tmp_path: Path) -> None:
+    # transformers fills hidden_size and num_attention_heads with defaults; mlx-lm's
+    # ModelArgs requires them: refused before any checkpoint is synthesized
+    config = write_json(tmp_path / "config.json", {
+        "model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128,
+        "vocab_size": 512, "rms_norm_eps": 1e-6,
+    })
+    run = run_cli(["check", "llama", "--config", str(config)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, str(config), "hidden_size", "num_attention_heads")
+
+
+def test_config_file_that_does_not_exist(cache_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "absent" / "config.json"
+    run = run_cli(["check", "llama", "--config", str(missing)], cache_dir, tmp_path / "out.json")
+    line = assert_cannot_run(run, str(missing))
+    assert "no such config file" in line or "no config.json" in line, line
+
+
+def test_config_file_with_malformed_json(cache_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama", "hidden_size": 64,')
+    run = run_cli(["check", "llama", "--config", str(config)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, str(config), "not a readable JSON config")
+
+
+def test_config_without_model_type(cache_dir: Path, tmp_path: Path) -> None:
+    config = write_json(tmp_path / "config.json", {"hidden_size": 64})
+    run = run_cli(["check", "llama", "--config", str(config)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, str(config), "no model_type")
+
+
+def test_config_for_another_model_type(cache_dir: Path, tmp_path: Path) -> None:
+    config = write_json(tmp_path / "config.json", {"model_type": "qwen2", "hidden_size": 64})
+    run = run_cli(["check", "llama", "--config", str(config)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, str(config), "'qwen2'", "'llama'")
+
+
+def test_unknown_check_name(cache_dir: Path, tmp_path: Path) -> None:
+    run = run_cli(["check", "llama", "--checks", "layers,bogus"], cache_dir,
+                  tmp_path / "out.json")
+    assert_cannot_run(run, "unknown check(s) bogus", "available: ")
