@@ -263,8 +263,16 @@ def _stages(calls: dict[str, Call], n_layers: int | None) -> tuple[list[Stage], 
     return stages, layer_list
 
 
+def _called_parent(calls: dict[str, Call], path: str) -> str:
+    """The nearest ancestor that was called (a layer list like `model.layers` is not)."""
+    parent = path.rpartition(".")[0]
+    while parent and parent not in calls:
+        parent = parent.rpartition(".")[0]
+    return parent
+
+
 def _children(calls: dict[str, Call], parent: str) -> list[Call]:
-    return sorted((c for p, c in calls.items() if p.rpartition(".")[0] == parent),
+    return sorted((c for p, c in calls.items() if _called_parent(calls, p) == parent),
                   key=lambda c: c.start)
 
 
@@ -286,10 +294,14 @@ def locate_upcast(model: Any, calls: dict[str, Call], stage: str, prefix: str,
     parameters, or the child calls around the switch and the float32 lines of its code."""
     modules = dict(model.named_modules())
 
+    first_layer = calls.get(f"{layer_list}.0") if layer_list else None
+
     def inside(path: str) -> bool:
         if prefix:
             return path == prefix or path.startswith(prefix + ".")
-        # the embeddings stage: every module outside the decoder layers
+        if stage == "embeddings" and first_layer is not None:
+            # what runs before the first layer: the embedding and the model's own code
+            return calls[path].start < first_layer.start
         return layer_list is None or not (path == layer_list or path.startswith(layer_list + "."))
 
     ordered = sorted((c for p, c in calls.items() if inside(p) and c.end >= 0),
@@ -298,8 +310,15 @@ def locate_upcast(model: Any, calls: dict[str, Call], stage: str, prefix: str,
     if lead is None:
         lead = next((c for c in ordered if c.output not in (None, want)), None)
     if lead is None:
-        return {"stage": stage, "module": prefix or "(outside the layers)",
-                "facts": ["no module call inside the stage returned a non-half dtype"]}
+        # e.g. logits from a tied `embed_tokens.as_linear` (no module call) or a cast in
+        # the top-level model's own code
+        lines = _float32_lines(model)
+        facts = ["no module call inside the stage returned a non-half dtype: the "
+                 f"top-level {type(model).__name__}.__call__ changes it"]
+        if lines:
+            facts.append("float32 in its code: " + "; ".join(lines[:3]))
+        return {"stage": stage, "module": prefix or type(model).__name__,
+                "float32_lines": lines, "facts": facts}
     module = modules.get(lead.path)
     own = {k: _dtype_name(v.dtype) for k, v in
            (module.parameters().items() if module is not None else [])
@@ -473,27 +492,16 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
     result.metrics["first_non_half_stage"] = None if bad_stage is None else bad_stage[0]
 
     # parity: MLX half vs transformers float32 on the same half-rounded weights
-    ref = hf_side.forward(hf_side.load(checkpoint, dtype="float32"), subject.ids)
-    hf_half = hf_side.forward(hf_side.load(checkpoint, dtype=dtype), subject.ids)
-    # transformers' own half-precision error on the same weights: the noise floor. Where
-    # it is large (an MoE router flipping between near-tied experts), the bound follows it.
-    fixed = compare.LAYER_TOLERANCE[dtype]
-    hf_rows, _, _ = layers.compare_stages(ref, hf_half, subject.config, fixed)
-    hf_max = max((r.rel_l2 for r in hf_rows), default=0.0)
-    tolerance = max(fixed, HF_RATIO * hf_max)
-    parity = layers.judge(ref, mlx_capture, subject.config, dtype, subject.variant.name, CHECK,
-                          tolerance=tolerance)
-    result.layers = parity.layers
-    hf_logits_rel = compare.rel_l2(hf_half.logits, ref.logits)
-    result.metrics.update({
-        "tolerance_rel_l2": tolerance,
-        "fixed_tolerance_rel_l2": fixed,
-        "max_rel_l2": parity.metrics.get("max_rel_l2"),
-        "logits_rel_l2": parity.metrics.get("logits_rel_l2"),
-        "hf_half_logits_rel_l2": hf_logits_rel,
-        "hf_half_max_rel_l2": hf_max,
-        "top1_agreement": parity.metrics.get("top1_agreement"),
-    })
+    try:
+        ref = hf_side.forward(hf_side.load(checkpoint, dtype="float32"), subject.ids)
+        hf_half = hf_side.forward(hf_side.load(checkpoint, dtype=dtype), subject.ids)
+    except Exception as e:
+        # transformers cannot run this model in half precision: the dtype facts stand
+        ref = hf_half = None
+        result.details["parity_not_run"] = f"transformers fails: {type(e).__name__}: {e}"[:300]
+    parity = None
+    if ref is not None and hf_half is not None:
+        parity = _parity(subject, dtype, ref, hf_half, mlx_capture, result)
 
     problems = []
     if wrong_params:
@@ -507,7 +515,9 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
             where += f" between {upcast.get('after')} and {upcast['before']}"
         problems.append(f"hidden states leave {dtype} at {bad_stage[0]} "
                         f"({_stage_dtype(stages, bad_stage[0])}): float32 enters at {where}")
-    if parity.verdict == "fail":
+    if parity is None:
+        problems.append(f"parity not run ({result.details['parity_not_run']})")
+    elif parity.verdict == "fail":
         result.localization = parity.localization
         if result.first_divergent_layer is None:
             result.first_divergent_layer = parity.first_divergent_layer
@@ -516,16 +526,42 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
         problems.append(f"parity could not run: {parity.summary}")
 
     if problems:
-        result.verdict = "fail" if parity.verdict != "error" or len(problems) > 1 else "error"
+        parity_only = len(problems) == 1 and (parity is None or parity.verdict == "error")
+        result.verdict = "error" if parity_only else "fail"
         result.summary = f"{dtype}: " + "; ".join(problems)
     else:
         result.summary = (f"{dtype}: {len(params)} parameters and {len(stages)} stages stay "
                           f"{dtype}; max rel_l2 vs transformers float32 "
-                          f"{parity.metrics['max_rel_l2']:.2e} <= {tolerance:.1e} "
-                          f"(transformers {dtype} logits: {_fmt(hf_logits_rel)}); checkpoint "
+                          f"{parity.metrics['max_rel_l2']:.2e} <= "
+                          f"{result.metrics['tolerance_rel_l2']:.1e} (transformers {dtype}: "
+                          f"{_fmt(result.metrics['hf_half_max_rel_l2'])}); checkpoint "
                           f"dtype {inference.dtype} from {inference.source}")
     result.duration_s = time.perf_counter() - start
     return result
+
+
+def _parity(subject: Subject, dtype: str, ref: Any, hf_half: Any, mlx_capture: Any,
+            result: CheckResult) -> CheckResult:
+    """MLX half vs transformers float32 on the same half-rounded weights, per stage."""
+    # transformers' own half-precision error on the same weights: the noise floor. Where
+    # it is large (an MoE router flipping between near-tied experts), the bound follows it.
+    fixed = compare.LAYER_TOLERANCE[dtype]
+    hf_rows, _, _ = layers.compare_stages(ref, hf_half, subject.config, fixed)
+    hf_max = max((r.rel_l2 for r in hf_rows), default=0.0)
+    tolerance = max(fixed, HF_RATIO * hf_max)
+    parity = layers.judge(ref, mlx_capture, subject.config, dtype, subject.variant.name, CHECK,
+                          tolerance=tolerance)
+    result.layers = parity.layers
+    result.metrics.update({
+        "tolerance_rel_l2": tolerance,
+        "fixed_tolerance_rel_l2": fixed,
+        "max_rel_l2": parity.metrics.get("max_rel_l2"),
+        "logits_rel_l2": parity.metrics.get("logits_rel_l2"),
+        "hf_half_logits_rel_l2": compare.rel_l2(hf_half.logits, ref.logits),
+        "hf_half_max_rel_l2": hf_max,
+        "top1_agreement": parity.metrics.get("top1_agreement"),
+    })
+    return parity
 
 
 def backend_limitation(e: BaseException) -> bool:

@@ -40,7 +40,7 @@ from .subject import Subject
 CHECK = "quantize"
 BITS = (4, 8)
 GROUP_SIZE = 64
-BASE_DTYPE = "bfloat16"
+BASE_DTYPE = "bfloat16"  # the checkpoint dtype unless the config names a half dtype
 
 # Bounds by bits, calibrated on correct ports of the installed mlx-lm (docs/tolerances.md).
 # Quality: the quantized model against the unquantized one.
@@ -91,6 +91,16 @@ def convert(source: Path, target: Path, bits: int) -> str:
     return log.getvalue()
 
 
+def convert_dtype(config: dict[str, Any]) -> str | None:
+    """The dtype mlx_lm.convert casts to, read as convert.py reads it: top-level
+    `torch_dtype`, else `text_config.dtype` (a top-level `dtype` is not read)."""
+    dtype = config.get("torch_dtype")
+    text = config.get("text_config")
+    if dtype is None and isinstance(text, dict):
+        dtype = text.get("dtype")
+    return dtype if dtype in ("float16", "bfloat16", "float32") else None
+
+
 def next_token_stats(ref_logits: np.ndarray, q_logits: np.ndarray) -> dict[str, float]:
     """KL(ref || q) per position (nats), its mean and max, and top-1 agreement."""
     ref = ref_logits.reshape(-1, ref_logits.shape[-1]).astype(np.float64)
@@ -137,7 +147,7 @@ def quantization_map(fresh: Any, quantized: Any, predicate: Any) -> dict[str, An
             "not_quantizable": not_quantizable}
 
 
-def fake_quantized(source: Path, quantized: Any) -> tuple[Any, list[str]]:
+def fake_quantized(source: Path, quantized: Any, dtype: str) -> tuple[Any, list[str]]:
     """The unquantized model with each weight that `quantized` holds quantized replaced by
     its quantize-dequantize round trip; the paths that could not be paired."""
     import mlx.core as mx
@@ -156,8 +166,8 @@ def fake_quantized(source: Path, quantized: Any) -> tuple[Any, list[str]]:
         if module is None or "weight" not in module:
             unpaired.append(path)
             continue
-        # quantize the bfloat16 weight as convert did; dequantize in float32
-        weight = module["weight"].astype(mx.bfloat16)
+        # quantize the weight in the dtype convert quantized it in; dequantize in float32
+        weight = module["weight"].astype(getattr(mx, dtype))
         parts = mx.quantize(weight, qm.group_size, qm.bits, mode=qm.mode)
         scales = parts[1].astype(mx.float32)
         biases = parts[2].astype(mx.float32) if len(parts) > 2 else None
@@ -174,15 +184,16 @@ def _stage_rows(ref: Any, cand: Any, config: dict[str, Any], bound: float) -> li
     return rows
 
 
-def check_bits(subject: Subject, bits: int, source: Path, ref_model: Any, ref_capture: Any,
-               workdir: Path) -> CheckResult:
+def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: Any,
+               ref_capture: Any, workdir: Path) -> CheckResult:
+    """One bit width; `want` is the dtype convert leaves the model in."""
     from mlx_lm.utils import load_model
 
     from . import mlx_side
 
     start = time.perf_counter()
     result = subject.result(CHECK, verdict="pass", summary="")
-    result.metrics = {"bits": bits, "group_size": GROUP_SIZE, "base_dtype": BASE_DTYPE,
+    result.metrics = {"bits": bits, "group_size": GROUP_SIZE, "base_dtype": want,
                       "kl_bound": KL_BOUND[bits], "top1_bound": TOP1_BOUND[bits],
                       "stage_bound": STAGE_BOUND[bits]}
     target = workdir / f"q{bits}"
@@ -220,7 +231,7 @@ def check_bits(subject: Subject, bits: int, source: Path, ref_model: Any, ref_ca
 
     # the dtype check again, on the reloaded quantized model
     params = dtypes.parameter_dtypes(model)
-    wrong = sorted(k for k, d in params.items() if d in dtypes.FLOAT_NAMES and d != BASE_DTYPE)
+    wrong = sorted(k for k, d in params.items() if d in dtypes.FLOAT_NAMES and d != want)
     result.details["parameters_not_in_dtype"] = {k: params[k] for k in wrong}
     try:
         with dtypes.cpu_gather_mm():
@@ -238,11 +249,11 @@ def check_bits(subject: Subject, bits: int, source: Path, ref_model: Any, ref_ca
     stages, layer_list = dtypes._stages(calls, layers.layer_count(subject.config))
     stages.append(("logits", "", logits_dtype))
     result.details["stage_dtypes"] = {name: d for name, _, d in stages}
-    bad_stage = next(((n, p) for n, p, d in stages if d != BASE_DTYPE), None)
+    bad_stage = next(((n, p) for n, p, d in stages if d != want), None)
     upcast = None
     if bad_stage is not None:
         name, prefix = bad_stage
-        upcast = dtypes.locate_upcast(model, calls, name, prefix, layer_list, BASE_DTYPE)
+        upcast = dtypes.locate_upcast(model, calls, name, prefix, layer_list, want)
         result.details["upcast"] = upcast
 
     stats = next_token_stats(ref_capture.logits, capture.logits)
@@ -256,7 +267,7 @@ def check_bits(subject: Subject, bits: int, source: Path, ref_model: Any, ref_ca
     # (its packed weights stay as they are) against its weights quantized in place
     import mlx.core as mx
 
-    fq_model, unpaired = fake_quantized(source, model)
+    fq_model, unpaired = fake_quantized(source, model, want)
     model.set_dtype(mx.float32)
     fq_capture = mlx_side.forward(fq_model, subject.ids)
     q32_capture = mlx_side.forward(model, subject.ids)
@@ -270,10 +281,10 @@ def check_bits(subject: Subject, bits: int, source: Path, ref_model: Any, ref_ca
 
     problems = []
     if wrong:
-        problems.append(f"{len(wrong)} parameters not {BASE_DTYPE} (first: {wrong[0]} "
+        problems.append(f"{len(wrong)} parameters not {want} (first: {wrong[0]} "
                         f"{params[wrong[0]]})")
     if bad_stage is not None and upcast is not None:
-        problems.append(f"hidden states leave {BASE_DTYPE} at {bad_stage[0]}: float32 enters at "
+        problems.append(f"hidden states leave {want} at {bad_stage[0]}: float32 enters at "
                         f"{upcast['module']}")
     if stats["kl_mean"] > KL_BOUND[bits]:
         problems.append(f"mean KL {stats['kl_mean']:.3g} > {KL_BOUND[bits]}")
@@ -308,7 +319,7 @@ def check_bits(subject: Subject, bits: int, source: Path, ref_model: Any, ref_ca
                           f"rel_l2 {result.metrics['max_stage_rel_l2']:.3g} <= "
                           f"{STAGE_BOUND[bits]}; matches its weights quantized in place "
                           f"(rel_l2 {result.metrics['fidelity_max_rel_l2']:.2e} <= "
-                          f"{FIDELITY_BOUND}); stays {BASE_DTYPE}{unq_text}")
+                          f"{FIDELITY_BOUND}); stays {want}{unq_text}")
     return _done(result, start)
 
 
@@ -330,16 +341,19 @@ def _done(result: CheckResult, start: float) -> CheckResult:
 def run(subject: Subject) -> list[CheckResult]:
     from . import mlx_side
 
-    source = dtypes.half_checkpoint(subject.checkpoint, BASE_DTYPE)
+    cast = convert_dtype(subject.config)
+    stored = cast if cast in dtypes.HALF_DTYPES else BASE_DTYPE
+    want = cast or stored
+    source = dtypes.half_checkpoint(subject.checkpoint, stored)
     ref_model, _, weights = mlx_side.load(source)
     if ref_model is None:
         return [subject.result(CHECK, verdict="fail", weights=weights, first_divergent_layer="load",
-                               summary=f"the {BASE_DTYPE} checkpoint does not load strictly")]
+                               summary=f"the {stored} checkpoint does not load strictly")]
     with dtypes.cpu_gather_mm():
         ref_capture = mlx_side.forward(ref_model, subject.ids)
     workdir = Path(tempfile.mkdtemp(prefix="mlx-verify-quantize-"))
     try:
-        return [check_bits(subject, bits, source, ref_model, ref_capture, workdir)
+        return [check_bits(subject, bits, source, want, ref_model, ref_capture, workdir)
                 for bits in BITS]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

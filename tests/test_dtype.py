@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from tests.conftest import Edit, copy_mlx_lm, run_cli
 
@@ -140,20 +139,26 @@ def test_clean_ports_stay_half_and_match(cache_dir: Path, tmp_path: Path) -> Non
 # ---------------------------------------------------------------- injected bugs
 
 
-@pytest.mark.parametrize("edit,expect", [
-    pytest.param(RESIDUAL_FLOAT32, {"module": "model.layers.0", "class": "TransformerBlock",
-                                    "after": "model.layers.0.self_attn",
-                                    "before": "model.layers.0.post_attention_layernorm",
-                                    "line": "h = x + r * mx.array(1.0, dtype=mx.float32)"},
-                 id="float32-constant-in-residual"),
-    pytest.param(NORMS_FLOAT32, {"module": "model.layers.0.input_layernorm", "class": "RMSNorm",
-                                 "parameter": "model.layers.0.input_layernorm.weight"},
-                 id="float32-norms-after-sanitize"),
-])
-def test_float32_contamination_is_located(edit: Edit, expect: dict[str, str], cache_dir: Path,
-                                          tmp_path: Path) -> None:
-    root = copy_mlx_lm(tmp_path / "tree", [edit])
-    found = run_checks(["layers", "dtype"], ["llama"], root, cache_dir, tmp_path)["llama"]
+EMBED_SCALE_FLOAT32 = Edit(
+    "models/gemma2.py",
+    "        h = h * (self.args.hidden_size**0.5)\n",
+    "        h = h * mx.array(self.args.hidden_size**0.5, dtype=mx.float32)\n",
+)
+# Per bug: the stage where hidden states leave the half dtype, and where float32 enters.
+EXPECT = {
+    "residual": {"stage": "layers.0", "module": "model.layers.0", "class": "TransformerBlock",
+                 "after": "model.layers.0.self_attn",
+                 "before": "model.layers.0.post_attention_layernorm",
+                 "line": "h = x + r * mx.array(1.0, dtype=mx.float32)"},
+    "embed_scale": {"stage": "embeddings", "module": "model", "class": "GemmaModel",
+                    "after": "model.embed_tokens", "before": "model.layers.0",
+                    "line": "h = h * mx.array(self.args.hidden_size**0.5, dtype=mx.float32)"},
+    "norms": {"stage": "layers.0", "module": "model.layers.0.input_layernorm",
+              "class": "RMSNorm", "parameter": "model.layers.0.input_layernorm.weight"},
+}
+
+
+def assert_located(found: list[dict[str, Any]], expect: dict[str, str]) -> None:
     (layers,) = by_check(found, "layers")
     assert layers["verdict"] == "pass", layers["summary"]  # float32 parity cannot see it
     results = by_check(found, "dtype")
@@ -161,14 +166,15 @@ def test_float32_contamination_is_located(edit: Edit, expect: dict[str, str], ca
     for r in results:
         dtype = r["metrics"]["dtype"]
         assert r["verdict"] == "fail", r["summary"]
-        assert r["first_divergent_layer"] == "layers.0"
-        assert r["details"]["stage_dtypes"]["layers.0"] == "float32"
-        assert r["details"]["stage_dtypes"]["embeddings"] == dtype
+        assert r["first_divergent_layer"] == expect["stage"]
+        assert r["details"]["stage_dtypes"][expect["stage"]] == "float32"
+        assert r["details"]["stage_dtypes"]["logits"] == "float32"
         upcast = r["details"]["upcast"]
         assert upcast["module"] == expect["module"] and upcast["class"] == expect["class"]
-        assert (upcast["input"], upcast["output"]) == (dtype, "float32")
-        assert expect["module"] in r["summary"]
+        assert upcast["output"] == "float32"
+        assert f"float32 enters at {expect['module']}" in r["summary"]
         if "parameter" in expect:
+            assert upcast["input"] == dtype
             assert upcast["parameters"] == [expect["parameter"]]
             assert r["details"]["parameters_not_in_dtype"][expect["parameter"]] == "float32"
             assert r["metrics"]["parameters_not_in_dtype"] == 5  # 4 layer norms + final norm
@@ -176,3 +182,17 @@ def test_float32_contamination_is_located(edit: Edit, expect: dict[str, str], ca
             assert (upcast["after"], upcast["before"]) == (expect["after"], expect["before"])
             assert any(expect["line"] in line for line in upcast["float32_lines"])
             assert r["metrics"]["parameters_not_in_dtype"] == 0
+
+
+def test_float32_constants_are_located(cache_dir: Path, tmp_path: Path) -> None:
+    # two bugs in one tree (different files): one process for both
+    root = copy_mlx_lm(tmp_path / "tree", [RESIDUAL_FLOAT32, EMBED_SCALE_FLOAT32])
+    found = run_checks(["layers", "dtype"], ["llama", "gemma2"], root, cache_dir, tmp_path)
+    assert_located(found["llama"], EXPECT["residual"])
+    assert_located(found["gemma2"], EXPECT["embed_scale"])
+
+
+def test_float32_norm_weights_are_located(cache_dir: Path, tmp_path: Path) -> None:
+    root = copy_mlx_lm(tmp_path / "tree", [NORMS_FLOAT32])
+    found = run_checks(["layers", "dtype"], ["llama"], root, cache_dir, tmp_path)
+    assert_located(found["llama"], EXPECT["norms"])
