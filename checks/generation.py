@@ -40,9 +40,11 @@ BATCH_SLICES = ((0, 48), (7, 42), (20, 39))
 # MLX cache vs MLX full forward: same kernels on one machine, measured 0 to 1e-6.
 KV_TOLERANCE = compare.LAYER_TOLERANCE
 SELF_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
-# Near tie: top-2 logit gap / std of the step's logits. Correct fp32 ports measure
-# max |logit error| / std <= 1e-5; the bound leaves a factor of 10 above that.
-TIE_BOUND = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+# Near tie: each side's top-2 logit gap / std of the step's logits. A flip needs the two
+# gaps to sum below twice the largest logit error: correct ports measure <= 7e-6 std in
+# float32 and <= 9.4e-2 in bfloat16 (mamba); float16 is scaled from bf16 by the 8x of
+# the per-stage half errors (not measured here).
+TIE_BOUND = {"float32": 1e-4, "bfloat16": 0.2, "float16": 5e-2}
 # Batched vs single: rel L2 of the log-probabilities (same kernels, padded shapes).
 BATCH_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
 
@@ -136,9 +138,28 @@ def _rel(candidate: np.ndarray, reference: np.ndarray) -> float:
     return compare.metrics(candidate, reference)["rel_l2"]
 
 
+def backend_limitation(e: Exception) -> str | None:
+    """A reason when MLX's backend, not the port, cannot run the model (MLX's CPU
+    gather_mm, used by MoE layers, runs in float32 only)."""
+    text = str(e)
+    if "Currently only supports float32" in text:
+        return f"the MLX {_device()} backend cannot run this model in half precision ({text})"
+    return None
+
+
+def _device() -> str:
+    import mlx.core as mx
+
+    return str(mx.default_device())
+
+
 def _error(subject: Subject, part: str, what: str, e: Exception) -> CheckResult:
     from .mlx_side import describe_import_error
 
+    limitation = backend_limitation(e)
+    if limitation is not None:
+        return subject.result(CHECK, verdict="skip", summary=f"{part}: {limitation}",
+                              details={"part": part})
     return subject.result(CHECK, verdict="error", summary=f"{part}: {what} raised "
                           f"{describe_import_error(e)}", details={"part": part})
 
@@ -349,6 +370,10 @@ def batch_result(subject: Subject) -> CheckResult:
         from .mlx_side import describe_import_error
 
         details["exception"] = describe_import_error(e)
+        if backend_limitation(e):
+            return subject.result(CHECK, verdict="skip", details=details,
+                                  duration_s=time.perf_counter() - start,
+                                  summary=f"batch: {backend_limitation(e)}")
         return subject.result(CHECK, verdict="skip", details=details,
                               duration_s=time.perf_counter() - start,
                               summary="batch: mlx-lm batch generation does not run for this "

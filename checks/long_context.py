@@ -37,8 +37,9 @@ WINDOW_KEYS = ("sliding_window", "attention_window", "sliding_window_size", "win
 # rel L2 per stage over the last positions. Errors grow with length, on the MLX side
 # (CPU attention accumulates in fp32 over every key): correct fp32 ports measure up to
 # 1.9e-5 at 2048 tokens (phi3), vs ~1e-6 at 48 (docs/tolerances.md). Window and mask
-# bugs measure 1e-2 and more.
-LONG_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+# bugs measure 1e-2 and more. bfloat16 (both sides in bf16): up to 3.0e-2 (mamba);
+# float16 keeps the per-stage half bound (not measured at length).
+LONG_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 2e-2}
 
 
 def windows(config: dict[str, Any]) -> list[int]:
@@ -104,7 +105,15 @@ def run(subject: Subject) -> list[CheckResult]:
 
     hf = hf_side.forward(subject.hf_model, ids)
     cache = make_prompt_cache(subject.mlx_model)
-    mlx = mlx_side.forward(subject.mlx_model, ids, cache=cache)
+    try:
+        mlx = mlx_side.forward(subject.mlx_model, ids, cache=cache)
+    except RuntimeError as e:
+        from .generation import backend_limitation
+
+        if backend_limitation(e) is None:
+            raise
+        return [subject.result(CHECK, verdict="skip", summary=backend_limitation(e),
+                               duration_s=time.perf_counter() - start)]
     mx.clear_cache()
 
     n = min(TAIL, length)
@@ -118,7 +127,8 @@ def run(subject: Subject) -> list[CheckResult]:
         no_cache_tail = compare.rel_l2(no_cache_logits[:, -n:], hf.logits[:, -n:])
         cache_vs_no_cache = compare.rel_l2(mlx.logits[:, -n:], no_cache_logits[:, -n:])
     bad = np.nonzero(per_pos > tol)[0]
-    first_bad = int(bad[0]) if bad.size else None
+    # Single positions are noisier than the 16-position tail: only said when it fails.
+    first_bad = int(bad[0]) if bad.size and result.verdict == "fail" else None
     crossings = {w: round(length / w, 2) for w in window_sizes}
     result.metrics.update({
         "tokens": length, "tail_positions": n,
