@@ -15,7 +15,7 @@ runs before it (RoPE, scaling, masking, residual glue) does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ def find_layer_list(paths: list[str], n_layers: int) -> str | None:
 class PathMap:
     hf_layers: str
     mlx_layers: str
+    # (layer index, transformers child name) -> MLX child name, for children the two
+    # libraries name differently (transformers 5 `mlp` vs mlx-lm `block_sparse_moe`)
+    aliases: dict[tuple[int, str], str] = field(default_factory=dict)
 
     @property
     def hf_base(self) -> str:
@@ -65,11 +68,35 @@ class PathMap:
 
     def to_mlx(self, hf_path: str) -> str:
         if hf_path == self.hf_layers or hf_path.startswith(self.hf_layers + "."):
-            return self.mlx_layers + hf_path[len(self.hf_layers):]
+            rest = hf_path[len(self.hf_layers) + 1:].split(".")
+            if len(rest) >= 2 and rest[0].isdigit():
+                rest[1] = self.aliases.get((int(rest[0]), rest[1]), rest[1])
+            return ".".join([self.mlx_layers, *rest]) if rest != [""] else self.mlx_layers
         if self.hf_base and (hf_path == self.hf_base or hf_path.startswith(self.hf_base + ".")):
             rest = hf_path[len(self.hf_base):]
             return (self.mlx_base + rest) if self.mlx_base else rest.lstrip(".")
         return hf_path
+
+
+def _children(capture: Capture, parent: str) -> list[str]:
+    """Names of the direct children of `parent` that ran, in the order they finished."""
+    depth = parent.count(".") + 1
+    return [p.rsplit(".", 1)[-1] for p in capture.order
+            if p.startswith(parent + ".") and p.count(".") == depth]
+
+
+def pair_children(hf: Capture, mlx: Capture, paths: PathMap, n_layers: int) -> None:
+    """Pair the decoder-layer children that only one side names, by order and shape."""
+    for index in range(n_layers):
+        hf_parent, mlx_parent = f"{paths.hf_layers}.{index}", f"{paths.mlx_layers}.{index}"
+        hf_names, mlx_names = _children(hf, hf_parent), _children(mlx, mlx_parent)
+        hf_only = [n for n in hf_names if n not in mlx_names]
+        mlx_only = [n for n in mlx_names if n not in hf_names]
+        for hf_name, mlx_name in zip(hf_only, mlx_only, strict=False):
+            hf_out = hf.outputs.get(f"{hf_parent}.{hf_name}")
+            mlx_out = mlx.outputs.get(f"{mlx_parent}.{mlx_name}")
+            if hf_out is not None and mlx_out is not None and hf_out.shape == mlx_out.shape:
+                paths.aliases[(index, hf_name)] = mlx_name
 
 
 def classify(relative_path: str, class_name: str) -> Part:
@@ -133,6 +160,7 @@ def compare_stages(hf: Capture, mlx: Capture, config: dict[str, Any],
         side = "transformers" if hf_layers is None else "MLX"
         return rows, None, f"no list of {n_layers} decoder layers found in the {side} model"
     paths = PathMap(hf_layers, mlx_layers)
+    pair_children(hf, mlx, paths, n_layers)
     types = _layer_types(config, n_layers)
 
     first_hf, first_mlx = f"{hf_layers}.0", f"{mlx_layers}.0"
@@ -202,7 +230,17 @@ def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: 
                                 inputs_agree=None if inp is None else True,
                                 input_rel_l2=inp, output_rel_l2=out,
                                 agreeing_before=_siblings(agreeing, hf_path), facts=facts)
-        # The input already differs: the parent's own code before this call is at fault.
+        # The input already differs. Climb to the outermost enclosing module whose input
+        # differs too: the code that runs before it, in its parent, is at fault.
+        while True:
+            up = hf_path.rpartition(".")[0]
+            if up == prefix:
+                break
+            up_input = _compared(hf, mlx, paths, up)[1]
+            if up_input is None or up_input <= tolerance:
+                break
+            hf_path, inp = up, up_input
+        relative = hf_path[len(prefix) + 1:]
         parent = hf_path.rpartition(".")[0]
         parent_rel = parent[len(prefix) + 1:] if parent != prefix else ""
         part = (classify(parent_rel, hf.classes.get(parent, "")) if parent_rel else "residual")

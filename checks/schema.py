@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = 1
 
@@ -20,7 +20,13 @@ Part = Literal[
 ]
 
 
-class LayerRow(BaseModel):
+class Strict(BaseModel):
+    # A diverged metric can be infinite: JSON has no Infinity, so it travels as the
+    # string "Infinity" and reads back as float("inf").
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
+class LayerRow(Strict):
     """One stage of the forward pass compared between transformers and MLX."""
 
     name: str  # "embeddings", "layers.3", "final_norm", "logits"
@@ -35,7 +41,7 @@ class LayerRow(BaseModel):
     ok: bool
 
 
-class Localization(BaseModel):
+class Localization(Strict):
     """Where inside the first divergent stage the outputs part ways."""
 
     stage: str  # the LayerRow name
@@ -49,13 +55,13 @@ class Localization(BaseModel):
     facts: list[str] = Field(default_factory=list)
 
 
-class WeightsReport(BaseModel):
+class WeightsReport(Strict):
     missing: list[str] = Field(default_factory=list)  # in the MLX model, not in the checkpoint
     unexpected: list[str] = Field(default_factory=list)  # in the checkpoint, not in the model
     mismatched: list[str] = Field(default_factory=list)  # "name: checkpoint (a, b) vs model (c, d)"
 
 
-class CheckResult(BaseModel):
+class CheckResult(Strict):
     check: str  # "layers", "rope", "dtype", ...
     variant: str  # which synthesized configuration ran, e.g. "default"
     verdict: Verdict
@@ -69,7 +75,7 @@ class CheckResult(BaseModel):
     duration_s: float = 0.0
 
 
-class Variant(BaseModel):
+class Variant(Strict):
     """One synthesized tiny checkpoint: a configuration the checks ran on."""
 
     name: str
@@ -80,7 +86,7 @@ class Variant(BaseModel):
     checkpoint_dir: str | None = None
 
 
-class Environment(BaseModel):
+class Environment(Strict):
     python: str
     platform: str
     machine: str
@@ -94,7 +100,7 @@ class Environment(BaseModel):
     mlx_verify: str
 
 
-class ModelReport(BaseModel):
+class ModelReport(Strict):
     model_type: str
     source: str  # "transformers default config", "config file X", "hub repo@rev", ...
     seed: int
@@ -107,7 +113,7 @@ class ModelReport(BaseModel):
     error: str | None = None  # set when the model could not run at all
 
 
-class Results(BaseModel):
+class Results(Strict):
     schema_version: int = SCHEMA_VERSION
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     command: str  # reproduces the run locally
