@@ -28,6 +28,7 @@ import io
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,12 @@ BASE_DTYPE = "bfloat16"  # the checkpoint dtype unless the config names a half d
 # Bounds by bits, calibrated on correct ports of the installed mlx-lm (docs/tolerances.md).
 # Quality: the quantized model against the unquantized one.
 # Random tiny models with sharp attention and large logits are far more sensitive than
-# trained ones (correct ports measured mean KL up to 2.1 at 4 bits, 0.13 at 8 bits): these
-# bounds catch gross breakage only; the fidelity bound below is the tight one.
-KL_BOUND = {4: 5.0, 8: 0.4}  # mean KL(unquantized || quantized) per position, nats
-TOP1_BOUND = {4: 0.15, 8: 0.7}  # minimum top-1 agreement with the unquantized model
-STAGE_BOUND = {4: 1.0, 8: 0.3}  # rel L2 of each stage's hidden states
+# trained ones (18 correct ports: mean KL up to 3.3 and top-1 down to 0.15 at 4 bits, KL
+# up to 0.26 at 8 bits): these bounds catch gross breakage only (a garbage model has
+# top-1 near 1/vocab and stage rel L2 near 1.4); the fidelity bound below is the tight one.
+KL_BOUND = {4: 8.0, 8: 1.0}  # mean KL(unquantized || quantized) per position, nats
+TOP1_BOUND = {4: 0.05, 8: 0.5}  # minimum top-1 agreement with the unquantized model
+STAGE_BOUND = {4: 1.2, 8: 0.5}  # rel L2 of each stage's hidden states
 # Fidelity: the reloaded quantized model against the unquantized model whose quantized
 # weights were quantized and dequantized in place (same group size and bits), both run
 # in float32 on the same bfloat16-derived values. Only accumulation order separates the
@@ -359,23 +361,30 @@ def run(subject: Subject) -> list[CheckResult]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def calibrate(model_types: list[str], seeds: list[int]) -> list[dict[str, Any]]:
+def calibrate(model_types: list[str], seeds: list[int]) -> Iterator[dict[str, Any]]:
     """The numbers behind the bounds above (docs/tolerances.md), for correct ports."""
     from . import engine
 
-    rows = []
     for model_type in model_types:
         for seed in seeds:
-            subject = engine.load_subject(model_type, seed=seed)
-            for r in run(subject):
+            try:
+                subject = engine.load_subject(model_type, seed=seed)
+            except Exception as e:  # not a port both libraries load: nothing to calibrate
+                yield {"model_type": model_type, "seed": seed, "not_loaded": str(e)[:200]}
+                continue
+            try:
+                results = run(subject)
+            except Exception as e:  # the engine reports this as an error verdict
+                yield {"model_type": model_type, "seed": seed, "error": str(e)[:200]}
+                continue
+            for r in results:
                 m = r.metrics
-                rows.append({"model_type": model_type, "seed": seed, "bits": m.get("bits"),
-                             "verdict": r.verdict, "kl_mean": m.get("kl_mean"),
-                             "top1": m.get("top1_agreement"),
-                             "stage_max": m.get("max_stage_rel_l2"),
-                             "fidelity_max": m.get("fidelity_max_rel_l2"),
-                             "left_unquantized": m.get("left_unquantized")})
-    return rows
+                yield {"model_type": model_type, "seed": seed, "bits": m.get("bits"),
+                       "verdict": r.verdict, "kl_mean": m.get("kl_mean"),
+                       "top1": m.get("top1_agreement"),
+                       "stage_max": m.get("max_stage_rel_l2"),
+                       "fidelity_max": m.get("fidelity_max_rel_l2"),
+                       "left_unquantized": m.get("left_unquantized")}
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def run_checks(checks: list[str], model_types: list[str], mlx_lm_root: Path | No
     if all(c in engine.CHECK_MODULES for c in checks):
         found = {}
         for model_type in model_types:
-            args = ["check", model_type, "--checks", ",".join(checks)]
+            args = ["check", model_type, "--checks", ",".join(checks), "--variants", "default"]
             if mlx_lm_root is not None:
                 args += ["--mlx-lm", str(mlx_lm_root)]
             run = run_cli(args, cache_dir, tmp_path / f"{model_type}.json")
