@@ -156,6 +156,10 @@ CHECK_MODULES = {
     "rope": "checks.rope",
     "config": "checks.config_keys",
     "weights": "checks.weights",
+    "dtype": "checks.dtypes",
+    "generation": "checks.generation",
+    "long": "checks.long_context",
+    "quantize": "checks.quantize",
 }
 ALL_CHECKS = tuple(CHECK_MODULES)
 
