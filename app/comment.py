@@ -274,9 +274,10 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
             head.extend(["Last lines of its error output:", ""] +
                          [f"    {line}" for line in tail_lines] + [""])
     planned = outcome.get("planned") or []
-    if outcome.get("truncated"):
-        head.extend([f"Planned {len(planned)} model_types from the changed files; ran the "
-                     f"first {len(model_types)}. Run others with `/verify MODEL_TYPE`.", ""])
+    if len(planned) > len(model_types):
+        ran = ", ".join(code(t, 64) for t in model_types) or "none"
+        head.extend([f"Planned {len(planned)} model_types from the changed files; ran {ran} "
+                     "(the runner's limits). Run others with `/verify MODEL_TYPE`.", ""])
     table = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 2)
     head.extend(table + [""])
     divergences = first_divergences(results)

@@ -52,14 +52,15 @@ def repo_installation(app_gh: GitHub, owner: str, repo: str) -> int:
     return int(app_gh.rest.apps.get_repo_installation(owner, repo).json()["id"])
 
 
-def bot_user(app_gh: GitHub, connection: redis.Redis) -> tuple[int, str]:
+def bot_user(app_gh: GitHub, gh: GitHub, connection: redis.Redis) -> tuple[int, str]:
     """(id, login) of the App's bot user, which authors its comments. Cached in Redis."""
     cached = connection.hmget("mlxv:bot", ["id", "login"])
     if cached[0] and cached[1]:
         return int(cached[0]), cached[1].decode()
     slug = app_gh.rest.apps.get_authenticated().json()["slug"]
     login = f"{slug}[bot]"
-    user_id = int(app_gh.rest.users.get_by_username(login).json()["id"])
+    # /users is not an App route: ask with the installation token.
+    user_id = int(gh.rest.users.get_by_username(login).json()["id"])
     connection.hset("mlxv:bot", mapping={"id": user_id, "login": login})
     return user_id, login
 

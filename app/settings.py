@@ -39,6 +39,7 @@ class AppSettings:
     # and at most this many per automatic run (a shared-module change can plan ~80).
     auto_model_types: tuple[str, ...] | None
     max_model_types: int
+    auto_checks: tuple[str, ...]  # checks of automatic runs (empty: all)
 
 
 def _env(name: str) -> str | None:
@@ -131,6 +132,8 @@ def load_app_settings() -> AppSettings:
         dashboard_url=_url("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,
         auto_model_types=tuple(t.strip() for t in auto.split(",") if t.strip()) if auto else None,
         max_model_types=_int("VERIFY_MAX_MODEL_TYPES", 24),
+        auto_checks=tuple(c.strip() for c in (_env("VERIFY_CHECKS") or "").split(",")
+                          if c.strip()),
     )
 
 

@@ -26,7 +26,7 @@ import redis
 from githubkit import GitHub
 from rq import Callback, Queue, Retry
 from rq.command import send_stop_job_command
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -241,8 +241,8 @@ def record_head(settings, connection, gh, repo: str, number: int, sha: str) -> N
                     send_stop_job_command(connection, job_id, serializer=JSONSerializer)
                 elif status in ACTIVE:
                     job.cancel()
-            except NoSuchJobError:
-                pass
+            except (NoSuchJobError, InvalidJobOperation):
+                pass  # finished or stopped meanwhile: the state below still holds
             connection.hset(f"mlxv:job:{job_id}", "state", "superseded")
             github.update_check_run(
                 gh, owner, name, int(info[b"check_run_id"]), status="completed",
@@ -257,6 +257,8 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
                  installation_id: int, repo: str, number: int, sha: str,
                  request: VerifyRequest, files: list[str], rerun: bool) -> str:
     """Create the Check Run and enqueue the verify job, once per job id."""
+    if request.source == "auto" and not request.checks and settings.auto_checks:
+        request = VerifyRequest(checks=settings.auto_checks)
     job_id = verify_job_id(repo, number, sha, request)
     try:
         existing = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
@@ -405,13 +407,12 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
 
 def upsert_comment(settings, connection, gh, repo: str, number: int, body: str) -> int:
     """Update the PR's one sticky comment, or create it."""
-    _, _, app_gh = context()
     owner, name = _split(repo)
     pr_key = f"mlxv:pr:{_pr_key(repo, number)}"
     known = connection.hget(pr_key, "comment_id")
     comment_id = int(known) if known else None
     if comment_id is None:
-        bot_id, _ = github.bot_user(app_gh, connection)
+        bot_id, _ = github.bot_user(context()[2], gh, connection)
         comment_id = github.find_comment(gh, owner, name, number, comment.MARKER, bot_id)
     if comment_id is not None and github.update_comment(gh, owner, name, comment_id, body):
         connection.hset(pr_key, "comment_id", comment_id)
@@ -425,7 +426,10 @@ def sweep_abandoned(connection: redis.Redis) -> None:
     """Move jobs of dead runners out of the started registries of the verify queues:
     their failure callback reports them, so no Check Run stays in progress."""
     from rq.registry import StartedJobRegistry
+    from rq.timeouts import TimerDeathPenalty
 
     for raw in connection.smembers(VERIFY_QUEUES_KEY):
-        StartedJobRegistry(raw.decode(), connection=connection,
-                           serializer=JSONSerializer).cleanup()
+        # Timer-based callback timeouts: this runs in a thread of the server, where
+        # signal-based ones cannot be set.
+        StartedJobRegistry(raw.decode(), connection=connection, serializer=JSONSerializer,
+                           death_penalty_class=TimerDeathPenalty).cleanup()

@@ -211,10 +211,11 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
         planned = []
     else:
         planned = planning.plan(mlx_lm_dir, spec.get("changed_files") or [])
-        if spec.get("auto_model_types") is not None:
-            planned = [t for t in planned if t in spec["auto_model_types"]]
+    outcome["planned"] = planned
+    if not request.get("model_types") and spec.get("auto_model_types") is not None:
+        planned = [t for t in planned if t in spec["auto_model_types"]]
     model_types, unknown = planning.verifiable(planned)
-    outcome["planned"], outcome["skipped"] = planned, unknown
+    outcome["skipped"] = unknown
     limit = int(spec.get("max_model_types") or len(model_types) or 1)
     if request.get("source") == "auto" and len(model_types) > limit:
         model_types, outcome["truncated"] = model_types[:limit], True
@@ -290,7 +291,7 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
     outcome["duration_s"] = round(time.monotonic() - started, 1)
     if connection is not None:
         report(connection, "verify_finished", spec["job_id"], outcome)
-    return {k: outcome.get(k) for k in ("status", "model_types", "errors", "duration_s")}
+    return {k: outcome.get(k) for k in ("status", "planned", "model_types", "errors", "duration_s")}
 
 
 def on_verify_failure(job: Job, connection, exc_type, exc_value, traceback) -> None:

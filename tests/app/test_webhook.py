@@ -102,3 +102,56 @@ def test_untrusted_author_waits_for_a_maintainer(env):
     (run,) = env.check_runs(sha)
     assert run["conclusion"] == "neutral" and "/verify" in run["output"]["summary"]
     assert queued(env, "verify") == 0
+
+
+def test_a_new_push_supersedes_the_queued_job_of_the_old_sha(env):
+    old, files = env.git_host.make_pr(16, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # v1")})
+    env.open_pr(16, old, files)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=16,
+                                         sha=old))
+    env.run_queue("report")
+    new, files = env.git_host.make_pr(16, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # v2")})
+    env.open_pr(16, new, files)
+    env.send("pull_request", env.payload("pull_request.synchronize.payload.json",
+                                         number=16, sha=new))
+    env.run_queue("report")
+    (old_run,) = env.check_runs(old)
+    assert (old_run["status"], old_run["conclusion"]) == ("completed", "neutral")
+    assert "superseded" in old_run["output"]["title"]
+    (new_run,) = env.check_runs(new)
+    assert new_run["status"] == "queued"
+    verify = Queue("verify", connection=env.redis, serializer=JSONSerializer)
+    assert verify.job_ids == [new_run["external_id"]]
+
+
+def test_missing_or_invalid_settings_stop_start_up_with_one_line(app_env, monkeypatch,
+                                                                  capsys):
+    import argparse
+
+    from app.server import serve
+    from workers.worker import worker
+
+    monkeypatch.delenv("GITHUB_APP_ID")
+    assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
+    assert capsys.readouterr().err == "mlx-verify: error: GITHUB_APP_ID is not set\n"
+    monkeypatch.setenv("GITHUB_APP_ID", "12")
+    monkeypatch.setenv("GITHUB_PRIVATE_KEY", "not a key")
+    assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
+    assert capsys.readouterr().err.startswith(
+        "mlx-verify: error: GITHUB_PRIVATE_KEY is not a PEM private key")
+    monkeypatch.setenv("REDIS_URL", "http://nowhere")
+    assert worker(argparse.Namespace(queue=["verify"], burst=True)) == 2
+    assert "REDIS_URL is not a redis" in capsys.readouterr().err
+
+
+def test_runner_environment_carries_no_secrets(app_env, tmp_path, monkeypatch):
+    from workers.verify import scrubbed_env
+
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    env = scrubbed_env(tmp_path)
+    assert not [k for k in env if k.startswith(("GITHUB", "REDIS", "AWS"))]
+    assert "ghp_secret" not in repr(env) and app_env["GITHUB_PRIVATE_KEY"] not in repr(env)
+    assert env["HOME"].startswith(str(tmp_path))

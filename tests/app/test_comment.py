@@ -1,0 +1,90 @@
+"""The comment and Check Run output from results: escaping, size limit, chart, command
+parsing. Pure functions: no services needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.commands import CommandError, find_command_line, parse
+from app.comment import COMMENT_LIMIT, render
+from checks.schema import CheckResult, Environment, LayerRow, Localization, ModelReport, Results
+
+ENV = Environment(python="3.11", platform="Linux", machine="x86_64", mlx="0.32",
+                  mlx_device="cpu", torch="2.13", transformers="5.23",
+                  mlx_lm_version="0.32.2", mlx_lm_path="/x", mlx_verify="0.1.0")
+
+
+def rows(n: int, bad_from: int) -> list[LayerRow]:
+    return [LayerRow(name=f"layers.{i}", index=i, rel_l2=1e-7 if i < bad_from else 0.5,
+                     cosine=1.0, max_abs=1e-6, max_abs_rel=1e-6, nmse=1e-12,
+                     tolerance=1e-5, ok=i < bad_from) for i in range(n)]
+
+
+def results(model_types: list[str], summary: str = "ok", layers: int = 4) -> dict:
+    reports = []
+    for t in model_types:
+        check = CheckResult(check="layers", variant="default", verdict="fail", summary=summary,
+                            layers=rows(layers, 1), first_divergent_layer="layers.1",
+                            localization=Localization(stage="layers.1", module="m.attn",
+                                                      part="attention", inputs_agree=True,
+                                                      facts=["<b>@evil</b> fact"]))
+        reports.append(ModelReport(model_type=t, source="default", seed=0, dtype="float32",
+                                   verdict="fail", checks=[check]))
+    return Results(command="mlx-verify check x", environment=ENV,
+                   reports=reports).model_dump(mode="json")
+
+
+def rendered(outcome: dict):
+    return render(outcome, repo="o/r", number=7, sha="a" * 40, request={}, history=[],
+                  dashboard_url="https://dash.example/runs/j", changed_files=[])
+
+
+def test_untrusted_text_is_escaped():
+    hostile = "@maintainers <img src=x> | ``` </details> [link](http://x)"
+    out = rendered({"status": "done", "results": results(["llama"], summary=hostile),
+                    "errors": {"qwen2": "boom @someone <script>"}, "model_types": ["llama"]})
+    body = out.comment
+    assert "@maintainers" not in body and "@someone" not in body
+    assert "<img" not in body and "<script>" not in body and "<b>" not in body
+    assert "\\| \\`\\`\\`" in body  # no table or code-fence breakout
+    assert out.conclusion == "failure" and out.verdict == "error"  # qwen2 could not run
+    assert "xychart-beta" in body and '"layers.1"' in body
+
+
+def test_huge_results_stay_under_the_limit_and_keep_every_verdict_row():
+    many = [f"model_{i}" for i in range(120)]
+    out = rendered({"status": "done", "results": results(many, summary="x" * 300, layers=60),
+                    "model_types": many})
+    assert len(out.comment) < COMMENT_LIMIT
+    assert all(f"`model_{i}`" in out.comment for i in range(120))
+    assert "left out to stay under" in out.comment
+    assert len(out.summary) <= 65535 and len(out.text) <= 65535
+
+
+def test_nothing_planned_is_neutral_without_comment():
+    out = rendered({"status": "nothing"})
+    assert out.conclusion == "neutral" and out.comment is None
+
+
+def test_timeout_is_reported_as_timed_out():
+    out = rendered({"status": "timeout", "timeout_s": 600, "stderr_tail": "@x hang",
+                    "model_types": ["llama"]})
+    assert out.conclusion == "timed_out" and "timed out after 600 s" in out.comment
+    assert "@x" not in out.comment
+
+
+def test_command_parsing():
+    assert find_command_line("hello\n  /verify llama qwen2 --dtype bfloat16\n") == \
+        "/verify llama qwen2 --dtype bfloat16"
+    assert find_command_line("> /verify llama") is None
+    assert find_command_line("please /verify") is None
+    command = parse("/verify llama --checks layers,rope --hub org/model-1")
+    assert command.request.model_types == ("llama",)
+    assert command.request.checks == ("layers", "rope")
+    assert command.request.hub == ("org/model-1",)
+    assert parse("/verify help").help
+    assert parse("/verify").request.model_types == ()
+    for bad in ("/verify --dtype int4", "/verify Llama!", "/verify --hub x", "/verify --rm",
+                "/verify --checks"):
+        with pytest.raises(CommandError):
+            parse(bad)

@@ -1,0 +1,163 @@
+"""End to end: webhook -> report job -> verify job on a runner (real git fetch of
+pull/N/head, real `mlx-verify check` subprocess) -> Check Run and sticky comment."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import mlx_lm
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app import planning
+from tests.app.conftest import REPO, start_worker_process, wait_until
+
+LLAMA = "mlx_lm/models/llama.py"
+HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # a harmless edit")
+SWAPPED = ("swiglu(self.gate_proj(x), self.up_proj(x))",
+           "swiglu(self.up_proj(x), self.gate_proj(x))")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def open_and_run(env, number: int, edits: dict, parent: str | None = None,
+                 fixture: str = "pull_request.opened.payload.json") -> str:
+    sha, files = env.git_host.make_pr(number, edits, parent)
+    env.open_pr(number, sha, files)
+    response = env.send("pull_request", env.payload(fixture, number=number, sha=sha))
+    assert response.status_code == 202
+    env.drain()
+    return sha
+
+
+def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env):
+    clean = open_and_run(env, 1, {LLAMA: HARMLESS})
+    bugged = open_and_run(env, 2, {LLAMA: SWAPPED})
+
+    (clean_run,) = env.check_runs(clean)
+    assert clean_run["_history"][:3] == ["queued", "in_progress", "completed"]
+    assert clean_run["conclusion"] == "success"
+    (bugged_run,) = env.check_runs(bugged)
+    assert bugged_run["_history"][:3] == ["queued", "in_progress", "completed"]
+    assert bugged_run["conclusion"] == "failure"
+    assert "llama" in bugged_run["output"]["summary"]
+
+    (clean_comment,) = env.comments(1)
+    assert "mlx-verify: ✅ pass" in clean_comment["body"]
+    (bugged_comment,) = env.comments(2)
+    body = bugged_comment["body"]
+    assert "mlx-verify: ❌ fail" in body and bugged[:12] in body
+    assert "First divergence" in body and "xychart-beta" in body
+    assert "<!-- mlx-verify:sticky -->" in body and len(body) < 65536
+    assert "pull/2/head" in body  # the reproduction command
+
+    # A push that breaks PR 1: the same comment is updated, with the clean SHA in history.
+    pushed = open_and_run(env, 1, {LLAMA: SWAPPED}, parent=clean,
+                          fixture="pull_request.synchronize.payload.json")
+    (updated,) = env.comments(1)
+    assert updated["id"] == clean_comment["id"]
+    assert pushed[:12] in updated["body"] and "❌ fail" in updated["body"]
+    assert "earlier commits" in updated["body"] and clean[:12] in updated["body"]
+    patches = [w for w in env.github.writes
+               if w[0] == "PATCH" and w[1].endswith(f"/issues/comments/{clean_comment['id']}")]
+    assert len(patches) == 1
+    assert [r["conclusion"] for r in env.check_runs(pushed)] == ["failure"]
+
+
+def test_shared_module_change_plans_the_dependent_models(env):
+    tree = Path(mlx_lm.__file__).parent
+    planned = planning.plan(tree, ["mlx_lm/models/rope_utils.py"])
+    assert {"llama", "qwen2", "gemma3_text", "deepseek_v3"} <= set(planned)
+    assert "mamba" not in planned and "rope_utils" not in planned
+    assert "mistral" in planning.plan(tree, [LLAMA])  # remapped onto llama.py
+
+    sha = open_and_run(env, 4, {"mlx_lm/models/rope_utils.py": (
+        "import math", "import math  # a harmless edit")})
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "success"
+    job_id = run["external_id"]
+    outcome = Job.fetch(job_id, connection=env.redis,
+                        serializer=JSONSerializer).return_value()
+    assert outcome["model_types"] == ["llama"]  # VERIFY_MODEL_TYPES keeps the suite cheap
+    assert set(planned) == set(outcome["planned"])
+
+
+def test_verify_command_is_acknowledged_and_pinned_to_the_head(env):
+    sha, files = env.git_host.make_pr(5, {LLAMA: SWAPPED})
+    env.open_pr(5, sha, files, author="outsider-1")  # not run automatically
+    payload = env.payload("issue_comment.created.payload.json")  # no installation field
+    payload["issue"]["number"] = 5
+    payload["comment"]["body"] = "Looks odd.\n/verify llama --checks layers\n"
+    assert env.send("issue_comment", payload).status_code == 202
+    env.run_queue("report")
+    assert [r["content"] for r in env.github.reactions] == ["eyes"]
+    (run,) = env.check_runs(sha)
+    assert run["status"] == "queued"
+    # The PR moves on before a runner takes the job: the job stays pinned to `sha`.
+    env.github.pulls[(REPO, 5)].head_sha = "f" * 40
+    job = Job.fetch(run["external_id"], connection=env.redis, serializer=JSONSerializer)
+    spec = job.args[0]
+    assert spec["sha"] == sha
+    assert spec["request"]["model_types"] == ["llama"]
+    assert spec["request"]["checks"] == ["layers"]
+    assert job.origin == "verify"
+
+
+def test_killed_runner_leaves_no_check_run_in_progress(env, app_env):
+    sha, files = env.git_host.make_pr(6, {LLAMA: HARMLESS})
+    env.open_pr(6, sha, files)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=6,
+                                         sha=sha))
+    env.run_queue("report")
+    (run,) = env.check_runs(sha)
+    job = Job.fetch(run["external_id"], connection=env.redis, serializer=JSONSerializer)
+    runner = start_worker_process("verify", app_env)
+    try:
+        wait_until(lambda: job.get_status() == "started", 60, what="job start")
+        time.sleep(3)  # well inside `mlx-verify check`
+    finally:
+        # The whole runner: the worker, its work horse (rq puts it in a session of its
+        # own) and the `mlx-verify check` process, as when a machine goes away.
+        for pid in [runner.pid, *descendants(runner.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        runner.wait()
+    env.run_queue("report")
+    assert env.github.check_runs[run["id"]]["status"] == "in_progress"
+
+    # The server's sweeper finds the job once the dead runner's heartbeat expires; its
+    # failure callback asks for a report; the job is retried on another runner.
+    def not_in_progress():
+        env.run_queue("report")
+        return env.github.check_runs[run["id"]]["status"] != "in_progress"
+
+    wait_until(not_in_progress, 150, step=2, what="the abandoned job to be reported")
+    assert env.github.check_runs[run["id"]]["status"] == "queued", [
+        (r["_history"], r["conclusion"], r["output"]) for r in env.github.check_runs.values()]
+    assert "did not finish" in env.github.check_runs[run["id"]]["output"]["summary"]
+    verify = Queue("verify", connection=env.redis, serializer=JSONSerializer)
+    assert verify.scheduled_job_registry.get_job_ids() == [job.id]  # retried in 10 s
+    time.sleep(11)
+    env.run_queue("verify")  # a burst worker moves due retries to the queue first
+    env.drain()
+    final = env.github.check_runs[run["id"]]
+    assert (final["status"], final["conclusion"]) == ("completed", "success")
+    assert REPO
