@@ -43,7 +43,7 @@ def wanted(event: str, payload: dict[str, Any]) -> bool:
     """Whether a delivery needs a report job at all (cheap checks on the payload)."""
     action = payload.get("action")
     if event == "pull_request":
-        return action in report.PR_ACTIONS
+        return action in report.PR_ACTIONS or action == "closed"
     if event == "issue_comment":
         return action == "created" and \
             find_command_line((payload.get("comment") or {}).get("body")) is not None

@@ -108,6 +108,11 @@ def handle_event(event: str, delivery: str, payload: dict[str, Any]) -> str:
 
 def on_pull_request(settings, connection, app_gh, payload) -> str:
     pull = payload["pull_request"]
+    if payload.get("action") == "closed":
+        gh, _ = installation_gh(settings, connection, app_gh, payload)
+        cancel_jobs(connection, gh, payload["repository"]["full_name"], int(pull["number"]),
+                    keep_sha=None, reason="The PR was closed; this run was cancelled.")
+        return "closed: jobs cancelled"
     if payload.get("action") not in PR_ACTIONS:
         return "ignored action"
     if pull.get("draft"):
@@ -227,11 +232,19 @@ def record_head(settings, connection, gh, repo: str, number: int, sha: str) -> N
     key = _pr_key(repo, number)
     connection.set(f"mlxv:head:{key}", sha, ex=STATE_TTL)
     connection.set(f"mlxv:sha:{repo}:{sha}", number, ex=STATE_TTL)
+    cancel_jobs(connection, gh, repo, number, keep_sha=sha,
+                reason=f"The PR's head moved to `{sha[:12]}`; this run was cancelled.")
+
+
+def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
+                reason: str) -> None:
+    """Cancel queued and stop running verify jobs of the PR, except those of keep_sha."""
+    key = _pr_key(repo, number)
     owner, name = _split(repo)
     for raw in connection.smembers(f"mlxv:prjobs:{key}"):
         job_id = raw.decode()
         info = connection.hgetall(f"mlxv:job:{job_id}")
-        if not info or info[b"sha"].decode() == sha:
+        if not info or info[b"sha"].decode() == keep_sha:
             continue
         if info.get(b"state", b"").decode() in ("queued", "running"):
             try:
@@ -247,9 +260,8 @@ def record_head(settings, connection, gh, repo: str, number: int, sha: str) -> N
             github.update_check_run(
                 gh, owner, name, int(info[b"check_run_id"]), status="completed",
                 conclusion="neutral", completed_at=_now(),
-                output={"title": "superseded by a newer push",
-                        "summary": f"The PR's head moved to `{sha[:12]}`; this run was "
-                                   "cancelled."})
+                output={"title": "superseded" if keep_sha else "PR closed",
+                        "summary": reason})
         connection.srem(f"mlxv:prjobs:{key}", job_id)
 
 

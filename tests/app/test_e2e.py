@@ -161,3 +161,17 @@ def test_killed_runner_leaves_no_check_run_in_progress(env, app_env):
     final = env.github.check_runs[run["id"]]
     assert (final["status"], final["conclusion"]) == ("completed", "success")
     assert REPO
+
+
+def test_verify_of_an_unknown_model_type_is_reported_as_skipped(env):
+    sha, files = env.git_host.make_pr(7, {LLAMA: HARMLESS})
+    env.open_pr(7, sha, files, author="outsider-1")
+    payload = env.payload("issue_comment.created.with-installation.payload.json")
+    payload["issue"]["number"] = 7
+    payload["comment"]["body"] = "/verify not_a_model_type"
+    env.send("issue_comment", payload)
+    env.drain()
+    (run,) = env.check_runs(sha)
+    assert (run["status"], run["conclusion"]) == ("completed", "neutral")
+    (comment,) = env.comments(7)
+    assert "not a transformers model_type" in comment["body"]

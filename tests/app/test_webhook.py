@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -124,6 +125,12 @@ def test_a_new_push_supersedes_the_queued_job_of_the_old_sha(env):
     assert new_run["status"] == "queued"
     verify = Queue("verify", connection=env.redis, serializer=JSONSerializer)
     assert verify.job_ids == [new_run["external_id"]]
+    # Closing the PR cancels what is left.
+    env.send("pull_request", env.payload("pull_request.closed.payload.json", number=16,
+                                         sha=new))
+    env.run_queue("report")
+    assert env.check_runs(new)[0]["conclusion"] == "neutral"
+    assert verify.job_ids == []
 
 
 def test_missing_or_invalid_settings_stop_start_up_with_one_line(app_env, monkeypatch,
@@ -155,3 +162,46 @@ def test_runner_environment_carries_no_secrets(app_env, tmp_path, monkeypatch):
     assert not [k for k in env if k.startswith(("GITHUB", "REDIS", "AWS"))]
     assert "ghp_secret" not in repr(env) and app_env["GITHUB_PRIVATE_KEY"] not in repr(env)
     assert env["HOME"].startswith(str(tmp_path))
+
+
+def test_fork_check_suite_rerun_maps_the_head_sha_back_to_the_pr(env):
+    sha, files = env.git_host.make_pr(17, {LLAMA: ("import mlx.core as mx",
+                                                   "import mlx.core as mx  # fork")})
+    env.open_pr(17, sha, files, author=OUTSIDER)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=17,
+                                         sha=sha, sender=OUTSIDER))
+    env.run_queue("report")
+    assert queued(env, "verify") == 0  # untrusted author: not run automatically
+    rerun = env.payload("check_suite.rerequested.payload.json")
+    rerun["check_suite"].update(head_sha=sha, pull_requests=[])  # as for a fork PR
+    env.send("check_suite", rerun)
+    env.run_queue("report")
+    runs = env.check_runs(sha)
+    assert [r["status"] for r in runs] == ["completed", "queued"]
+    job_id = runs[1]["external_id"]
+    assert Queue("verify", connection=env.redis, serializer=JSONSerializer).job_ids == [job_id]
+    # The re-run of an outsider is refused.
+    rerun["sender"]["login"] = OUTSIDER
+    env.send("check_suite", rerun)
+    env.run_queue("report")
+    assert len(env.check_runs(sha)) == 2
+
+
+def test_oversized_body_is_refused_and_healthz_reports_queues(env):
+    response = env.send("pull_request", {"pad": "x" * (6 * 1024 * 1024)})
+    assert response.status_code == 413
+    health = httpx.get(f"{env.server}/healthz", timeout=10).json()
+    assert health["redis"] == "ok" and health["queues"]["report"] == 0
+
+
+def test_installation_tokens_are_minted_once_and_shared_through_redis(env):
+    # Three report jobs, each in its own work horse process with its own client.
+    for number in (18, 19, 20):
+        sha, files = env.git_host.make_pr(number, {"README.md": ("upstream", f"v{number}")})
+        env.open_pr(number, sha, files)
+        env.send("pull_request", env.payload("pull_request.opened.payload.json",
+                                             number=number, sha=sha))
+    env.run_queue("report")
+    minted = [w for w in env.github.writes if w[1].endswith("/access_tokens")]
+    assert len(minted) == 1
+    assert env.redis.keys("mlxv:githubkit:*installation*")
