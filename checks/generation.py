@@ -36,9 +36,11 @@ BATCH_STEPS = 8
 # Prompt slices of the parity prompt for the batch: different lengths, different starts.
 BATCH_SLICES = ((0, 48), (7, 42), (20, 39))
 
-# rel L2 of one step's logits. Cross-framework: as the per-layer parity bound.
-# MLX cache vs MLX full forward: same kernels on one machine, measured 0 to 1e-6.
-KV_TOLERANCE = compare.LAYER_TOLERANCE
+# rel L2 of one step's logits against transformers' cache: correct fp32 ports measure
+# up to 2.2e-6 (attention) and 7.5e-6 (qwen3_next, gated delta net state); half
+# precision as the per-stage parity bound (bf16 measured up to 1.4e-2).
+KV_TOLERANCE = {**compare.LAYER_TOLERANCE, "float32": 3e-5}
+# MLX cache vs MLX full forward: same kernels on one machine, measured 0 to 2.6e-7.
 SELF_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
 # Near tie: each side's top-2 logit gap / std of the step's logits. A flip needs the two
 # gaps to sum below twice the largest logit error: correct ports measure <= 7e-6 std in

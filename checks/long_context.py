@@ -18,6 +18,7 @@ Bounds are calibrated on correct ports; see docs/tolerances.md ("generation and 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -33,6 +34,13 @@ LONG_TOKENS = 2048  # without a (crossable) window
 MAX_TOKENS = 4 * 1024 + 64  # longest prefill: eager attention on 2 CPU cores
 TAIL = 16  # compared positions at the end
 WINDOW_CROSSINGS = 4
+# Wall-time budget for the two long forwards, projected from a 256-token probe of
+# both as time ~ tokens^2 (attention; llama measures ~tokens^1.7 from 256 to 2048).
+# Past the budget a second probe at 512 measures the real exponent: some ports scale
+# worse (mlx-lm's jamba: 2.3 s at 256 tokens, 12.2 s at 512, ~200 s at 2048).
+TIME_BUDGET_S = 60.0
+PROBE_TOKENS = 256
+MIN_TOKENS = 512
 WINDOW_KEYS = ("sliding_window", "attention_window", "sliding_window_size", "window_size")
 # rel L2 per stage over the last positions. Errors grow with length, on the MLX side
 # (CPU attention accumulates in fp32 over every key): correct fp32 ports measure up to
@@ -99,8 +107,9 @@ def run(subject: Subject) -> list[CheckResult]:
     start = time.perf_counter()
     tol = LONG_TOLERANCE[subject.dtype]
     window_sizes = windows(subject.config)
-    length = sequence_length(window_sizes)
+    planned = sequence_length(window_sizes)
     vocab = int(subject.hf_model.config.get_text_config().vocab_size or synth.VOCAB)
+    length, probe_s, projected_s = affordable_length(subject, planned, vocab)
     ids = synth.token_ids(vocab, length, subject.seed + 1)
 
     hf = hf_side.forward(subject.hf_model, ids)
@@ -131,7 +140,8 @@ def run(subject: Subject) -> list[CheckResult]:
     first_bad = int(bad[0]) if bad.size and result.verdict == "fail" else None
     crossings = {w: round(length / w, 2) for w in window_sizes}
     result.metrics.update({
-        "tokens": length, "tail_positions": n,
+        "tokens": length, "planned_tokens": planned, "probe_s": probe_s,
+        "projected_s": projected_s, "tail_positions": n,
         "windows": ",".join(map(str, window_sizes)) or None,
         "min_window_crossings": min(crossings.values()) if crossings else None,
         "first_divergent_position": first_bad,
@@ -147,8 +157,9 @@ def run(subject: Subject) -> list[CheckResult]:
     facts = []
     if first_bad is not None:
         at_window = [w for w in window_sizes if first_bad in (w - 1, w, w + 1)]
-        facts.append(f"logits agree up to position {first_bad - 1} and diverge from position "
-                     f"{first_bad} (rel_l2 {per_pos[first_bad]:.2e})"
+        agree = (f"logits agree up to position {first_bad - 1} and diverge"
+                 if first_bad else "logits diverge")
+        facts.append(f"{agree} from position {first_bad} (rel_l2 {per_pos[first_bad]:.2e})"
                      + (f", the edge of the {at_window[0]}-token window: sliding-window mask"
                         if at_window else ""))
     if cache_vs_no_cache is not None and cache_vs_no_cache > tol:
@@ -157,6 +168,12 @@ def run(subject: Subject) -> list[CheckResult]:
     elif cache_vs_no_cache is not None:
         facts.append(f"MLX without a cache gives the same logits (rel_l2 "
                      f"{cache_vs_no_cache:.1e}): the model code or its mask, not the cache")
+    shortened = ""
+    if length < planned:
+        shortened = (f"shortened from {planned} to {length} tokens: probes of both forwards "
+                     f"at {PROBE_TOKENS} and {2 * PROBE_TOKENS} tokens project "
+                     f"{projected_s:.0f} s at {planned} (budget {TIME_BUDGET_S:.0f} s)")
+        facts.append(shortened)
     uncrossed = [w for w in window_sizes if length < WINDOW_CROSSINGS * w]
     if uncrossed:
         facts.append(f"window(s) {', '.join(map(str, uncrossed))} not crossed "
@@ -169,7 +186,7 @@ def run(subject: Subject) -> list[CheckResult]:
     if result.verdict == "pass":
         result.summary = (f"{length}-token prefill{window_text}: last {n} positions agree at "
                           f"every stage (max rel_l2 {result.metrics['max_rel_l2']:.1e} <= "
-                          f"{tol:.0e})")
+                          f"{tol:.0e})" + (f"; {shortened}" if shortened else ""))
     elif result.verdict == "fail":
         where = (f" from position {first_bad}" if first_bad is not None else "")
         result.summary = (f"{length}-token prefill{window_text}: logits diverge{where}; "
@@ -178,6 +195,41 @@ def run(subject: Subject) -> list[CheckResult]:
         result.summary = f"{length}-token prefill{window_text}: {result.summary}"
     result.duration_s = time.perf_counter() - start
     return [result]
+
+
+def _probe(subject: Subject, vocab: int, tokens: int) -> float:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from . import hf_side
+
+    ids = synth.token_ids(vocab, tokens, subject.seed + 2)
+    start = time.perf_counter()
+    hf_side.plain_forward(subject.hf_model, ids)
+    # the same path as the measured run: some ports are slower with a cache
+    logits = subject.mlx_model(mx.array(ids), cache=make_prompt_cache(subject.mlx_model))
+    mx.eval(logits)
+    return time.perf_counter() - start
+
+
+def affordable_length(subject: Subject, planned: int,
+                      vocab: int) -> tuple[int, float, float | None]:
+    """`planned`, or fewer tokens (a multiple of 64, at least MIN_TOKENS) when probes of
+    both forwards project past the time budget; the probe time and the projection."""
+    if planned <= 2 * PROBE_TOKENS:
+        return planned, 0.0, None
+    probe_s = _probe(subject, vocab, PROBE_TOKENS)
+    if probe_s * (planned / PROBE_TOKENS) ** 2 <= TIME_BUDGET_S:
+        return planned, probe_s, None
+    probe2_s = _probe(subject, vocab, 2 * PROBE_TOKENS)
+    # measured growth from 256 to 512 tokens, plus a margin: it steepens with length
+    exponent = max(1.0, math.log2(max(probe2_s, 1e-9) / max(probe_s, 1e-9))) + 0.5
+    projected = probe2_s * (planned / (2 * PROBE_TOKENS)) ** exponent
+    if projected <= TIME_BUDGET_S:
+        return planned, probe_s + probe2_s, projected
+    affordable = 2 * PROBE_TOKENS * (TIME_BUDGET_S / probe2_s) ** (1 / exponent)
+    length = max(MIN_TOKENS, min(planned, int(affordable) // 64 * 64))
+    return length, probe_s + probe2_s, projected
 
 
 def _profile(per_pos: np.ndarray, blocks: int = 16) -> list[dict[str, float | int]]:

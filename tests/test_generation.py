@@ -48,10 +48,11 @@ def run_check_subprocess(check: str, model_type: str, mlx_lm_root: Path, cache_d
 
     if check in engine.CHECK_MODULES:
         run = run_cli(["check", model_type, "--mlx-lm", str(mlx_lm_root),
-                       "--checks", f"layers,{check}", *(extra or [])],
+                       "--checks", f"layers,{check}", "--variants", "default",
+                       *(extra or [])],
                       cache_dir, tmp_path / "results.json")
         assert run.returncode in (0, 1), run.stderr[-2000:]
-        return run.report(model_type)["checks"]
+        return [c for c in run.report(model_type)["checks"] if c["variant"] == "default"]
     module = {"generation": "checks.generation", "long": "checks.long_context"}[check]
     config = extra[extra.index("--config") + 1] if extra and "--config" in extra else None
     code = (
