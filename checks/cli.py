@@ -137,7 +137,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             results.reports.append(engine.verify(
                 model_type, checks=selected, dtype=args.dtype,
                 seed=args.seed, progress=progress, given=found or None,
-                full_weights=args.full_weights,
+                full_weights=args.full_weights, strict_variants=len(args.model_types) == 1,
                 variant_names=tuple(v.strip() for v in args.variants.split(",") if v.strip())
                 if args.variants else None,
             ))

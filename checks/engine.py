@@ -114,7 +114,7 @@ def all_variants(model_type: str, source: dict[str, Any], from_file: bool,
 
 
 def source_variants(model_type: str, found: list[Source], names: tuple[str, ...] | None,
-                    full_weights: bool) -> list[Variant]:
+                    full_weights: bool, strict: bool = True) -> list[Variant]:
     """The first source's variants, then one tiny checkpoint per further distinct config
     (`source-N`), then the real checkpoints when full weights are asked for."""
     first = found[0]
@@ -141,7 +141,7 @@ def source_variants(model_type: str, found: list[Source], names: tuple[str, ...]
     if names is None:
         return out
     unknown = set(names) - {v.name for v in out}
-    if unknown:
+    if unknown and strict:
         raise InputError(f"{model_type} has no variant(s) {', '.join(sorted(unknown))}; "
                          f"available: {', '.join(v.name for v in out)}")
     return [v for v in out if v.name in names]
@@ -180,8 +180,11 @@ def applies(check: str, variant: str) -> bool:
 def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str, ...] = ALL_CHECKS,
            dtype: str = "float32", seed: int = 0, progress: Progress | None = None,
            variant_names: tuple[str, ...] | None = None, given: list[Source] | None = None,
-           full_weights: bool = False) -> ModelReport:
-    """Run the checks; bad input raises InputError or MlxLmError, findings are verdicts."""
+           full_weights: bool = False, strict_variants: bool = True) -> ModelReport:
+    """Run the checks; bad input raises InputError or MlxLmError, findings are verdicts.
+
+    With strict_variants off (several model types in one run), a named variant this
+    model_type does not have is recorded as a skip instead of being an error."""
     from . import hf_side, mlx_side
 
     say = progress or (lambda message: None)
@@ -190,7 +193,12 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                          seed=seed, dtype=dtype, verdict="skip",
                          config_diff=sources.config_diff(found))
     try:
-        report.variants = source_variants(model_type, found, variant_names, full_weights)
+        report.variants = source_variants(model_type, found, variant_names, full_weights,
+                                          strict_variants)
+        for name in sorted(set(variant_names or ()) - {v.name for v in report.variants}):
+            report.checks.append(CheckResult(check="layers", variant=name, verdict="skip",
+                                             summary=f"not applicable: {model_type} has no "
+                                                     f"variant {name}"))
     except InputError:
         raise
     except Exception as e:
