@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Sets up what the test suite needs on a fresh Debian/Ubuntu machine, then runs it:
-# system packages (redis-server: the tests start their own), the venv, ruff, pytest.
+# system packages (redis-server: the tests start their own; chromium: the dashboard tests), the venv, ruff, pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v chromium >/dev/null || missing+=(chromium)  # the dashboard tests drive it headless
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

@@ -1,0 +1,267 @@
+"""The dashboard in a real browser (headless Debian Chromium via Playwright) against the
+live app with real runs in Redis. Each page's screenshot goes to artifacts/screenshots/."""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import quote
+
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app import store
+from workers import report
+
+from .conftest import (
+    HOSTILE_TITLE,
+    MAINTAINER,
+    OUTSIDER,
+    REPO,
+    REQUEST,
+    SHA_BAD,
+    SHA_GOOD,
+    screenshot,
+    sign_in,
+)
+
+
+def layers_check(results):
+    return next(c for c in results.reports[0].checks if c.check == "layers")
+
+
+def test_pages_load(page, live):
+    pages = {
+        "pr-list": (f"{live.url}/", "Pull requests"),
+        "pr-list-filtered": (f"{live.url}/?verdict=fail&repository={quote(REPO)}",
+                             "Pull requests"),
+        "pr-page": (f"{live.url}/prs/{REPO}/7", f"{REPO}#7"),
+        "run-failing": (f"{live.url}/runs/{live.ids['bad']}", "Run"),
+        "run-passing": (f"{live.url}/runs/{live.ids['good']}", "Run"),
+        "runs": (f"{live.url}/runs", "Runs"),
+        "runs-llama": (f"{live.url}/runs?model_type=llama", "Runs of llama"),
+        "queue": (f"{live.url}/queue", "Queue"),
+        "matrix": (f"{live.url}/matrix", "Architecture matrix"),
+    }
+    for name, (url, heading) in pages.items():
+        answer = page.goto(url)
+        assert answer is not None and answer.status == 200, (name, answer and answer.status)
+        headings = page.locator("h1")
+        assert headings.count() == 1, name
+        assert headings.inner_text().startswith(heading), (name, headings.inner_text())
+        screenshot(page, name)
+    assert page.goto(f"{live.url}/runs/no-such-run").status == 404
+
+
+def test_pr_page_shows_the_regression_between_pushes(page, live):
+    page.goto(f"{live.url}/prs/{REPO}/7")
+    rows = page.locator("#pushes tbody tr")
+    assert rows.count() == 2
+    newest, older = rows.nth(0), rows.nth(1)
+    assert SHA_BAD[:12] in newest.inner_text() and SHA_GOOD[:12] in older.inner_text()
+    assert "regressed: llama/layers" in newest.inner_text()
+    assert "regressed" in (newest.get_attribute("class") or "")
+    assert "fail" in newest.inner_text() and "pass" in older.inner_text()
+
+
+def test_chart_has_one_point_per_stage(page, live):
+    for name, results in (("bad", live.results["bugged"]), ("good", live.results["clean"])):
+        check = layers_check(results)
+        page.goto(f"{live.url}/runs/{live.ids[name]}")
+        chart = page.locator("svg.layer-chart")
+        assert chart.count() == 1
+        assert chart.locator("circle.point").count() == len(check.layers) >= 3
+        assert chart.get_attribute("role") == "img"
+        assert "log scale" in chart.locator("title").first.text_content()
+        assert chart.locator("polyline.tolerance").count() == 1
+        stages = [t.text_content().split(":")[0]
+                  for t in chart.locator("circle.point > title").all()]
+        assert stages == [row.name for row in check.layers]
+        first = chart.locator("circle.first")
+        if check.first_divergent_layer is None:
+            assert first.count() == 0 and chart.locator("line.first-divergent").count() == 0
+        else:
+            assert first.count() == 1
+            assert first.locator("title").text_content().startswith(
+                check.first_divergent_layer)
+            assert chart.locator("line.first-divergent").count() == 1
+            # the failing stages are drawn above the tolerance line (smaller y)
+            bad = [float(c.get_attribute("cy")) for c in chart.locator("circle.bad").all()]
+            tol_y = float(chart.locator("polyline.tolerance").get_attribute(
+                "points").split()[0].split(",")[1])
+            assert bad and all(y < tol_y for y in bad)
+    screenshot(page, "run-chart-passing")
+
+
+def test_links_lead_where_they_say(page, live):
+    page.goto(f"{live.url}/")
+    page.get_by_role("link", name="#7", exact=True).click()
+    assert page.url == f"{live.url}/prs/{REPO}/7"
+    page.locator("#pushes tbody tr").first.get_by_role("link", name="run").click()
+    assert page.url == f"{live.url}/runs/{live.ids['bad']}"
+    assert live.ids["bad"] in page.locator("h1").inner_text()
+    page.locator("#pr-link").click()
+    assert page.url == f"{live.url}/prs/{REPO}/7"
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    page.locator("#verdicts").get_by_role("link", name="layers").click()
+    assert page.url.endswith("#c-0-0")
+    assert page.locator("#c-0-0").is_visible()
+    page.locator("#verdicts").get_by_role("link", name="llama").click()
+    assert page.url == f"{live.url}/runs?model_type=llama"
+    assert page.locator("#runs tbody tr").count() == 5  # 3 PR runs + 2 sweep runs
+    # downloads: the stored results JSON and the Markdown report
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    with page.expect_download() as download:
+        page.locator("#download-json").click()
+    data = json.loads(open(download.value.path()).read())
+    assert data["reports"][0]["checks"][0]["first_divergent_layer"] == \
+        layers_check(live.results["bugged"]).first_divergent_layer
+    with page.expect_download() as download:
+        page.locator("#download-md").click()
+    text = open(download.value.path()).read()
+    assert text.startswith("### mlx-verify: ❌ fail") and "| stage |" in text
+    # the matrix: a verdict cell leads to that sweep's run
+    page.goto(f"{live.url}/matrix")
+    page.locator("#matrix tbody tr").first.locator("td").nth(1).get_by_role("link").click()
+    assert re.search(r"/runs/sweep-[0-9a-f]{16}-llama$", page.url)
+    assert "main-today" in page.locator("#facts").inner_text()
+
+
+def test_matrix_lists_what_changed_since_the_previous_sweep(page, live):
+    page.goto(f"{live.url}/matrix")
+    changes = page.locator("#changes tbody tr")
+    assert changes.count() == 1
+    assert re.sub(r"\s+", " ", changes.first.inner_text()).strip() == "llama layers pass fail"
+    page.get_by_label("mlx-lm tree and transformers version").select_option(
+        live.ids["sweep-clean"])
+    page.get_by_role("button", name="Show").click()
+    assert "main-yesterday" in page.locator("main p").nth(0).inner_text()
+    assert "No earlier sweep" in page.locator("main").inner_text()
+    screenshot(page, "matrix-previous")
+
+
+def test_filters_work_without_javascript(browser, live):
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(f"{live.url}/")
+    page.get_by_label("Verdict").select_option("fail")
+    page.get_by_role("button", name="Filter").click()
+    rows = page.locator("#prs tbody tr")
+    assert rows.count() == 1 and "#7" in rows.first.inner_text()
+    page.get_by_label("State").select_option("failed")
+    page.get_by_role("button", name="Filter").click()
+    assert "No pull request matches" in page.locator("#prs").inner_text()
+    context.close()
+
+
+def test_untrusted_text_is_escaped(page, live):
+    page.goto(f"{live.url}/")
+    assert page.locator("#prs img").count() == 0
+    assert page.get_by_text(HOSTILE_TITLE).count() == 1
+    assert page.title() != "1"
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    assert "<script>alert(1)</script>" in page.locator("#logs").inner_text()
+    assert page.locator("main script").count() == 0
+
+
+def test_actions_refuse_an_anonymous_user(page, live):
+    verify = Queue(report.VERIFY_QUEUE, connection=live.connection, serializer=JSONSerializer)
+    before = verify.count
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    page.get_by_role("button", name="Re-run this request").click()
+    assert page.locator("h1").inner_text() == "Login required"
+    screenshot(page, "action-refused-anonymous")
+    assert verify.count == before and not live.fake.github.check_runs
+    # a forged POST without the session's CSRF token, even with a session: refused
+    sign_in(page, live, MAINTAINER)
+    answer = page.request.post(f"{live.url}/runs/{live.ids['bad']}/rerun",
+                               form={"csrf": "forged"})
+    assert answer.status == 403
+    assert verify.count == before and not live.fake.github.check_runs
+
+
+def test_actions_refuse_a_user_without_write_permission(page, live):
+    verify = Queue(report.VERIFY_QUEUE, connection=live.connection, serializer=JSONSerializer)
+    before = verify.count
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    sign_in(page, live, OUTSIDER)
+    page.get_by_role("button", name="Re-run this request").click()
+    assert page.locator("h1").inner_text() == "Refused"
+    assert "no write permission" in page.locator("main").inner_text()
+    assert verify.count == before and not live.fake.github.check_runs
+
+
+def test_rerun_and_cancel_for_an_authorised_user(page, live):
+    connection = live.connection
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    sign_in(page, live, MAINTAINER)
+    # back on the run page after the OAuth round trip
+    assert page.url == f"{live.url}/runs/{live.ids['bad']}"
+    cookie = next(c for c in page.context.cookies() if c["name"] == "mlxv_session")
+    assert cookie["httpOnly"] and cookie["path"] == "/dashboard"
+    assert "gho_" not in cookie["value"]  # the OAuth token never reaches the browser
+    page.get_by_role("button", name="Re-run this request").click()
+    assert page.locator("h1").inner_text() == "Re-run requested", page.locator("main").inner_text()
+    screenshot(page, "action-rerun")
+    job_id = report.verify_job_id(REPO, 7, SHA_BAD, REQUEST)
+    assert job_id == live.ids["bad"]  # the same request: the same deterministic job
+    job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    assert job.get_status().value == "queued"
+    assert job.args[0]["request"]["model_types"] == ["llama"]
+    runs = list(live.fake.github.check_runs.values())
+    assert len(runs) == 1 and runs[0]["head_sha"] == SHA_BAD and runs[0]["status"] == "queued"
+    run = store.get_run(connection, job_id)
+    assert run.state == "queued" and run.request["requested_by"] == MAINTAINER
+    # the queue page lists it with a cancel button, reachable from the keyboard
+    page.goto(f"{live.url}/queue")
+    queued = page.locator('table[data-queue="verify"][data-section="queued"]')
+    assert job_id in queued.inner_text()
+    screenshot(page, "queue-with-job")
+    cancel = page.get_by_role("button", name=f"Cancel job {job_id}")
+    cancel.focus()
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+    assert page.locator("h1").inner_text() == "Cancel", page.locator("main").inner_text()
+    assert job.get_status(refresh=True).value == "canceled"
+    assert runs[0]["status"] == "completed" and runs[0]["conclusion"] == "cancelled"
+    assert store.get_run(connection, job_id).state == "cancelled"
+    assert connection.hget(f"mlxv:job:{job_id}", "state") == b"cancelled"
+    # a push moved the PR on: re-running the old head is refused, nothing enqueued
+    live.fake.github.pulls[(REPO, 7)].head_sha = "9" * 40
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    page.get_by_role("button", name="Re-run this request").click()
+    assert page.locator("h1").inner_text() == "Not re-run"
+    assert len(live.fake.github.check_runs) == 1
+    # sign out needs the CSRF token too, and ends the session
+    page.get_by_role("button", name="Sign out").click()
+    assert page.get_by_role("link", name="Sign in with GitHub").is_visible()
+
+
+def test_accessibility_basics(page, live):
+    for url in (f"{live.url}/", f"{live.url}/prs/{REPO}/7", f"{live.url}/runs/{live.ids['bad']}",
+                f"{live.url}/runs", f"{live.url}/queue", f"{live.url}/matrix"):
+        page.goto(url)
+        assert page.locator("html").get_attribute("lang") == "en"
+        assert page.locator("h1").count() == 1 and page.locator("h2, caption").count() >= 0
+        # every visible form control has an accessible name
+        unlabeled = page.evaluate("""() => [...document.querySelectorAll(
+            'input:not([type=hidden]), select, textarea, button')].filter(e => {
+              const label = e.labels && e.labels.length ? e.labels[0].innerText.trim() : '';
+              return !(label || e.getAttribute('aria-label') || e.innerText.trim());
+            }).map(e => e.outerHTML)""")
+        assert unlabeled == [], (url, unlabeled)
+        # every chart has a title and a description
+        for svg in page.locator("svg").all():
+            assert svg.get_attribute("role") == "img" and svg.get_attribute("aria-labelledby")
+            assert svg.locator("title").first.text_content()
+    # keyboard: Tab from the top reaches the skip link, the nav and the filter controls
+    page.goto(f"{live.url}/")
+    seen = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        seen.append(page.evaluate(
+            "() => document.activeElement.tagName + ':' + "
+            "(document.activeElement.innerText || document.activeElement.name || '')"))
+    assert seen[0].startswith("A:Skip to content")
+    assert any(s.startswith("SELECT:") for s in seen) and any(s == "BUTTON:Filter" for s in seen)
