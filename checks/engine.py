@@ -77,18 +77,18 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
     default config is written in the legacy format most Hub checkpoints carry."""
     tiny = synth.shrink_config(source)
     fmt = synth.config_format(tiny)
-    if from_file or fmt != "rope_parameters":
+    legacy = tiny if from_file else synth.to_legacy_format(tiny)
+    if legacy == tiny:
         return [Variant(name="default", description="source config, sizes shrunk",
                         config_format=fmt, config=tiny)]
-    legacy = synth.to_legacy_format(tiny)
     if synth.legacy_is_lossless(tiny, legacy):
         return [Variant(name="default",
                         description="transformers default config, sizes shrunk, "
-                                    "legacy rope_theta/rope_scaling format",
+                                    "legacy format (top-level RoPE keys, Hub key names)",
                         config_format=synth.config_format(legacy), config=legacy)]
     return [Variant(name="default",
                     description="transformers default config, sizes shrunk "
-                                "(no lossless legacy form: rope_parameters kept)",
+                                "(no lossless legacy form: transformers 5 format kept)",
                     config_format=fmt, config=tiny)]
 
 

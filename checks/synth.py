@@ -12,7 +12,9 @@ softcaps and routing to matter.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -55,6 +57,8 @@ SIZE_KEYS: dict[str, int] = {
     "chunk_size": 16, "mamba_chunk_size": 16,
 }
 
+MLP_WIDTH_KEYS = ("intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim",
+                  "intermediate_size_mlp")
 EXPERT_COUNT_KEYS = (
     "num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
 )
@@ -92,36 +96,121 @@ def _causal_lm_class(model_type: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
+# Legacy names of RoPE keys that transformers 5 still reads (it pops them while
+# building rope_parameters) but never writes; Hub checkpoints of the architecture use them.
+LEGACY_ROPE_KEYS: dict[str, dict[str, str]] = {
+    "gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"},
+}
+
+# Keys Hub checkpoints carry that transformers 5 neither declares nor reads: each is a
+# copy of a key it does read, so writing it changes nothing for transformers.
+LEGACY_COPIES: dict[str, dict[str, str]] = {
+    "gpt2": {"n_ctx": "n_positions"},  # GPT-2 configs carry n_ctx == n_positions
+    "lfm2": {"block_dim": "hidden_size"},  # LFM2 configs carry block_dim == hidden_size
+}
+
+# Keys Hub checkpoints carry that transformers 5 reads once, converts into a new key
+# and then serves as a read-only property: written from the property, the new key
+# dropped (key -> the key it replaces, None when it replaces nothing).
+LEGACY_PROPERTIES: dict[str, dict[str, str | None]] = {
+    "nemotron_h": {"hybrid_override_pattern": "layers_block_type", "num_hidden_layers": None},
+}
+
+
 def config_format(config: dict[str, Any]) -> str:
     if "rope_parameters" in config:
         return "rope_parameters"
-    if "rope_theta" in config or "rope_scaling" in config:
+    legacy_names = {name for names in LEGACY_ROPE_KEYS.values() for name in names.values()}
+    if any(k in config for k in ("rope_theta", "rope_scaling", *legacy_names)):
         return "legacy"
     return "unknown"
 
 
 def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 `rope_parameters` -> the top-level keys most Hub checkpoints carry.
+    """A transformers 5 config dict -> the keys transformers 4 wrote and Hub checkpoints carry.
 
-    Lossless or refused: the caller checks the round trip through transformers.
+    - `rope_parameters` -> top-level rope_theta / rope_scaling / partial_rotary_factor
+      (under the architecture's own names where it has them, LEGACY_ROPE_KEYS);
+    - head_dim written explicitly where transformers 5 computes it (transformers 4
+      stored it, so its checkpoints carry it);
+    - a key stored under a name transformers 5 introduced, with the older name as an
+      `attribute_map` alias, goes under the name the mlx-lm port reads (both names are
+      the same key to transformers);
+    - LEGACY_COPIES added.
+
+    Lossless or refused: the caller checks the round trip (`legacy_is_lossless`).
     """
+    from transformers import AutoConfig
+
     out = copy.deepcopy(config)
+    model_type = out.get("model_type", "")
     params = out.pop("rope_parameters", None)
-    if not params:
-        return out
-    per_layer_type = all(isinstance(v, dict) for v in params.values())
-    main = params.get("full_attention", next(iter(params.values()))) if per_layer_type else params
-    main = dict(main)
-    out["rope_theta"] = main.pop("rope_theta", 10000.0)
-    if "partial_rotary_factor" in main:
-        out["partial_rotary_factor"] = main.pop("partial_rotary_factor")
-    rope_type = main.get("rope_type", "default")
-    if rope_type != "default":
-        out["rope_scaling"] = {**main, "type": rope_type}
-    if per_layer_type and "sliding_attention" in params:
-        # gemma3-style local RoPE base
-        out["rope_local_base_freq"] = params["sliding_attention"].get("rope_theta")
+    if params:
+        per_layer_type = all(isinstance(v, dict) for v in params.values())
+        main = dict(params.get("full_attention", next(iter(params.values())))
+                    if per_layer_type else params)
+        names = LEGACY_ROPE_KEYS.get(model_type, {})
+        out[names.get("rope_theta", "rope_theta")] = main.pop("rope_theta", 10000.0)
+        if "partial_rotary_factor" in main:
+            key = names.get("partial_rotary_factor", "partial_rotary_factor")
+            out[key] = main.pop("partial_rotary_factor")
+        rope_type = main.get("rope_type", "default")
+        if rope_type != "default":
+            out["rope_scaling"] = {**main, "type": rope_type}
+        if per_layer_type and "sliding_attention" in params:
+            # gemma3-style local RoPE base
+            out["rope_local_base_freq"] = params["sliding_attention"].get("rope_theta")
+
+    config_class = _config_class(model_type)
+    if config_class is not None:
+        hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+        if ("head_dim" not in out and "head_dim" not in _declared_fields(config_class)
+                and isinstance(hidden, int) and isinstance(heads, int) and heads > 0
+                and hidden % heads == 0):
+            out["head_dim"] = hidden // heads
+        mlx_fields = _mlx_fields(out)
+        for alias, stored in getattr(config_class, "attribute_map", {}).items():
+            if (stored in out and alias not in out and alias in mlx_fields
+                    and stored not in mlx_fields):
+                out[alias] = out.pop(stored)
+    properties = LEGACY_PROPERTIES.get(model_type, {})
+    if properties:
+        data = {k: v for k, v in config.items() if k != "model_type"}
+        loaded = AutoConfig.for_model(model_type, **data)
+        for key, replaced in properties.items():
+            out[key] = getattr(loaded, key)
+            if replaced is not None:
+                out.pop(replaced, None)
+    for key, source_key in LEGACY_COPIES.get(model_type, {}).items():
+        if key not in out and source_key in out:
+            out[key] = out[source_key]
     return out
+
+
+def _config_class(model_type: str) -> Any:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type]
+    except KeyError:
+        return None
+
+
+def _declared_fields(config_class: Any) -> set[str]:
+    if dataclasses.is_dataclass(config_class):
+        return {f.name for f in dataclasses.fields(config_class)}
+    return set(inspect.signature(config_class.__init__).parameters)
+
+
+def _mlx_fields(config: dict[str, Any]) -> set[str]:
+    """The config keys the mlx-lm ModelArgs for this config declares (empty if none)."""
+    try:
+        from mlx_lm.utils import _get_classes
+
+        _, args_class = _get_classes(config)
+    except Exception:
+        return set()
+    return _declared_fields(args_class)
 
 
 def _layer_count(config: dict[str, Any]) -> tuple[str, int] | None:
@@ -131,10 +220,26 @@ def _layer_count(config: dict[str, Any]) -> tuple[str, int] | None:
     return None
 
 
+def _is_index_list(key: str, value: Any, n_layers: int) -> bool:
+    """A list of layer indices (lfm2's full_attn_idxs, mlp_only_layers), not a per-layer list."""
+    if not isinstance(value, list) or not ("idx" in key or key.endswith("_layers")):
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_layers for v in value):
+        return False
+    return all(a < b for a, b in zip(value, value[1:], strict=False))
+
+
 def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
     """Fewest layers that keep one of each layer type and the layer pattern's first period."""
     needed = 2
     for key, value in config.items():
+        if _is_index_list(key, value, n_layers):
+            # layers listed and layers not listed are two types: keep the first of each
+            listed = set(value)
+            firsts = [min(listed, default=None),
+                      next((i for i in range(n_layers) if i not in listed), None)]
+            needed = max(needed, *(i + 1 for i in firsts if i is not None))
+            continue
         if isinstance(value, (list, str)) and len(value) == n_layers and n_layers > 2:
             seen: set[Any] = set()
             for i, item in enumerate(value):
@@ -154,6 +259,34 @@ def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
     return min(needed, n_layers)
 
 
+# Sizes the source ties together stay tied after shrinking (when they are tied in the
+# source): (key, operation, operands). MLA attention rotates a head_dim-wide slice and
+# has qk_head_dim = nope + rope; Mamba-2 mixers have d_ssm = heads * head width.
+TIED_SIZES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("head_dim", "equal", ("qk_rope_head_dim",)),
+    ("qk_head_dim", "sum", ("qk_nope_head_dim", "qk_rope_head_dim")),
+    ("mamba_d_ssm", "product", ("mamba_n_heads", "mamba_d_head")),
+)
+
+
+def _tied_value(config: dict[str, Any], operation: str, operands: tuple[str, ...]) -> int | None:
+    values = [config.get(k) for k in operands]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    if operation == "equal":
+        return values[0]
+    if operation == "sum":
+        return sum(values)
+    return math.prod(values)
+
+
+def _keep_tied_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
+    for key, operation, operands in TIED_SIZES:
+        value = source.get(key)
+        if isinstance(value, int) and value == _tied_value(source, operation, operands):
+            out[key] = _tied_value(out, operation, operands)
+
+
 def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     """Sizes shrunk, every other key kept as it was (format included)."""
     out = copy.deepcopy(config)
@@ -163,10 +296,8 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(nested), dict):
             out[nested] = shrink_config(out[nested])
 
-    orig_heads = next(
-        (out[k] for k in ("num_attention_heads", "n_head", "n_heads") if isinstance(out.get(k), int)),
-        None,
-    )
+    orig_heads = next((out[k] for k in ("num_attention_heads", "n_head", "n_heads")
+                       if isinstance(out.get(k), int)), None)
     orig_hidden = next(
         (out[k] for k in ("hidden_size", "d_model", "n_embd") if isinstance(out.get(k), int)), None
     )
@@ -177,6 +308,12 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         value = out.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > target:
             out[key] = target
+            # an MLP width that is a whole multiple of the hidden size stays one: some
+            # ports hard-code the multiple (gpt_neox: 4 * hidden)
+            if key in MLP_WIDTH_KEYS and isinstance(orig_hidden, int) and orig_hidden > 0:
+                multiple, rest = divmod(value, orig_hidden)
+                if rest == 0 and 1 <= multiple <= 8:
+                    out[key] = multiple * HIDDEN
 
     # Grouped-query attention stays grouped, MQA stays MQA, MHA stays MHA.
     heads = out.get("num_attention_heads", HEADS)
@@ -195,8 +332,11 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
             out["head_dim"] = 32
     if isinstance(out.get("rotary_dim"), int) and isinstance(orig_hidden, int) and orig_heads:
         # gpt-j style partial rotary by count: keep the same fraction of the head
-        frac = out["rotary_dim"] / (orig_hidden // orig_heads)
-        out["rotary_dim"] = max(2, int(round(frac * HIDDEN / HEADS / 2)) * 2)
+        source_head = orig_head_dim if isinstance(orig_head_dim, int) else orig_hidden // orig_heads
+        tiny_head = out["head_dim"] if isinstance(orig_head_dim, int) else HIDDEN // HEADS
+        frac = out["rotary_dim"] / source_head
+        out["rotary_dim"] = max(2, int(round(frac * tiny_head / 2)) * 2)
+    _keep_tied_sizes(config, out)
 
     # Experts: fewer, but routing still chooses (top-k < experts) and groups still group.
     for key in EXPERT_COUNT_KEYS:
@@ -228,7 +368,10 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         key, n_layers = layer_count
         keep = _layers_needed(out, n_layers)
         for k, value in list(out.items()):
-            if isinstance(value, (list, str)) and len(value) == n_layers and k not in TOKEN_ID_KEYS:
+            if _is_index_list(k, value, n_layers):
+                out[k] = [i for i in value if i < keep]
+            elif (isinstance(value, (list, str)) and len(value) == n_layers
+                  and k not in TOKEN_ID_KEYS):
                 out[k] = value[:keep]
         for k in ("max_window_layers", "moe_layer_end_index", "num_nextn_predict_layers"):
             if isinstance(out.get(k), int) and out[k] > keep:
@@ -275,7 +418,7 @@ def init_weights(model: Any, seed: int) -> None:
     hidden = getattr(model.config, "hidden_size", None) or HIDDEN
     owners = {}
     for mod_name, module in model.named_modules():
-        for p_name, param in module.named_parameters(recurse=False):
+        for p_name, _ in module.named_parameters(recurse=False):
             owners[f"{mod_name}.{p_name}" if mod_name else p_name] = (mod_name, module, p_name)
 
     with torch.no_grad():
@@ -349,10 +492,22 @@ def _hf_dict(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def legacy_is_lossless(v5_config: dict[str, Any], legacy_config: dict[str, Any]) -> bool:
+    """transformers reads both to the same config. The keys `to_legacy_format` adds that
+    transformers 5 keeps as plain attributes without using them (an explicit head_dim,
+    LEGACY_COPIES) must hold the value transformers computes or copies."""
     try:
-        return _hf_dict(v5_config) == _hf_dict(legacy_config)
+        v5, legacy = _hf_dict(v5_config), _hf_dict(legacy_config)
     except Exception:
         return False
+    model_type = legacy_config.get("model_type", "")
+    derived = {k: v5.get(source) for k, source in LEGACY_COPIES.get(model_type, {}).items()}
+    hidden, heads = v5.get("hidden_size"), v5.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        derived.setdefault("head_dim", hidden // heads)
+    for key in set(legacy) - set(v5):
+        if key in derived and legacy[key] == derived[key]:
+            legacy.pop(key)
+    return v5 == legacy
 
 
 def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") -> Path:
