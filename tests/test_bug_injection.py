@@ -212,15 +212,8 @@ BUGS: tuple[InjectedBug, ...] = (
               "mask = sliding_window_mask if is_global else global_mask"),),
         **attention(), variant="sliding-window",
     ),
-)
-
-# Realistic bugs the engine does not yet catch or localizes to the wrong part. Kept here
-# (not run) so they can move into BUGS once the engine handles them.
-# - mixtral: the transformers MoE block is `mlp`, the MLX one `block_sparse_moe`, so no
-#   MoE module is paired and both bugs localize to "residual" (model.layers.0).
-# - cohere: the MLP fed the attention output (sequential instead of parallel block) is
-#   localized to part "mlp" (model.layers.0.mlp, inputs_agree False), not "residual".
-KNOWN_MISSES: tuple[InjectedBug, ...] = (
+    # transformers 5 names the MoE block `mlp`, mlx-lm `block_sparse_moe`: paired by
+    # call order and shape, so the routing bugs localize to the MoE block
     InjectedBug(
         "mixtral-top-k-off-by-one", "mixtral",
         (Edit("models/mixtral.py", "k = self.num_experts_per_tok\n",
@@ -236,6 +229,8 @@ KNOWN_MISSES: tuple[InjectedBug, ...] = (
               "        scores = mx.take_along_axis(scores, inds, axis=-1)\n"),),
         stage="layers.0", part="moe", module="model.layers.0.mlp",
     ),
+    # the MLP fed the attention output: its input already differs, so the blame climbs
+    # to the layer's own code
     InjectedBug(
         "cohere-parallel-block-made-sequential", "cohere",
         (Edit("models/cohere.py", "ff_h = self.mlp(h)", "ff_h = self.mlp(h + attn_h)"),),
@@ -344,7 +339,7 @@ def test_controls_pass_without_the_edits(cache_dir: Path, tmp_path: Path, varian
         assert layers_check(run, model_type, variant)["verdict"] == "pass"
 
 
-@pytest.mark.parametrize("bug", BUGS + KNOWN_MISSES, ids=[b.name for b in BUGS + KNOWN_MISSES])
+@pytest.mark.parametrize("bug", BUGS, ids=[b.name for b in BUGS])
 def test_edit_snippets_exist_in_installed_mlx_lm(bug: InjectedBug) -> None:
     # copy_mlx_lm asserts this too; here it fails fast and names the bug
     for edit in bug.edits:
