@@ -38,7 +38,7 @@ WINDOW_CROSSINGS = 4
 # both as time ~ tokens^2 (attention; llama measures ~tokens^1.7 from 256 to 2048).
 # Past the budget a second probe at 512 measures the real exponent: some ports scale
 # worse (mlx-lm's jamba: 2.3 s at 256 tokens, 12.2 s at 512, ~200 s at 2048).
-TIME_BUDGET_S = 60.0
+TIME_BUDGET_S = 90.0
 PROBE_TOKENS = 256
 MIN_TOKENS = 512
 WINDOW_KEYS = ("sliding_window", "attention_window", "sliding_window_size", "window_size")
@@ -181,8 +181,13 @@ def run(subject: Subject) -> list[CheckResult]:
     result.details["facts"] = facts
     if result.localization is not None:
         result.localization.facts = facts + result.localization.facts
-    window_text = (f", window {'/'.join(map(str, window_sizes))} crossed "
-                   f"{min(crossings.values()):g}x" if window_sizes else "")
+    window_text = ""
+    if window_sizes and min(crossings.values()) >= 1:
+        window_text = (f", window {'/'.join(map(str, window_sizes))} crossed "
+                       f"{min(crossings.values()):g}x")
+    elif window_sizes:
+        window_text = f", window {'/'.join(map(str, window_sizes))} not reached"
+
     if result.verdict == "pass":
         result.summary = (f"{length}-token prefill{window_text}: last {n} positions agree at "
                           f"every stage (max rel_l2 {result.metrics['max_rel_l2']:.1e} <= "
@@ -223,7 +228,7 @@ def affordable_length(subject: Subject, planned: int,
         return planned, probe_s, None
     probe2_s = _probe(subject, vocab, 2 * PROBE_TOKENS)
     # measured growth from 256 to 512 tokens, plus a margin: it steepens with length
-    exponent = max(1.0, math.log2(max(probe2_s, 1e-9) / max(probe_s, 1e-9))) + 0.5
+    exponent = max(1.0, math.log2(max(probe2_s, 1e-9) / max(probe_s, 1e-9))) + 0.25
     projected = probe2_s * (planned / (2 * PROBE_TOKENS)) ** exponent
     if projected <= TIME_BUDGET_S:
         return planned, probe_s + probe2_s, projected
