@@ -481,7 +481,7 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
             names = worker.queue_names()
             workers.append({"name": worker.name, "hostname": worker.hostname or "",
                             "pid": worker.pid, "queues": names,
-                            "memory_class": memory_class(names), "state": worker.state,
+                            "memory_class": memory_class(names), "state": worker.get_state(),
                             "heartbeat": worker.last_heartbeat.timestamp()
                             if worker.last_heartbeat else None,
                             "job": worker.get_current_job_id() or ""})

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up what the test suite needs on a fresh Debian/Ubuntu machine, then runs it:
-# system packages (redis-server: the tests start their own; chromium: the dashboard tests), the venv, ruff, pytest.
+# system packages (redis-server: the tests start their own), the venv, ruff, pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -265,3 +265,28 @@ def test_accessibility_basics(page, live):
             "(document.activeElement.innerText || document.activeElement.name || '')"))
     assert seen[0].startswith("A:Skip to content")
     assert any(s.startswith("SELECT:") for s in seen) and any(s == "BUTTON:Filter" for s in seen)
+
+
+def test_queue_page_shows_a_live_runner(page, live):
+    import os
+    import signal
+
+    from rq import Worker
+
+    from tests.app.conftest import start_worker_process, wait_until
+
+    port = live.connection.connection_pool.connection_kwargs["port"]
+    process = start_worker_process(report.LARGE_VERIFY_QUEUE, {
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0", "GITHUB_GIT_URL": live.fake.url})
+    try:
+        wait_until(lambda: Worker.all(connection=live.connection, serializer=JSONSerializer),
+                   30, what="the runner to register")
+        page.goto(f"{live.url}/queue")
+        row = page.locator("#workers tbody tr").first
+        text = row.inner_text()
+        assert report.LARGE_VERIFY_QUEUE in text and "large" in text
+        assert re.search(r"\d+ s ago", text), text  # its last heartbeat
+        screenshot(page, "queue-with-runner")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(20)
