@@ -86,10 +86,14 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
                         description="transformers default config, sizes shrunk, "
                                     "legacy format (top-level RoPE keys, Hub key names)",
                         config_format=synth.config_format(legacy), config=legacy)]
+    # no lossless legacy RoPE form (an architecture new in transformers 5): keep its
+    # rope_parameters, with the Hub key names where those are lossless
+    named = synth.hub_key_names(tiny)
     return [Variant(name="default",
                     description="transformers default config, sizes shrunk "
                                 "(no lossless legacy form: transformers 5 format kept)",
-                    config_format=fmt, config=tiny)]
+                    config_format=fmt,
+                    config=named if synth.legacy_is_lossless(tiny, named) else tiny)]
 
 
 def all_variants(model_type: str, source: dict[str, Any], from_file: bool,

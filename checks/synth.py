@@ -116,6 +116,13 @@ LEGACY_PROPERTIES: dict[str, dict[str, str | None]] = {
     "nemotron_h": {"hybrid_override_pattern": "layers_block_type", "num_hidden_layers": None},
 }
 
+# Keys Hub checkpoints carry for behaviour transformers 5 hard-codes (it has no such
+# key): written with the one value transformers implements.
+LEGACY_CONSTANTS: dict[str, dict[str, Any]] = {
+    # modeling_apertus: MLP without bias, q/k RMSNorm, pre-norm only
+    "apertus": {"mlp_bias": False, "qk_norm": True, "post_norm": False},
+}
+
 
 def config_format(config: dict[str, Any]) -> str:
     if "rope_parameters" in config:
@@ -127,21 +134,13 @@ def config_format(config: dict[str, Any]) -> str:
 
 
 def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
-    """A transformers 5 config dict -> the keys transformers 4 wrote and Hub checkpoints carry.
-
-    - `rope_parameters` -> top-level rope_theta / rope_scaling / partial_rotary_factor
-      (under the architecture's own names where it has them, LEGACY_ROPE_KEYS);
-    - head_dim written explicitly where transformers 5 computes it (transformers 4
-      stored it, so its checkpoints carry it);
-    - a key stored under a name transformers 5 introduced, with the older name as an
-      `attribute_map` alias, goes under the name the mlx-lm port reads (both names are
-      the same key to transformers);
-    - LEGACY_COPIES added.
+    """A transformers 5 config dict -> the format transformers 4 wrote and Hub checkpoints
+    carry: `rope_parameters` as top-level rope_theta / rope_scaling (None when RoPE is
+    unscaled, as transformers 4 wrote it) / partial_rotary_factor, under the
+    architecture's own names where it has them (LEGACY_ROPE_KEYS), then `hub_key_names`.
 
     Lossless or refused: the caller checks the round trip (`legacy_is_lossless`).
     """
-    from transformers import AutoConfig
-
     out = copy.deepcopy(config)
     model_type = out.get("model_type", "")
     params = out.pop("rope_parameters", None)
@@ -150,17 +149,34 @@ def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
         main = dict(params.get("full_attention", next(iter(params.values())))
                     if per_layer_type else params)
         names = LEGACY_ROPE_KEYS.get(model_type, {})
-        out[names.get("rope_theta", "rope_theta")] = main.pop("rope_theta", 10000.0)
+        theta = main.pop("rope_theta", 10000.0)
+        out[names.get("rope_theta", "rope_theta")] = theta
         if "partial_rotary_factor" in main:
             key = names.get("partial_rotary_factor", "partial_rotary_factor")
             out[key] = main.pop("partial_rotary_factor")
         rope_type = main.get("rope_type", "default")
-        if rope_type != "default":
-            out["rope_scaling"] = {**main, "type": rope_type}
-        if per_layer_type and "sliding_attention" in params:
+        out["rope_scaling"] = {**main, "type": rope_type} if rope_type != "default" else None
+        local = params.get("sliding_attention") if per_layer_type else None
+        if local and local.get("rope_theta") != theta:
             # gemma3-style local RoPE base
-            out["rope_local_base_freq"] = params["sliding_attention"].get("rope_theta")
+            out["rope_local_base_freq"] = local.get("rope_theta")
+    return hub_key_names(out)
 
+
+def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
+    """Key names and values Hub checkpoints carry, with the RoPE format left as it is:
+
+    - head_dim written explicitly where transformers 5 computes it (transformers 4
+      stored it, so its checkpoints carry it);
+    - a key stored under one of two names transformers treats as the same key (its
+      config class's `attribute_map`) goes under the name the mlx-lm port reads; which
+      of the two real checkpoints use differs by architecture;
+    - LEGACY_PROPERTIES, LEGACY_CONSTANTS and LEGACY_COPIES.
+    """
+    from transformers import AutoConfig
+
+    out = copy.deepcopy(config)
+    model_type = out.get("model_type", "")
     config_class = _config_class(model_type)
     if config_class is not None:
         hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
@@ -181,6 +197,8 @@ def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
             out[key] = getattr(loaded, key)
             if replaced is not None:
                 out.pop(replaced, None)
+    for key, value in LEGACY_CONSTANTS.get(model_type, {}).items():
+        out.setdefault(key, value)
     for key, source_key in LEGACY_COPIES.get(model_type, {}).items():
         if key not in out and source_key in out:
             out[key] = out[source_key]
@@ -492,22 +510,37 @@ def _hf_dict(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def legacy_is_lossless(v5_config: dict[str, Any], legacy_config: dict[str, Any]) -> bool:
-    """transformers reads both to the same config. The keys `to_legacy_format` adds that
+    """transformers reads both to the same config. Keys `hub_key_names` adds that
     transformers 5 keeps as plain attributes without using them (an explicit head_dim,
-    LEGACY_COPIES) must hold the value transformers computes or copies."""
+    LEGACY_CONSTANTS, LEGACY_COPIES) must hold the value transformers computes or copies;
+    a rope "type" next to an equal "rope_type" is the same setting, and so is a top-level
+    partial_rotary_factor equal to the nested one."""
     try:
         v5, legacy = _hf_dict(v5_config), _hf_dict(legacy_config)
     except Exception:
         return False
     model_type = legacy_config.get("model_type", "")
     derived = {k: v5.get(source) for k, source in LEGACY_COPIES.get(model_type, {}).items()}
+    derived.update(LEGACY_CONSTANTS.get(model_type, {}))
     hidden, heads = v5.get("hidden_size"), v5.get("num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         derived.setdefault("head_dim", hidden // heads)
+    if isinstance(v5.get("rope_parameters"), dict):
+        # some configs (phi3) keep a top-level partial_rotary_factor next to the nested one
+        derived["partial_rotary_factor"] = v5["rope_parameters"].get("partial_rotary_factor")
     for key in set(legacy) - set(v5):
         if key in derived and legacy[key] == derived[key]:
             legacy.pop(key)
-    return v5 == legacy
+    return _without_type_alias(v5) == _without_type_alias(legacy)
+
+
+def _without_type_alias(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_type_alias(v) for k, v in value.items()
+                if not (k == "type" and value.get("rope_type") == v)}
+    if isinstance(value, list):
+        return [_without_type_alias(v) for v in value]
+    return value
 
 
 def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") -> Path:
