@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an earlier sweep's directory: list what changed since")
 
     listing = sub.add_parser("list", help="model_types present in both libraries")
+    listing.add_argument("model_types", nargs="*", metavar="MODEL_TYPE",
+                         help="only these (default: all)")
     listing.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH")
     listing.add_argument("--no-probe", action="store_true",
                          help="do not try to build and load each model")
@@ -160,7 +162,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         return fail(str(e))
     progress = Progress()
     rows: list[tuple[str, str, str]] = []
-    for model_type, module in engine.shared_model_types():
+    shared = engine.shared_model_types()
+    unknown = sorted(set(args.model_types) - {t for t, _ in shared})
+    if unknown:
+        return fail(f"not in both libraries: {', '.join(unknown)}")
+    for model_type, module in shared:
+        if args.model_types and model_type not in args.model_types:
+            continue
         status = "not probed"
         if not args.no_probe:
             progress(f"probing {model_type}")
@@ -217,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         return fail("interrupted")
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PASS
     except Exception as e:  # our own bug: still one line, but say how to see more
         if os.environ.get("MLX_VERIFY_DEBUG"):
             raise

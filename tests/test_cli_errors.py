@@ -98,3 +98,18 @@ def test_unknown_check_name(cache_dir: Path, tmp_path: Path) -> None:
     run = run_cli(["check", "llama", "--checks", "layers,bogus"], cache_dir,
                   tmp_path / "out.json")
     assert_cannot_run(run, "unknown check(s) bogus", "available: ")
+
+
+def test_list_names_shared_model_types_and_probes(cache_dir: Path) -> None:
+    listed = run_cli(["list", "--no-probe"], cache_dir)
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()[1:]}
+    assert rows["llama"] == "llama" and rows["mistral"] == "llama"  # MODEL_REMAPPING
+    assert len(rows) > 50
+    probed = run_cli(["list", "llama", "gpt_oss"], cache_dir)
+    assert probed.returncode == 0, probed.stderr
+    status = {line.split()[0]: line.split(None, 2)[2] for line in probed.stdout.splitlines()[1:]}
+    assert status["llama"] == "yes"
+    assert status["gpt_oss"].startswith("no: weights do not load")
+    unknown = run_cli(["list", "nosuch"], cache_dir)
+    assert unknown.returncode == 2 and "nosuch" in unknown.stderr
