@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from checks.report import VERDICT_MARK, code, escape
+from checks.report import VERDICT_MARK, escape
+from checks.report import code as _inline_code
 from checks.schema import CheckResult, Results, combine_verdicts
 
 MARKER = "<!-- mlx-verify:sticky -->"
@@ -23,6 +24,7 @@ COMMENT_LIMIT = 65_536
 CHECK_OUTPUT_LIMIT = 65_535
 MARGIN = 1_000  # room for the trimming notes and the footer
 CHART_MAX_POINTS = 64
+MAX_DIVERGENCE_LINES = 20
 CONCLUSION = {"pass": "success", "fail": "failure", "error": "failure", "skip": "neutral"}
 
 
@@ -35,6 +37,11 @@ class Rendered:
     comment: str | None  # the sticky comment body; None: leave the comment alone
     verdict: str  # pass / fail / error / skip, for the history line
     annotations: list[dict[str, Any]]
+
+
+def code(text: str, limit: int = 200) -> str:
+    """Untrusted text as inline code; a pipe would still split a table cell."""
+    return _inline_code(text.replace("|", "¦"), limit)
 
 
 def _label(text: str) -> str:
@@ -81,21 +88,55 @@ def _num(value: Any) -> str:
     return escape(str(value), 120)
 
 
+def verdict_matrix(results: Results | None, errors: dict[str, str],
+                   skipped: list[str]) -> list[str]:
+    """One row per model_type, one column per check: the verdict over all variants and
+    runs of that check, with the count of non-passing ones."""
+    reports = results.reports if results else []
+    names = list(dict.fromkeys(c.check for r in reports for c in r.checks))
+    lines = ["| model_type | " + " | ".join(escape(n, 32) for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    if not names:
+        lines = ["| model_type | verdict |", "|---|---|"]
+    for report in reports:
+        cells = []
+        for name in names:
+            verdicts = [c.verdict for c in report.checks if c.check == name]
+            if not verdicts:
+                cells.append("–")
+                continue
+            bad = sum(v in ("fail", "error") for v in verdicts)
+            mark = VERDICT_MARK[combine_verdicts(verdicts)]
+            cells.append(f"{mark} {bad}/{len(verdicts)}" if bad else mark)
+        if report.error or not names:
+            cells = [VERDICT_MARK[report.verdict]] + ["–"] * (len(names) - 1)
+        lines.append(f"| {code(report.model_type, 64)} | " + " | ".join(cells) + " |")
+    for model_type in errors:
+        cells = [f"{VERDICT_MARK['error']} could not run"] + ["–"] * (len(names) - 1)
+        lines.append(f"| {code(model_type, 64)} | " + " | ".join(cells) + " |")
+    for model_type in skipped:
+        cells = [f"{VERDICT_MARK['skip']} not in transformers"] + ["–"] * (len(names) - 1)
+        lines.append(f"| {code(model_type, 64)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def verdict_rows(results: Results | None, errors: dict[str, str], skipped: list[str],
-                 summary_limit: int) -> list[str]:
+                 summary_limit: int, only_findings: bool = False) -> list[str]:
     lines = ["| model_type | variant | check | verdict | summary |", "|---|---|---|---|---|"]
     for report in results.reports if results else []:
         if report.error:
             lines.append(f"| {code(report.model_type, 64)} | – | – | {VERDICT_MARK['error']} | "
                          f"{escape(report.error, summary_limit)} |")
         for check in report.checks:
+            if only_findings and check.verdict in ("pass", "skip"):
+                continue
             lines.append(f"| {code(report.model_type, 64)} | {escape(check.variant, 64)} | "
                          f"{escape(check.check, 64)} | {VERDICT_MARK[check.verdict]} | "
                          f"{escape(check.summary, summary_limit)} |")
     for model_type, line in errors.items():
         lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['error']} | "
                      f"could not run: {escape(line, summary_limit)} |")
-    for model_type in skipped:
+    for model_type in [] if only_findings else skipped:
         lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} | "
                      "not a transformers model_type |")
     return lines
@@ -121,7 +162,7 @@ def first_divergences(results: Results | None) -> list[str]:
     return lines
 
 
-def check_details(model_type: str, check: CheckResult) -> list[str]:
+def check_details(model_type: str, check: CheckResult, chart: bool) -> list[str]:
     """Everything about one check: facts, metrics, weights, chart and layer table."""
     lines = [f"#### {escape(model_type, 64)} / {escape(check.check, 64)} / "
              f"{escape(check.variant, 64)}: {VERDICT_MARK[check.verdict]}", ""]
@@ -141,7 +182,8 @@ def check_details(model_type: str, check: CheckResult) -> list[str]:
         lines.append("- " + ", ".join(f"{escape(k, 48)} {_num(v)}" for k, v in metrics))
     if check.layers:
         lines.append("")
-        lines.extend(layer_chart(model_type, check))
+        if chart:
+            lines.extend(layer_chart(model_type, check))
         lines.extend(["", "| stage | type | rel L2 | cosine | max abs | tolerance | ok |",
                       "|---|---|---|---|---|---|---|"])
         for row in check.layers[:200]:
@@ -168,8 +210,11 @@ def detail_sections(results: Results | None) -> list[list[str]]:
                          f"(config format: {escape(variant.config_format, 32)})")
         lines.append("")
         ordered = sorted(report.checks, key=lambda c: c.verdict != "fail")
+        # One chart per model_type (its first failing check with layers) keeps the page
+        # readable; every check keeps its layer table.
+        charted = next((c for c in ordered if c.layers), None)
         for check in ordered:
-            lines.extend(check_details(report.model_type, check))
+            lines.extend(check_details(report.model_type, check, check is charted))
         lines.extend(["</details>", ""])
         sections.append(lines)
     return sections
@@ -221,10 +266,10 @@ def _fit(head: list[str], optional: list[list[str]], tail: list[str], limit: int
 
 
 def _verdict_table(results: Results | None, errors: dict[str, str], skipped: list[str],
-                   budget: int) -> list[str]:
-    """The verdict table with every row; cell summaries shortened until it fits."""
+                   budget: int, only_findings: bool = False) -> list[str]:
+    """A verdict table with every row; cell summaries shortened until it fits."""
     for summary_limit in (300, 120, 40, 0):
-        rows = verdict_rows(results, errors, skipped, summary_limit)
+        rows = verdict_rows(results, errors, skipped, summary_limit, only_findings)
         if sum(len(r) + 1 for r in rows) <= budget:
             return rows
     return rows
@@ -278,9 +323,14 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         ran = ", ".join(code(t, 64) for t in model_types) or "none"
         head.extend([f"Planned {len(planned)} model_types from the changed files; ran {ran} "
                      "(the runner's limits). Run others with `/verify MODEL_TYPE`.", ""])
-    table = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 2)
-    head.extend(table + [""])
+    head.extend(verdict_matrix(results, errors, skipped) + [""])
+    findings = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 3, only_findings=True)
+    if len(findings) > 2:
+        head.extend(["**Findings**", ""] + findings + [""])
     divergences = first_divergences(results)
+    if len(divergences) > MAX_DIVERGENCE_LINES:
+        more = len(divergences) - MAX_DIVERGENCE_LINES
+        divergences = divergences[:MAX_DIVERGENCE_LINES] + [f"- … and {more} more"]
     if divergences:
         head.extend(["**First divergence**", ""] + divergences + [""])
 
@@ -297,7 +347,9 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
                         f"({escape(entry.get('counts', ''), 80)})")
         tail.extend(["", "</details>", ""])
 
-    sections = detail_sections(results)
+    every_row = ["<details><summary>every check</summary>", ""] + \
+        _verdict_table(results, errors, skipped, COMMENT_LIMIT // 4) + ["", "</details>", ""]
+    sections = [every_row] + detail_sections(results)
     comment = _fit(head, sections, tail, COMMENT_LIMIT)
     summary_lines = head[1:]  # the marker means nothing in a Check Run
     summary = _fit(summary_lines, [], [], CHECK_OUTPUT_LIMIT)

@@ -47,6 +47,8 @@ def test_untrusted_text_is_escaped():
     assert "@maintainers" not in body and "@someone" not in body
     assert "<img" not in body and "<script>" not in body and "<b>" not in body
     assert "\\| \\`\\`\\`" in body  # no table or code-fence breakout
+    odd = rendered({"status": "done", "results": results(["a|b`c"]), "model_types": []})
+    assert "`a¦b'c`" in odd.comment
     assert out.conclusion == "failure" and out.verdict == "error"  # qwen2 could not run
     assert "xychart-beta" in body and '"layers.1"' in body
 
@@ -58,6 +60,7 @@ def test_huge_results_stay_under_the_limit_and_keep_every_verdict_row():
     assert len(out.comment) < COMMENT_LIMIT
     assert all(f"`model_{i}`" in out.comment for i in range(120))
     assert "left out to stay under" in out.comment
+    assert "… and 100 more" in out.comment
     assert len(out.summary) <= 65535 and len(out.text) <= 65535
 
 
