@@ -151,7 +151,8 @@ def _update_pr(connection: redis.Redis, run: Run, meta: dict[str, Any]) -> None:
     latest = connection.zrevrange(_key("idx", "pr", key), 0, 0)
     latest_id = latest[0].decode() if latest else run.id
     existing = connection.hgetall(_key("pr", key))
-    title = run.title or (existing.get(b"title") or b"").decode() or None
+    title = run.title or (existing.get(b"title") or b"").decode() or \
+        (connection.get(_key("title", key)) or b"").decode() or None
     if latest_id == run.id:
         fields = {"repository": run.repository, "number": run.pr, "title": title or "",
                   "latest": run.id, "head_sha": run.head_sha or "", "state": run.state,
@@ -287,6 +288,16 @@ def pr_list(connection: redis.Redis, repository: str | None = None, state: str |
             row["updated"] = float(row["updated"])
             rows.append(row)
     return rows, total
+
+
+def note_pr(connection: redis.Redis, repository: str, number: int, title: str | None) -> None:
+    """The PR's title as GitHub last gave it (runs themselves do not carry it)."""
+    if not title:
+        return
+    key = pr_key(repository, number)
+    connection.set(_key("title", key), title[:300])
+    if connection.exists(_key("pr", key)):
+        connection.hset(_key("pr", key), "title", title[:300])
 
 
 def get_pr(connection: redis.Redis, repository: str, number: int) -> dict[str, str] | None:

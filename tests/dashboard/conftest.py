@@ -89,8 +89,13 @@ def real_results(tmp_path_factory, cache_dir) -> dict[str, Results]:
     tree = copy_mlx_lm(out / "bugged", [GELU_BUG])
     bugged = run_cli([*args, "--mlx-lm", str(tree)], cache_dir, out / "bugged.json")
     assert bugged.returncode == 1, bugged.stderr[-2000:]
+    # the other checks, for the run page's dtype trace, RoPE facts, generation
+    # comparison and quantization table
+    others = run_cli(["check", "llama", "--checks", "dtype,rope,generation,quantize",
+                      "--variants", "default"], cache_dir, out / "others.json")
+    assert others.returncode == 0, others.stderr[-2000:]
     return {name: Results.model_validate(run.results)
-            for name, run in (("clean", clean), ("bugged", bugged))}
+            for name, run in (("clean", clean), ("bugged", bugged), ("others", others))}
 
 
 @pytest.fixture(scope="session")
@@ -162,6 +167,12 @@ def seed(connection: redis.Redis, results: dict[str, Results], tmp: Path) -> dic
         id=ids["other"], pr=8, title=HOSTILE_TITLE, head_sha=SHA_OTHER,
         queued_at=now - 100, started_at=now - 95, finished_at=now - 60,
         results=results["clean"], **common))
+    ids["others"] = "verify-9-others"
+    store.record_run(connection, store.Run(
+        id=ids["others"], pr=9, title="llama: every check", head_sha="4" * 40,
+        queued_at=now - 50, started_at=now - 45, finished_at=now - 5,
+        results=results["others"], **{**common, "request": {"checks": [
+            "dtype", "rope", "generation", "quantize"], "model_types": ["llama"]}}))
     for name, tree in (("clean", "0.32.2 /main-yesterday"), ("bugged", "0.32.2 /main-today")):
         out = tmp / f"sweep-{name}"
         out.mkdir()

@@ -54,6 +54,39 @@ def test_pages_load(page, live):
     assert page.goto(f"{live.url}/runs/no-such-run").status == 404
 
 
+def test_run_page_renders_every_check(page, live):
+    """dtype trace, RoPE facts, generation comparison, quantization table: real results."""
+    results = live.results["others"]
+    checks = results.reports[0].checks
+    assert {c.check for c in checks} == {"dtype", "rope", "generation", "quantize"}
+    assert page.goto(f"{live.url}/runs/{live.ids['others']}").status == 200
+    assert page.locator("#verdicts tbody tr").count() == len(checks)
+    sections = page.locator("section[aria-labelledby^='c-0-']")
+    assert sections.count() == len(checks)
+    charts = page.locator("svg.layer-chart")
+    assert charts.count() == sum(1 for c in checks if c.layers)
+    for index, check in enumerate(checks):
+        section = sections.nth(index)
+        assert section.locator("h3").inner_text().startswith(f"{check.check} / {check.variant}")
+        if check.layers:
+            assert section.locator("circle.point").count() == len(check.layers)
+        for key, value in check.metrics.items():  # every metric is on the page
+            row = section.locator("table.metrics tr", has=page.locator(f"th:text-is('{key}')"))
+            assert row.count() == 1, (check.check, key)
+            if isinstance(value, str):
+                assert value in row.inner_text()
+    rope = next(i for i, c in enumerate(checks) if c.metrics.get("check_part") == "rotation")
+    assert "MLX applies base" in sections.nth(rope).inner_text()
+    greedy = next(i for i, c in enumerate(checks) if c.details.get("part") == "greedy")
+    tokens = checks[greedy].details["mlx_tokens"]
+    paired = sections.nth(greedy).locator("table.paired tbody tr")
+    assert paired.count() == len(tokens)
+    assert paired.first.locator("td").nth(1).inner_text() == str(tokens[0])
+    quant = next(i for i, c in enumerate(checks) if c.check == "quantize")
+    assert "per_layer_quantization" in sections.nth(quant).inner_text()
+    screenshot(page, "run-every-check")
+
+
 def test_pr_page_shows_the_regression_between_pushes(page, live):
     page.goto(f"{live.url}/prs/{REPO}/7")
     rows = page.locator("#pushes tbody tr")
@@ -109,7 +142,7 @@ def test_links_lead_where_they_say(page, live):
     assert page.locator("#c-0-0").is_visible()
     page.locator("#verdicts").get_by_role("link", name="llama").click()
     assert page.url == f"{live.url}/runs?model_type=llama"
-    assert page.locator("#runs tbody tr").count() == 5  # 3 PR runs + 2 sweep runs
+    assert page.locator("#runs tbody tr").count() == 6  # 4 PR runs + 2 sweep runs
     # downloads: the stored results JSON and the Markdown report
     page.goto(f"{live.url}/runs/{live.ids['bad']}")
     with page.expect_download() as download:

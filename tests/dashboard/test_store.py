@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 from app import store
 from app.dashboard import DashboardSettings, dashboard_router, read_session, sign_session
 from app.settings import SettingsError
+from checks.schema import Results
 from tests.app.conftest import free_port
+from tests.conftest import run_cli
 from tests.dashboard.conftest import REPO, start_redis
 
 
@@ -72,14 +74,16 @@ def test_record_job_follows_the_report_job_state(fresh, real_results):
         "repo": REPO, "number": 5, "sha": "a" * 40, "state": "queued",
         "request": json.dumps({"model_types": [], "checks": ["layers"], "dtype": "float32",
                                "hub": [], "source": "auto"})})
-    store.record_job(fresh, "verify-5-x", "queued", title="t", requested_by="maintainer-1")
+    store.note_pr(fresh, REPO, 5, "t")  # from the webhook payload, before any run
+    store.record_job(fresh, "verify-5-x", "queued", requested_by="maintainer-1")
     assert store.get_run(fresh, "verify-5-x").state == "queued"
+    assert store.get_pr(fresh, REPO, 5)["title"] == "t"
     store.record_job(fresh, "verify-5-x", "running")
     outcome = {"status": "done", "results": real_results["bugged"].model_dump(mode="json"),
                "errors": {"gemma": "cannot load"}, "stderr_tail": "tail"}
     run = store.record_job(fresh, "verify-5-x", "completed", outcome=outcome)
     assert run.state == "done" and run.verdict == "error"  # an unrunnable model_type
-    assert run.started_at and run.finished_at and run.title == "t"
+    assert run.started_at and run.finished_at
     assert run.matrix() == {"llama": {"layers": "fail"}, "gemma": {"(run)": "error"}}
     assert "tail" in run.logs and run.request["requested_by"] == "maintainer-1"
     assert store.record_job(fresh, "missing-job", "queued") is None  # never raises
@@ -100,6 +104,28 @@ def test_sweep_import_is_idempotent(fresh, real_results, tmp_path):
     assert matrix["llama"]["checks"] == {"layers": "pass"}
     assert matrix["gemma"]["verdict"] == "error"
     assert store.count_runs(fresh) == 2
+
+
+def test_a_real_sweep_directory_imports(fresh, cache_dir, tmp_path):
+    """`mlx-verify sweep` output as written by the sweep itself (what --redis stores)."""
+    import transformers
+
+    out = tmp_path / "sweep"
+    done = run_cli(["sweep", "--types", "llama", "--checks", "layers", "--variants", "default",
+                    "--jobs", "1", "--out", str(out)], cache_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sid = store.import_sweep_dir(fresh, out)
+    (sweep,) = store.list_sweeps(fresh)
+    assert sweep["id"] == sid and sweep["transformers"] == transformers.__version__
+    state = json.loads((out / "sweep.json").read_text())
+    assert sweep["mlx_lm"] == state["fingerprint"]["mlx_lm"]
+    matrix = store.sweep_matrix(fresh, sweep)
+    assert matrix == {"llama": {"run": f"sweep-{sid}-llama", "verdict": "pass",
+                                "checks": {"layers": "pass"}}}
+    assert "| llama | pass | pass |" in (out / "summary.md").read_text()
+    run = store.get_run(fresh, f"sweep-{sid}-llama")
+    assert run.results == Results.model_validate_json((out / "llama.json").read_text())
+    assert run.request["checks"] == ["layers"]
 
 
 def test_runs_survive_a_redis_restart(tmp_path, real_results):
