@@ -4,6 +4,7 @@ pull/N/head, real `mlx-verify check` subprocess) -> Check Run and sticky comment
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -175,3 +176,29 @@ def test_verify_of_an_unknown_model_type_is_reported_as_skipped(env):
     assert (run["status"], run["conclusion"]) == ("completed", "neutral")
     (comment,) = env.comments(7)
     assert "not a transformers model_type" in comment["body"]
+
+
+def test_pr_code_sees_no_secrets_and_a_hang_times_out(env, tmp_path, monkeypatch):
+    # PR 8's llama.py records the environment it is imported in, then hangs.
+    dump = tmp_path / "seen-env.json"
+    hostile = (f"import json as _j, os as _o, time as _t\n"
+               f"open({str(dump)!r}, 'w').write(_j.dumps(dict(_o.environ)))\n"
+               f"_t.sleep(3600)\nimport mlx.core as mx")
+    sha, files = env.git_host.make_pr(8, {LLAMA: ("import mlx.core as mx", hostile)})
+    env.open_pr(8, sha, files)
+    monkeypatch.setenv("VERIFY_TIMEOUT", "20")  # read by the runner at job time
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=8,
+                                         sha=sha))
+    started = time.monotonic()
+    env.drain()
+    assert time.monotonic() - started < 120
+    (run,) = env.check_runs(sha)
+    assert (run["status"], run["conclusion"]) == ("completed", "timed_out")
+    (comment,) = env.comments(8)
+    assert "timed out after 20 s" in comment["body"]
+
+    seen = json.loads(dump.read_text())
+    leaked = [k for k in seen if k.startswith(("GITHUB", "REDIS", "VERIFY", "DASHBOARD"))]
+    assert leaked == []
+    assert not any(os.environ["GITHUB_PRIVATE_KEY"][30:90] in v for v in seen.values())
+    assert seen["HOME"] != os.environ.get("HOME")
