@@ -664,8 +664,9 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
         text = report.start_verify(settings, connection, gh, installation_id, run.repository,
                                    run.pr, run.head_sha, request, files, rerun=True)
         job_id = report.verify_job_id(run.repository, run.pr, run.head_sha, request)
-        store.record_job(connection, job_id, "queued", requested_by=login_name,
-                         title=run.title)
+        if text.startswith("enqueued"):  # "already queued/started": that run stands
+            store.record_job(connection, job_id, "queued", requested_by=login_name,
+                             title=run.title)
         return text, job_id
 
     @router.post("/jobs/{job_id}/cancel")

@@ -246,6 +246,12 @@ def test_rerun_and_cancel_for_an_authorised_user(page, live):
     assert len(runs) == 1 and runs[0]["head_sha"] == SHA_BAD and runs[0]["status"] == "queued"
     run = store.get_run(connection, job_id)
     assert run.state == "queued" and run.request["requested_by"] == MAINTAINER
+    # asking again while it waits changes nothing: the same job id is already queued
+    page.goto(f"{live.url}/runs/{job_id}")
+    page.get_by_role("button", name="Re-run this request").click()
+    assert "already queued" in page.locator("main").inner_text()
+    assert len(live.fake.github.check_runs) == 1
+    assert store.get_run(connection, job_id).queued_at == run.queued_at
     # the queue page lists it with a cancel button, reachable from the keyboard
     page.goto(f"{live.url}/queue")
     queued = page.locator('table[data-queue="verify"][data-section="queued"]')
