@@ -74,24 +74,25 @@ def source_config(model_type: str, config_file: str | None) -> tuple[dict[str, A
 
 def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
     """The configurations to check. A config file keeps its own format; transformers'
-    default config is written in the legacy format most Hub checkpoints carry."""
+    default config is written in the legacy format most Hub checkpoints carry, unless
+    the architecture has none (transformers refuses it, or the port reads only
+    `rope_parameters`: its checkpoints were all written by transformers 5)."""
     tiny = synth.shrink_config(source)
     fmt = synth.config_format(tiny)
-    legacy = tiny if from_file else synth.to_legacy_format(tiny)
-    if legacy == tiny:
+    if from_file:
         return [Variant(name="default", description="source config, sizes shrunk",
                         config_format=fmt, config=tiny)]
-    if synth.legacy_is_lossless(tiny, legacy):
+    legacy = synth.to_legacy_format(tiny)
+    if not synth.port_reads_rope_parameters_only(tiny) and synth.legacy_is_lossless(tiny, legacy):
         return [Variant(name="default",
                         description="transformers default config, sizes shrunk, "
                                     "legacy format (top-level RoPE keys, Hub key names)",
                         config_format=synth.config_format(legacy), config=legacy)]
-    # no lossless legacy RoPE form (an architecture new in transformers 5): keep its
-    # rope_parameters, with the Hub key names where those are lossless
+    # rope_parameters kept, with the Hub key names where those are lossless
     named = synth.hub_key_names(tiny)
     return [Variant(name="default",
-                    description="transformers default config, sizes shrunk "
-                                "(no lossless legacy form: transformers 5 format kept)",
+                    description="transformers default config, sizes shrunk, "
+                                "transformers 5 format (no legacy form for this architecture)",
                     config_format=fmt,
                     config=named if synth.legacy_is_lossless(tiny, named) else tiny)]
 

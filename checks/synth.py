@@ -205,6 +205,15 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def port_reads_rope_parameters_only(config: dict[str, Any]) -> bool:
+    """The mlx-lm ModelArgs declares rope_parameters and none of the legacy RoPE keys: the
+    checkpoints it was written for carry transformers 5's format."""
+    fields = _mlx_fields(config)
+    legacy_names = {name for names in LEGACY_ROPE_KEYS.values() for name in names.values()}
+    return "rope_parameters" in fields and not fields & {"rope_theta", "rope_scaling",
+                                                         *legacy_names}
+
+
 def _config_class(model_type: str) -> Any:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
