@@ -314,6 +314,31 @@ def _keep_tied_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _tied_value(out, operation, operands)
 
 
+# size key -> value when transformers' default leaves it None (None: the head count)
+SIZE_FALLBACKS: dict[str, int | None] = {
+    "num_key_value_heads": None, "head_dim": HIDDEN // HEADS,
+    "n_routed_experts": MAX_EXPERTS, "num_experts_per_tok": 2, "n_shared_experts": 1,
+}
+
+
+def _cannot_build(config: dict[str, Any]) -> bool:
+    """transformers fails to build a (meta-device) model from this config: None used as a
+    number."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        hf_config = AutoConfig.for_model(config.get("model_type", ""), **data)
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(hf_config)
+    except TypeError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
 def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     """Sizes shrunk, every other key kept as it was (format included)."""
     out = copy.deepcopy(config)
@@ -404,6 +429,14 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
             if isinstance(out.get(k), int) and out[k] > keep:
                 out[k] = keep if k != "num_nextn_predict_layers" else 0
         out[key] = keep
+
+    # Some transformers defaults leave a size None that its own model code needs (its
+    # default model cannot be built): the documented fallback, or the smallest MoE
+    # that still routes.
+    if any(out.get(k, 0) is None for k in SIZE_FALLBACKS) and _cannot_build(out):
+        for key, value in SIZE_FALLBACKS.items():
+            if key in out and out[key] is None:
+                out[key] = out.get("num_attention_heads", HEADS) if value is None else value
 
     vocab = out.get("vocab_size")
     if isinstance(vocab, int):
