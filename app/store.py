@@ -329,6 +329,9 @@ def record_job(connection: redis.Redis, job_id: str, state: str,
         run.state = JOB_STATES.get(state, state)  # type: ignore[assignment]
         if title:
             run.title = title
+        elif run.title is None and run.repository and run.pr is not None:
+            noted = connection.get(_key("title", pr_key(run.repository, run.pr)))
+            run.title = noted.decode() if noted else None
         if requested_by:
             run.request["requested_by"] = requested_by
         if run.state == "queued":
