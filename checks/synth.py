@@ -116,6 +116,12 @@ LEGACY_PROPERTIES: dict[str, dict[str, str | None]] = {
     "nemotron_h": {"hybrid_override_pattern": "layers_block_type", "num_hidden_layers": None},
 }
 
+# Layer-type names Hub checkpoints of the architecture use where transformers 5 renames
+# them on load (configuration_utils._LEGACY_LAYER_TYPE_REMAP): new name -> old name.
+LEGACY_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
+    "granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"},
+}
+
 # Keys Hub checkpoints carry for behaviour transformers 5 hard-codes (it has no such
 # key): written with the one value transformers implements.
 LEGACY_CONSTANTS: dict[str, dict[str, Any]] = {
@@ -171,7 +177,7 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
     - a key stored under one of two names transformers treats as the same key (its
       config class's `attribute_map`) goes under the name the mlx-lm port reads; which
       of the two real checkpoints use differs by architecture;
-    - LEGACY_PROPERTIES, LEGACY_CONSTANTS and LEGACY_COPIES.
+    - LEGACY_PROPERTIES, LEGACY_LAYER_TYPE_NAMES, LEGACY_CONSTANTS and LEGACY_COPIES.
     """
     from transformers import AutoConfig
 
@@ -197,6 +203,10 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
             out[key] = getattr(loaded, key)
             if replaced is not None:
                 out.pop(replaced, None)
+    names = LEGACY_LAYER_TYPE_NAMES.get(model_type, {})
+    for key in ("layer_types", "layers_block_type"):
+        if names and isinstance(out.get(key), list):
+            out[key] = [names.get(t, t) for t in out[key]]
     for key, value in LEGACY_CONSTANTS.get(model_type, {}).items():
         out.setdefault(key, value)
     for key, source_key in LEGACY_COPIES.get(model_type, {}).items():
