@@ -133,12 +133,6 @@ def create_app(settings: AppSettings, connection: redis.Redis,
     return app
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=8000)
-
-
 def serve(args: argparse.Namespace) -> int:
     """`mlx-verify serve [--host H] [--port P]`; 2 with one line on a bad setting."""
     try:

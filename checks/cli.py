@@ -44,6 +44,18 @@ def fail(message: str) -> int:
     return EXIT_CANNOT_RUN
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.server import serve
+
+    return serve(args)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.worker import worker
+
+    return worker(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlx-verify",
@@ -91,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--variants", metavar="LIST")
     sweep.add_argument("--previous", metavar="DIR",
                        help="an earlier sweep's directory: list what changed since")
+
+    # The server and worker flags live here, not in app/ or workers/: importing those
+    # to build the parser would slow every `mlx-verify check` by 1.5 s.
+    serve = sub.add_parser("serve", help="run the GitHub App's webhook server")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8000)
+    worker = sub.add_parser("worker", help="run a queue worker (verify runner or reporter)")
+    worker.add_argument("--queue", action="append", required=True, metavar="NAME",
+                        help="queue to work on: report, verify, verify-large, ... (repeatable)")
+    worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
 
     listing = sub.add_parser("list", help="model_types present in both libraries")
     listing.add_argument("model_types", nargs="*", metavar="MODEL_TYPE",
@@ -220,7 +243,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
-    handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list, "sweep": cmd_sweep}
+    handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list, "sweep": cmd_sweep,
+                                "serve": cmd_serve, "worker": cmd_worker}
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -24,13 +24,6 @@ from .report import REPORT_QUEUE
 JOB_MONITORING_INTERVAL = 15  # heartbeat period: a dead runner is noticed ~75 s later
 
 
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queue", action="append", required=True, metavar="NAME",
-                        help="queue to work on: report, verify, verify-large, ... (repeatable)")
-    parser.add_argument("--burst", action="store_true",
-                        help="exit once the queues are empty")
-
-
 def worker(args: argparse.Namespace) -> int:
     """Run a worker until stopped (or until the queues are empty with --burst)."""
     queues = args.queue if isinstance(args.queue, list) else [args.queue]
