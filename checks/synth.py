@@ -127,7 +127,13 @@ LEGACY_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
 LEGACY_CONSTANTS: dict[str, dict[str, Any]] = {
     # modeling_apertus: MLP without bias, q/k RMSNorm, pre-norm only
     "apertus": {"mlp_bias": False, "qk_norm": True, "post_norm": False},
+    # modeling_minimax_m2: no shared expert
+    "minimax_m2": {"shared_intermediate_size": 0},
 }
+
+# Architectures whose Hub checkpoints give partial RoPE as a dimension count, rotary_dim
+# (= partial_rotary_factor * head_dim), which transformers 5 reads (configuration_minimax_m2).
+LEGACY_ROTARY_DIM = ("minimax_m2",)
 
 
 def config_format(config: dict[str, Any]) -> str:
@@ -157,6 +163,8 @@ def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
         names = LEGACY_ROPE_KEYS.get(model_type, {})
         theta = main.pop("rope_theta", 10000.0)
         out[names.get("rope_theta", "rope_theta")] = theta
+        if model_type in LEGACY_ROTARY_DIM and isinstance(out.get("head_dim"), int):
+            out["rotary_dim"] = int(main.pop("partial_rotary_factor", 1.0) * out["head_dim"])
         if "partial_rotary_factor" in main:
             key = names.get("partial_rotary_factor", "partial_rotary_factor")
             out[key] = main.pop("partial_rotary_factor")
@@ -577,9 +585,17 @@ def legacy_is_lossless(v5_config: dict[str, Any], legacy_config: dict[str, Any])
     hidden, heads = v5.get("hidden_size"), v5.get("num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         derived.setdefault("head_dim", hidden // heads)
-    if isinstance(v5.get("rope_parameters"), dict):
+    v5_rope = v5.get("rope_parameters")
+    if isinstance(v5_rope, dict):
         # some configs (phi3) keep a top-level partial_rotary_factor next to the nested one
-        derived["partial_rotary_factor"] = v5["rope_parameters"].get("partial_rotary_factor")
+        factor = v5_rope.get("partial_rotary_factor")
+        derived["partial_rotary_factor"] = factor
+        if isinstance(v5.get("head_dim"), int):
+            derived["rotary_dim"] = int((factor or 1.0) * v5["head_dim"])
+        # an explicit full rotation is the default
+        if factor is None and isinstance(legacy.get("rope_parameters"), dict):
+            if legacy["rope_parameters"].get("partial_rotary_factor") == 1.0:
+                legacy["rope_parameters"].pop("partial_rotary_factor")
     for key in set(legacy) - set(v5):
         if key in derived and legacy[key] == derived[key]:
             legacy.pop(key)
