@@ -128,7 +128,11 @@ def record_run(connection: redis.Redis, run: Run | dict[str, Any]) -> Run:
     run.logs = run.logs[-LOGS_MAX_CHARS:]
     score = run.queued_at
     meta = run.meta()
+    old = connection.hget(_key("run", run.id), "meta")
     pipe = connection.pipeline()
+    if old:  # model_types it no longer lists (a re-run reset its results) leave the index
+        for model_type in set(json.loads(old).get("model_types", [])) - set(meta["model_types"]):
+            pipe.zrem(_key("idx", "mt", model_type), run.id)
     pipe.hset(_key("run", run.id), mapping={
         "meta": json.dumps(meta),
         "results": run.results.model_dump_json() if run.results is not None else "",

@@ -86,6 +86,9 @@ def test_record_job_follows_the_report_job_state(fresh, real_results):
     assert run.started_at and run.finished_at
     assert run.matrix() == {"llama": {"layers": "fail"}, "gemma": {"(run)": "error"}}
     assert "tail" in run.logs and run.request["requested_by"] == "maintainer-1"
+    assert store.runs_for_model_type(fresh, "gemma")[0]["id"] == "verify-5-x"
+    store.record_job(fresh, "verify-5-x", "queued")  # a re-run: results reset
+    assert store.runs_for_model_type(fresh, "gemma") == []  # no stale index entry
     assert store.record_job(fresh, "missing-job", "queued") is None  # never raises
 
 
