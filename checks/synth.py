@@ -285,6 +285,12 @@ def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
                       next((i for i in range(n_layers) if i not in listed), None)]
             needed = max(needed, *(i + 1 for i in firsts if i is not None))
             continue
+        if (isinstance(value, list) and key.endswith("types") and 0 < len(value) < n_layers
+                and all(isinstance(v, str) for v in value)):
+            # a pattern cycled over the layers (recurrent_gemma block_types): its first
+            # occurrence of each type
+            needed = max(needed, *(value.index(v) + 1 for v in set(value)))
+            continue
         if isinstance(value, (list, str)) and len(value) == n_layers and n_layers > 2:
             seen: set[Any] = set()
             for i, item in enumerate(value):
