@@ -100,6 +100,7 @@ def _causal_lm_class(model_type: str) -> str | None:
 # building rope_parameters) but never writes; Hub checkpoints of the architecture use them.
 LEGACY_ROPE_KEYS: dict[str, dict[str, str]] = {
     "gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"},
+    "dbrx": {"rope_theta": "attn_config.rope_theta"},  # a key of the nested attn_config
 }
 
 # Keys Hub checkpoints carry that transformers 5 neither declares nor reads: each is a
@@ -162,7 +163,8 @@ def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
                     if per_layer_type else params)
         names = LEGACY_ROPE_KEYS.get(model_type, {})
         theta = main.pop("rope_theta", 10000.0)
-        out[names.get("rope_theta", "rope_theta")] = theta
+        parent, _, key = names.get("rope_theta", "rope_theta").rpartition(".")
+        (out.setdefault(parent, {}) if parent else out)[key] = theta
         if model_type in LEGACY_ROTARY_DIM and isinstance(out.get("head_dim"), int):
             out["rotary_dim"] = int(main.pop("partial_rotary_factor", 1.0) * out["head_dim"])
         if "partial_rotary_factor" in main:
@@ -368,7 +370,7 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(config)
     for key in ("quantization_config", "auto_map", "_name_or_path"):
         out.pop(key, None)
-    for nested in ("text_config",):
+    for nested in ("text_config", "attn_config", "ffn_config"):
         if isinstance(out.get(nested), dict):
             out[nested] = shrink_config(out[nested])
 
@@ -588,10 +590,10 @@ def legacy_is_lossless(v5_config: dict[str, Any], legacy_config: dict[str, Any])
     model_type = legacy_config.get("model_type", "")
     derived = {k: v5.get(source) for k, source in LEGACY_COPIES.get(model_type, {}).items()}
     derived.update(LEGACY_CONSTANTS.get(model_type, {}))
+    v5_rope = v5.get("rope_parameters")
     hidden, heads = v5.get("hidden_size"), v5.get("num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
         derived.setdefault("head_dim", hidden // heads)
-    v5_rope = v5.get("rope_parameters")
     if isinstance(v5_rope, dict):
         # some configs (phi3) keep a top-level partial_rotary_factor next to the nested one
         factor = v5_rope.get("partial_rotary_factor")
@@ -605,6 +607,13 @@ def legacy_is_lossless(v5_config: dict[str, Any], legacy_config: dict[str, Any])
     for key in set(legacy) - set(v5):
         if key in derived and legacy[key] == derived[key]:
             legacy.pop(key)
+    for name in LEGACY_ROPE_KEYS.get(model_type, {}).values():
+        # a RoPE base kept in a nested config (dbrx attn_config) next to the one transformers 5 uses
+        parent, _, key = name.rpartition(".")
+        nested, v5_nested = legacy.get(parent), v5.get(parent)
+        if (isinstance(nested, dict) and isinstance(v5_nested, dict) and key not in v5_nested
+                and isinstance(v5_rope, dict) and nested.get(key) == v5_rope.get("rope_theta")):
+            nested.pop(key)
     return _without_type_alias(v5) == _without_type_alias(legacy)
 
 
