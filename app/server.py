@@ -29,6 +29,7 @@ from rq.serializers import JSONSerializer
 from workers import report
 
 from .commands import find_command_line
+from .dashboard import dashboard_router, load_dashboard_settings
 from .settings import AppSettings, SettingsError, connect_redis, load_app_settings
 
 log = logging.getLogger("mlx-verify.server")
@@ -130,6 +131,7 @@ def create_app(settings: AppSettings, connection: redis.Redis,
             queues[f"{name}:failed"] = queue.failed_job_registry.count
         return JSONResponse({"redis": "ok", "queues": queues})
 
+    app.include_router(dashboard_router(settings, connection))
     return app
 
 
@@ -138,6 +140,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = load_app_settings()
         connection = connect_redis(settings.redis_url)
+        load_dashboard_settings()  # a bad dashboard setting stops start-up with one line
     except SettingsError as e:
         print(f"mlx-verify: error: {e}", file=sys.stderr)
         return 2

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--types", metavar="LIST", help="only these model_types")
     sweep.add_argument("--checks", metavar="LIST")
     sweep.add_argument("--variants", metavar="LIST")
+    sweep.add_argument("--redis", metavar="URL",
+                       help="also store the runs in this Redis (the dashboard's run store)")
     sweep.add_argument("--previous", metavar="DIR",
                        help="an earlier sweep's directory: list what changed since")
 
@@ -226,6 +228,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return fail(f"not in both libraries: {', '.join(unknown)}")
     if args.previous and not Path(args.previous).is_dir():
         return fail(f"{args.previous}: not a directory")
+    connection = None
+    if args.redis:  # checked before the sweep, not after an hour of it
+        import redis
+
+        try:
+            connection = redis.Redis.from_url(args.redis)
+            connection.ping()
+        except (redis.RedisError, ValueError) as e:
+            return fail(f"--redis: cannot connect ({str(e).splitlines()[0]})")
     options = []
     for flag, value in (("--mlx-lm", args.mlx_lm), ("--checks", args.checks),
                         ("--variants", args.variants)):
@@ -235,6 +246,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    "transformers": transformers.__version__, "options": options}
     rows, summary = sweeping.sweep(types, Path(args.out), options, args.jobs, fingerprint,
                                    Path(args.previous) if args.previous else None, Progress())
+    if connection is not None:
+        from app import store
+
+        store.import_sweep_dir(connection, Path(args.out))
     print(summary.read_text(), end="")
     verdicts = [r["verdict"] for r in rows]
     return EXIT_PASS if all(v in ("pass", "skip") for v in verdicts) else EXIT_FINDING

@@ -9,7 +9,8 @@ State kept in Redis (prefix mlxv:), per PR and per verify job:
   mlxv:head:{repo}#{n}    the PR's head SHA as last seen
   mlxv:sha:{repo}:{sha}   PR number of a head SHA (check-suite events of forks lack it)
   mlxv:prjobs:{repo}#{n}  verify job ids of the PR
-  mlxv:job:{job_id}       repo, number, sha, installation, request, check_run_id, state
+  mlxv:job:{job_id}       repo, number, sha, base_sha, installation, request, check_run_id,
+                          state
   mlxv:pr:{repo}#{n}      comment_id, current (latest report), history (earlier SHAs)
   mlxv:results:{job_id}   the validated results JSON, for the dashboard
 """
@@ -30,7 +31,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app import comment, github, planning
+from app import comment, github, planning, store
 from app.commands import USAGE, Command, CommandError, VerifyRequest, find_command_line, parse
 from app.settings import AppSettings, connect_redis, load_app_settings
 
@@ -121,6 +122,8 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
         return "closed"
     repo = payload["repository"]["full_name"]
     number, sha = int(pull["number"]), pull["head"]["sha"]
+    base_sha = (pull.get("base") or {}).get("sha")
+    store.note_pr(connection, repo, number, pull.get("title"))
     gh, installation_id = installation_gh(settings, connection, app_gh, payload)
     record_head(settings, connection, gh, repo, number, sha)
     owner, name = _split(repo)
@@ -143,7 +146,7 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
                                "the checks with a comment holding the line `/verify`."})
         return "author not trusted: waiting for /verify"
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
-                        VerifyRequest(), files, rerun=False)
+                        VerifyRequest(), files, rerun=False, base_sha=base_sha)
 
 
 def reply(gh: GitHub, repo: str, number: int, text: str) -> None:
@@ -166,6 +169,7 @@ def on_comment(settings, connection, app_gh, payload) -> str:
     pull = github.get_pull(gh, owner, name, number)
     if pull is None:
         return "not a pull request"
+    store.note_pr(connection, repo, number, pull.get("title"))
     if not github.has_write_permission(gh, owner, name, sender.get("login", "")):
         reply(gh, repo, number, "mlx-verify: `/verify` needs write access to this "
                                 "repository; nothing was started.")
@@ -187,7 +191,8 @@ def on_comment(settings, connection, app_gh, payload) -> str:
     record_head(settings, connection, gh, repo, number, sha)
     files = github.changed_files(gh, owner, name, number)
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
-                        command.request, files, rerun=False)
+                        command.request, files, rerun=False,
+                        base_sha=(pull.get("base") or {}).get("sha"))
 
 
 def on_rerequest(settings, connection, app_gh, payload, sha: str,
@@ -215,6 +220,7 @@ def on_rerequest(settings, connection, app_gh, payload, sha: str,
     pull = github.get_pull(gh, owner, name, number)
     if pull is None or pull["head"]["sha"] != sha or pull.get("state") != "open":
         return "not the PR's current head"
+    store.note_pr(connection, repo, number, pull.get("title"))
     request = VerifyRequest()
     job = connection.hgetall(f"mlxv:job:{external_id}") if external_id else {}
     if job.get(b"request"):
@@ -222,7 +228,8 @@ def on_rerequest(settings, connection, app_gh, payload, sha: str,
     record_head(settings, connection, gh, repo, number, sha)
     files = github.changed_files(gh, owner, name, number)
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
-                        request, files, rerun=True)
+                        request, files, rerun=True,
+                        base_sha=(pull.get("base") or {}).get("sha"))
 
 
 # ---- queue ----------------------------------------------------------------------------
@@ -257,6 +264,7 @@ def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
             except (NoSuchJobError, InvalidJobOperation):
                 pass  # finished or stopped meanwhile: the state below still holds
             connection.hset(f"mlxv:job:{job_id}", "state", "superseded")
+            store.record_job(connection, job_id, "superseded")
             github.update_check_run(
                 gh, owner, name, int(info[b"check_run_id"]), status="completed",
                 conclusion="neutral", completed_at=_now(),
@@ -267,8 +275,10 @@ def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
 
 def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
                  installation_id: int, repo: str, number: int, sha: str,
-                 request: VerifyRequest, files: list[str], rerun: bool) -> str:
-    """Create the Check Run and enqueue the verify job, once per job id."""
+                 request: VerifyRequest, files: list[str], rerun: bool,
+                 base_sha: str | None = None) -> str:
+    """Create the Check Run and enqueue the verify job, once per job id. base_sha: the
+    PR's base commit as the pull request payload gives it (the baseline's tree)."""
     if request.source == "auto" and not request.checks and settings.auto_checks:
         request = VerifyRequest(checks=settings.auto_checks)
     job_id = verify_job_id(repo, number, sha, request)
@@ -291,12 +301,14 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         "repo": repo, "number": number, "sha": sha, "installation_id": installation_id,
         "request": json.dumps(request.to_dict()), "check_run_id": check_run_id,
         "state": "queued", "changed_files": json.dumps(files[:3000]),
+        "base_sha": base_sha or "",
     })
     connection.expire(f"mlxv:job:{job_id}", STATE_TTL)
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
     connection.sadd(VERIFY_QUEUES_KEY, queue_name)
     spec = {
         "job_id": job_id, "repo": repo, "number": number, "sha": sha,
+        "base_sha": base_sha, "baseline": settings.baseline,
         "changed_files": files[:3000], "request": request.to_dict(),
         "auto_model_types": list(settings.auto_model_types)
         if settings.auto_model_types is not None else None,
@@ -307,6 +319,7 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         retry=Retry(max=2, interval=[10, 60]), result_ttl=7 * 86400,
         failure_ttl=30 * 86400, on_failure=Callback("workers.verify.on_verify_failure"),
         description=f"verify {repo}#{number} @ {sha[:12]}")
+    store.record_job(connection, job_id, "queued")
     return f"enqueued {job_id}"
 
 
@@ -327,6 +340,7 @@ def verify_started(job_id: str) -> str:
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
     connection.hset(f"mlxv:job:{job_id}", "state", "running")
+    store.record_job(connection, job_id, "running")
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -341,6 +355,7 @@ def verify_requeued(job_id: str, reason: str) -> str:
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
     connection.hset(f"mlxv:job:{job_id}", "state", "queued")
+    store.record_job(connection, job_id, "queued", reason=reason)
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -357,6 +372,7 @@ def verify_failed(job_id: str, reason: str) -> str:
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
     connection.hset(f"mlxv:job:{job_id}", "state", "failed")
+    store.record_job(connection, job_id, "failed", reason=reason)
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -403,6 +419,7 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
     github.update_check_run(gh, owner, name, int(info["check_run_id"]), status="completed",
                             conclusion=rendered.conclusion, completed_at=_now(), output=output)
     connection.hset(f"mlxv:job:{job_id}", "state", "completed")
+    store.record_job(connection, job_id, "completed", outcome=outcome)
     if outcome.get("results"):
         connection.set(f"mlxv:results:{job_id}", json.dumps(outcome["results"]),
                        ex=RESULTS_TTL)
