@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, layers
+from . import compare, layers, mlx_side
 from .schema import CheckResult
 from .subject import Subject
 
@@ -176,24 +176,12 @@ def _dtype_name(dtype: Any) -> str:
 
 @contextmanager
 def dtype_recording(model: Any, calls: dict[str, Call]) -> Iterator[None]:
-    """Record the raw dtypes of every module call, first call of each module only.
-
-    Same class-patching idea as mlx_side.recording, but the arrays are not converted:
-    only their dtypes are kept.
-    """
-    import mlx.nn as nn
-
-    paths = {id(m): p for p, m in model.named_modules() if p}
+    """Record the raw dtypes of every module call, first call of each module only
+    (mlx_side.recording converts arrays to float32; here only their dtypes are kept)."""
     classes = {p: type(m).__name__ for p, m in model.named_modules() if p}
-    patched: dict[type, Any] = {}
-    for module_type in {type(m) for _, m in model.named_modules()}:
-        for cls in module_type.__mro__:
-            if cls in patched or not issubclass(cls, nn.Module) or "__call__" not in cls.__dict__:
-                continue
-            patched[cls] = cls.__dict__["__call__"]
     counter = {"start": 0, "end": 0}
 
-    def make_wrapper(original: Any) -> Any:
+    def make_wrapper(original: Any, paths: dict[int, str]) -> Any:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             path = paths.get(id(self))
             call = None
@@ -214,13 +202,8 @@ def dtype_recording(model: Any, calls: dict[str, Call]) -> Iterator[None]:
 
         return wrapper
 
-    for cls, original in patched.items():
-        cls.__call__ = make_wrapper(original)
-    try:
+    with mlx_side.patched_calls(model, make_wrapper):
         yield
-    finally:
-        for cls, original in patched.items():
-            cls.__call__ = original
 
 
 def trace(model: Any, ids: np.ndarray) -> tuple[dict[str, Call], str]:
@@ -418,8 +401,6 @@ def cpu_gather_mm() -> Iterator[dict[str, int]]:
 
 
 def _load_mlx(checkpoint: Path) -> tuple[Any, Any]:
-    from . import mlx_side
-
     model, _, weights = mlx_side.load(checkpoint)
     return model, weights
 
@@ -594,25 +575,17 @@ def calibrate(model_types: list[str], seeds: list[int]) -> Iterator[dict[str, An
     on the same weights, for correct ports of the installed mlx-lm."""
     from . import engine
 
-    for model_type in model_types:
-        for seed in seeds:
-            try:
-                subject = engine.load_subject(model_type, seed=seed)
-            except Exception as e:  # not a port both libraries load: nothing to calibrate
-                yield {"model_type": model_type, "seed": seed, "not_loaded": str(e)[:200]}
-                continue
-            try:
-                results = run(subject)
-            except Exception as e:  # the engine reports this as an error verdict
-                yield {"model_type": model_type, "seed": seed, "error": str(e)[:200]}
-                continue
-            for r in results:
-                m = r.metrics
-                yield {"model_type": model_type, "seed": seed, "dtype": m["dtype"],
-                       "verdict": r.verdict, "summary": r.summary[:200],
-                       "mlx_max": m.get("max_rel_l2"),
-                       "hf_max": m.get("hf_half_max_rel_l2"),
-                       "top1": m.get("top1_agreement")}
+    for model_type, seed, results, problem in engine.calibration_runs(model_types, seeds, run):
+        if results is None:
+            yield {"model_type": model_type, "seed": seed, "problem": problem}
+            continue
+        for r in results:
+            m = r.metrics
+            yield {"model_type": model_type, "seed": seed, "dtype": m["dtype"],
+                   "verdict": r.verdict, "summary": r.summary[:200],
+                   "mlx_max": m.get("max_rel_l2"),
+                   "hf_max": m.get("hf_half_max_rel_l2"),
+                   "top1": m.get("top1_agreement")}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +370,21 @@ def load_subject(model_type: str, variant_name: str = "default", *, config_file:
         dtype=dtype, seed=seed, hf_model=hf_side.load(checkpoint, dtype=dtype),
         mlx_model=mlx_model, ids=synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed),
     )
+
+
+def calibration_runs(model_types: list[str], seeds: list[int],
+                     run: Callable[[Subject], list[CheckResult]]
+                     ) -> Iterator[tuple[str, int, list[CheckResult] | None, str | None]]:
+    """(model_type, seed, results, problem) of one check over ports, for calibrating its
+    bounds; problem says why a port gave no results (it does not load, the check raised)."""
+    for model_type in model_types:
+        for seed in seeds:
+            try:
+                subject = load_subject(model_type, seed=seed)
+            except Exception as e:  # not a port both libraries load: nothing to calibrate
+                yield model_type, seed, None, f"not loaded: {str(e)[:200]}"
+                continue
+            try:
+                yield model_type, seed, run(subject), None
+            except Exception as e:  # the engine reports this as an error verdict
+                yield model_type, seed, None, f"error: {str(e)[:200]}"

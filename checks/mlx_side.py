@@ -10,7 +10,7 @@ import glob
 import importlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,27 +192,40 @@ def _to_numpy(array: Any) -> np.ndarray | None:
 
 
 @contextmanager
-def recording(model: Any, capture: Capture) -> Iterator[None]:
-    """Record module calls by wrapping `__call__` on the module classes for the duration.
+def patched_calls(model: Any, make_wrapper: Callable[[Any, dict[int, str]], Any]
+                  ) -> Iterator[None]:
+    """Wrap `__call__` on every module class of `model` for the duration.
 
     MLX has no hooks; patching the classes leaves the module tree and its weights
-    untouched. Only the first call of each module is kept.
+    untouched. `make_wrapper(original, paths)` gets the original `__call__` and the module
+    paths by `id(module)`.
     """
     import mlx.nn as nn
 
-    paths: dict[int, str] = {}
-    for path, module in model.named_modules():
-        if path:
-            paths[id(module)] = path
-            capture.classes[path] = type(module).__name__
+    paths = {id(m): p for p, m in model.named_modules() if p}
     patched: dict[type, Any] = {}
     for module_type in {type(m) for _, m in model.named_modules()}:
         for cls in module_type.__mro__:
             if cls in patched or not issubclass(cls, nn.Module) or "__call__" not in cls.__dict__:
                 continue
             patched[cls] = cls.__dict__["__call__"]
+    for cls, original in patched.items():
+        cls.__call__ = make_wrapper(original, paths)
+    try:
+        yield
+    finally:
+        for cls, original in patched.items():
+            cls.__call__ = original
 
-    def make_wrapper(original: Any) -> Any:
+
+@contextmanager
+def recording(model: Any, capture: Capture) -> Iterator[None]:
+    """Record every module's first call: its first array input and output."""
+    for path, module in model.named_modules():
+        if path:
+            capture.classes[path] = type(module).__name__
+
+    def make_wrapper(original: Any, paths: dict[int, str]) -> Any:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             out = original(self, *args, **kwargs)
             path = paths.get(id(self))
@@ -225,13 +238,8 @@ def recording(model: Any, capture: Capture) -> Iterator[None]:
 
         return wrapper
 
-    for cls, original in patched.items():
-        cls.__call__ = make_wrapper(original)
-    try:
+    with patched_calls(model, make_wrapper):
         yield
-    finally:
-        for cls, original in patched.items():
-            cls.__call__ = original
 
 
 def forward(model: Any, ids: np.ndarray, cache: Any = None) -> Capture:

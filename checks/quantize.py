@@ -365,26 +365,18 @@ def calibrate(model_types: list[str], seeds: list[int]) -> Iterator[dict[str, An
     """The numbers behind the bounds above (docs/tolerances.md), for correct ports."""
     from . import engine
 
-    for model_type in model_types:
-        for seed in seeds:
-            try:
-                subject = engine.load_subject(model_type, seed=seed)
-            except Exception as e:  # not a port both libraries load: nothing to calibrate
-                yield {"model_type": model_type, "seed": seed, "not_loaded": str(e)[:200]}
-                continue
-            try:
-                results = run(subject)
-            except Exception as e:  # the engine reports this as an error verdict
-                yield {"model_type": model_type, "seed": seed, "error": str(e)[:200]}
-                continue
-            for r in results:
-                m = r.metrics
-                yield {"model_type": model_type, "seed": seed, "bits": m.get("bits"),
-                       "verdict": r.verdict, "kl_mean": m.get("kl_mean"),
-                       "top1": m.get("top1_agreement"),
-                       "stage_max": m.get("max_stage_rel_l2"),
-                       "fidelity_max": m.get("fidelity_max_rel_l2"),
-                       "left_unquantized": m.get("left_unquantized")}
+    for model_type, seed, results, problem in engine.calibration_runs(model_types, seeds, run):
+        if results is None:
+            yield {"model_type": model_type, "seed": seed, "problem": problem}
+            continue
+        for r in results:
+            m = r.metrics
+            yield {"model_type": model_type, "seed": seed, "bits": m.get("bits"),
+                   "verdict": r.verdict, "kl_mean": m.get("kl_mean"),
+                   "top1": m.get("top1_agreement"),
+                   "stage_max": m.get("max_stage_rel_l2"),
+                   "fidelity_max": m.get("fidelity_max_rel_l2"),
+                   "left_unquantized": m.get("left_unquantized")}
 
 
 if __name__ == "__main__":
