@@ -29,7 +29,7 @@ from rq.serializers import JSONSerializer
 from workers import report
 
 from .commands import find_command_line
-from .dashboard import dashboard_router, load_dashboard_settings
+from .dashboard import DashboardSettings, dashboard_router, load_dashboard_settings
 from .settings import AppSettings, SettingsError, connect_redis, load_app_settings
 
 log = logging.getLogger("mlx-verify.server")
@@ -54,7 +54,10 @@ def wanted(event: str, payload: dict[str, Any]) -> bool:
 
 
 def create_app(settings: AppSettings, connection: redis.Redis,
-               sweep_interval_s: float = SWEEP_INTERVAL_S) -> FastAPI:
+               sweep_interval_s: float = SWEEP_INTERVAL_S,
+               dashboard: DashboardSettings | None = None) -> FastAPI:
+    """The webhook server with the dashboard under /dashboard (its settings from the
+    environment unless given)."""
     report_queue = Queue(report.REPORT_QUEUE, connection=connection, serializer=JSONSerializer)
     stop = threading.Event()
 
@@ -131,7 +134,7 @@ def create_app(settings: AppSettings, connection: redis.Redis,
             queues[f"{name}:failed"] = queue.failed_job_registry.count
         return JSONResponse({"redis": "ok", "queues": queues})
 
-    app.include_router(dashboard_router(settings, connection))
+    app.include_router(dashboard_router(settings, connection, dashboard))
     return app
 
 
@@ -140,14 +143,15 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = load_app_settings()
         connection = connect_redis(settings.redis_url)
-        load_dashboard_settings()  # a bad dashboard setting stops start-up with one line
+        dashboard = load_dashboard_settings()  # a bad one stops start-up with one line
     except SettingsError as e:
         print(f"mlx-verify: error: {e}", file=sys.stderr)
         return 2
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings, connection), host=getattr(args, "host", "127.0.0.1"),
+    uvicorn.run(create_app(settings, connection, dashboard=dashboard),
+                host=getattr(args, "host", "127.0.0.1"),
                 port=int(getattr(args, "port", 8000)), log_level="info",
                 timeout_graceful_shutdown=10)
     return 0

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from app import store
 from app.commands import VerifyRequest
-from app.dashboard import DashboardSettings, dashboard_router
+from app.dashboard import DashboardSettings
 from app.settings import AppSettings
 from checks.schema import Results
 from tests.app import fake_github
@@ -203,9 +203,7 @@ def live(dash_redis, fake, app_key, real_results, tmp_path_factory) -> Live:
         dashboard_url=f"http://127.0.0.1:{port}/dashboard", secure_cookie=False)
     dash_redis.flushdb()
     ids = seed(dash_redis, real_results, tmp_path_factory.mktemp("sweeps"))
-    # The wiring of app/server.py, as the report says to add it:
-    app = create_app(settings, dash_redis, sweep_interval_s=3600)
-    app.include_router(dashboard_router(settings, dash_redis, dashboard))
+    app = create_app(settings, dash_redis, sweep_interval_s=3600, dashboard=dashboard)
     server = ServerThread(uvicorn.Config(app, host="127.0.0.1", port=port,
                                          log_level="warning"))
     server.start()
