@@ -6,6 +6,10 @@ that imported the PR's code, so all of it is untrusted: it goes through escape()
 code() (no @-mention pings, no HTML, no Markdown breakout), and chart labels are cut
 down to a safe alphabet. The comment stays under GitHub's 65,536 characters by dropping
 details, never rows of the verdict table.
+
+With a baseline (the same checks on the PR's base commit, see workers.verify), every
+failing row is marked "new" or "also fails on base <sha7>", and only new findings make
+the Check Run fail: all pre-existing is `neutral`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,80 @@ MARGIN = 1_000  # room for the trimming notes and the footer
 CHART_MAX_POINTS = 64
 MAX_DIVERGENCE_LINES = 20
 CONCLUSION = {"pass": "success", "fail": "failure", "error": "failure", "skip": "neutral"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What the PR's base commit says about the head's failing rows: a failing
+    (model_type, check, variant) is pre-existing when it also fails on base, and new
+    otherwise (also when base has no result for it: a model_type the PR adds)."""
+    sha: str  # the base commit, hex only
+    status: str  # done / unavailable / timeout / crashed (of the base run)
+    failing: frozenset[tuple[str, str, str]]  # a report error is (model_type, "", "")
+    missing: tuple[str, ...]  # model_types that could not run on base: no baseline
+
+    def fails_on_base(self, model_type: str, check: str = "", variant: str = "") -> bool:
+        return (model_type, check, variant) in self.failing
+
+    def marker(self, model_type: str, check: str = "", variant: str = "") -> str:
+        if self.fails_on_base(model_type, check, variant):
+            return f"also fails on base `{self.sha[:7]}`"
+        return "**new**"
+
+
+def baseline_of(outcome: dict[str, Any]) -> Baseline | None:
+    """The baseline of a verify outcome; None when it was off (VERIFY_BASELINE=0) or the
+    job carried no base commit."""
+    status = str(outcome.get("base_status") or "")
+    sha = re.sub(r"[^0-9a-f]", "", str(outcome.get("base_sha") or ""))[:40]
+    if not status or not sha:
+        return None
+    failing: set[tuple[str, str, str]] = set()
+    base = Results.model_validate(outcome["base_results"]) \
+        if outcome.get("base_results") else None
+    for report in base.reports if base else []:
+        if report.error:
+            failing.add((report.model_type, "", ""))
+        failing.update((report.model_type, c.check, c.variant) for c in report.checks
+                       if c.verdict in ("fail", "error"))
+    missing = tuple(str(t) for t in outcome.get("base_errors") or {})
+    return Baseline(sha, status, frozenset(failing), missing)
+
+
+def count_findings(results: Results | None, errors: dict[str, str],
+                   baseline: Baseline) -> tuple[int, int]:
+    """(new, pre-existing) failing rows of the head: a report error and each failing
+    check is one row; a model_type that could not run at all is always new."""
+    new, old = len(errors), 0
+    for report in results.reports if results else []:
+        keys = [(c.check, c.variant) for c in report.checks if c.verdict in ("fail", "error")]
+        if report.error:
+            keys.append(("", ""))
+        if not keys and report.verdict in ("fail", "error"):
+            new += 1  # failing with no failing row to compare: count it, as new
+        for check, variant in keys:
+            if baseline.fails_on_base(report.model_type, check, variant):
+                old += 1
+            else:
+                new += 1
+    return new, old
+
+
+def baseline_lines(baseline: Baseline, new: int, old: int) -> list[str]:
+    """The baseline's facts for the head of the comment and the Check Run summary."""
+    base = f"base `{baseline.sha[:7]}`"
+    lines = [f"**{new} new finding(s)**; {old} finding(s) also fail on {base} "
+             "(the PR's base commit)." if new else
+             f"**No new findings**: all {old} finding(s) also fail on {base} "
+             "(the PR's base commit)."]
+    why = {"unavailable": "could not be fetched", "timeout": "timed out",
+           "crashed": "crashed"}.get(baseline.status)
+    if why:
+        lines.append(f"No baseline: the run on {base} {why}; every finding counts as new.")
+    if baseline.missing:
+        types = ", ".join(code(t, 64) for t in baseline.missing[:20])
+        lines.append(f"No baseline for {types}: could not run on {base}.")
+    return [part for line in lines for part in (line, "")]  # one paragraph each
 
 
 @dataclass
@@ -121,23 +199,39 @@ def verdict_matrix(results: Results | None, errors: dict[str, str],
 
 
 def verdict_rows(results: Results | None, errors: dict[str, str], skipped: list[str],
-                 summary_limit: int, only_findings: bool = False) -> list[str]:
+                 summary_limit: int, only_findings: bool = False,
+                 baseline: Baseline | None = None) -> list[str]:
+    """The verdict table; with a baseline, a "vs base" column marks each failing row."""
+    def base(model_type: str, verdict: str, check: str = "", variant: str = "") -> str:
+        if baseline is None:
+            return ""
+        if verdict not in ("fail", "error"):
+            return " – |"
+        return f" {baseline.marker(model_type, check, variant)} |"
+
     lines = ["| model_type | variant | check | verdict | summary |", "|---|---|---|---|---|"]
+    if baseline is not None:
+        lines = ["| model_type | variant | check | verdict | vs base | summary |",
+                 "|---|---|---|---|---|---|"]
     for report in results.reports if results else []:
         if report.error:
-            lines.append(f"| {code(report.model_type, 64)} | – | – | {VERDICT_MARK['error']} | "
+            lines.append(f"| {code(report.model_type, 64)} | – | – | {VERDICT_MARK['error']} |"
+                         f"{base(report.model_type, 'error')} "
                          f"{escape(report.error, summary_limit)} |")
         for check in report.checks:
             if only_findings and check.verdict in ("pass", "skip"):
                 continue
             lines.append(f"| {code(report.model_type, 64)} | {escape(check.variant, 64)} | "
-                         f"{escape(check.check, 64)} | {VERDICT_MARK[check.verdict]} | "
+                         f"{escape(check.check, 64)} | {VERDICT_MARK[check.verdict]} |"
+                         f"{base(report.model_type, check.verdict, check.check, check.variant)} "
                          f"{escape(check.summary, summary_limit)} |")
     for model_type, line in errors.items():
-        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['error']} | "
+        new = " **new** |" if baseline is not None else ""  # nothing to compare
+        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['error']} |{new} "
                      f"could not run: {escape(line, summary_limit)} |")
     for model_type in [] if only_findings else skipped:
-        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} | "
+        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} |"
+                     f"{' – |' if baseline is not None else ''} "
                      "not a transformers model_type |")
     return lines
 
@@ -266,10 +360,11 @@ def _fit(head: list[str], optional: list[list[str]], tail: list[str], limit: int
 
 
 def _verdict_table(results: Results | None, errors: dict[str, str], skipped: list[str],
-                   budget: int, only_findings: bool = False) -> list[str]:
+                   budget: int, only_findings: bool = False,
+                   baseline: Baseline | None = None) -> list[str]:
     """A verdict table with every row; cell summaries shortened until it fits."""
     for summary_limit in (300, 120, 40, 0):
-        rows = verdict_rows(results, errors, skipped, summary_limit, only_findings)
+        rows = verdict_rows(results, errors, skipped, summary_limit, only_findings, baseline)
         if sum(len(r) + 1 for r in rows) <= budget:
             return rows
     return rows
@@ -308,6 +403,15 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
     conclusion = "timed_out" if status == "timeout" else CONCLUSION[verdict]
 
     counts = _counts(results, errors)
+    # With a baseline, only findings the PR introduces fail the Check Run: when every
+    # failing row also fails on the base commit, the conclusion is neutral.
+    baseline = baseline_of(outcome) if verdict in ("fail", "error") and not failure else None
+    new = old = 0
+    if baseline is not None:
+        new, old = count_findings(results, errors, baseline)
+        counts += f"; {new} new, {old} also on base {baseline.sha[:7]}"
+        if not new:
+            conclusion = "neutral"
     title = f"{VERDICT_MARK[verdict]}: {counts}" if not failure else f"⚠️ {failure}"
     model_types = [str(t) for t in outcome.get("model_types") or []]
     head = [MARKER, f"### mlx-verify: {VERDICT_MARK[verdict]} at `{short}`", ""]
@@ -323,8 +427,11 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         ran = ", ".join(code(t, 64) for t in model_types) or "none"
         head.extend([f"Planned {len(planned)} model_types from the changed files; ran {ran} "
                      "(the runner's limits). Run others with `/verify MODEL_TYPE`.", ""])
+    if baseline is not None:
+        head.extend(baseline_lines(baseline, new, old))
     head.extend(verdict_matrix(results, errors, skipped) + [""])
-    findings = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 3, only_findings=True)
+    findings = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 3, only_findings=True,
+                              baseline=baseline)
     if len(findings) > 2:
         head.extend(["**Findings**", ""] + findings + [""])
     divergences = first_divergences(results)
@@ -348,7 +455,8 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         tail.extend(["", "</details>", ""])
 
     every_row = ["<details><summary>every check</summary>", ""] + \
-        _verdict_table(results, errors, skipped, COMMENT_LIMIT // 4) + ["", "</details>", ""]
+        _verdict_table(results, errors, skipped, COMMENT_LIMIT // 4, baseline=baseline) + \
+        ["", "</details>", ""]
     sections = [every_row] + detail_sections(results)
     comment = _fit(head, sections, tail, COMMENT_LIMIT)
     summary_lines = head[1:]  # the marker means nothing in a Check Run

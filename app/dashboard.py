@@ -662,7 +662,8 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
         fields = ("model_types", "hub", "checks", "dtype", "source")
         request = VerifyRequest.from_dict({k: v for k, v in run.request.items() if k in fields})
         text = report.start_verify(settings, connection, gh, installation_id, run.repository,
-                                   run.pr, run.head_sha, request, files, rerun=True)
+                                   run.pr, run.head_sha, request, files, rerun=True,
+                                   base_sha=(pull.get("base") or {}).get("sha"))
         job_id = report.verify_job_id(run.repository, run.pr, run.head_sha, request)
         if text.startswith("enqueued"):  # "already queued/started": that run stands
             store.record_job(connection, job_id, "queued", requested_by=login_name,

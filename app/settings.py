@@ -40,6 +40,9 @@ class AppSettings:
     auto_model_types: tuple[str, ...] | None
     max_model_types: int
     auto_checks: tuple[str, ...]  # checks of automatic runs (empty: all)
+    # Also check the PR's base commit, to tell new findings from pre-existing ones
+    # (up to twice the runner time; VERIFY_BASELINE=0 turns it off).
+    baseline: bool = True
 
 
 def _env(name: str) -> str | None:
@@ -75,6 +78,15 @@ def _int(name: str, default: int, minimum: int = 1) -> int:
     if number < minimum:
         raise SettingsError(f"{name} must be at least {minimum}")
     return number
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = _env(name)
+    if value is None:
+        return default
+    if value not in ("0", "1"):
+        raise SettingsError(f"{name} must be 0 or 1, not {value!r}")
+    return value == "1"
 
 
 def redis_url() -> str:
@@ -134,6 +146,7 @@ def load_app_settings() -> AppSettings:
         max_model_types=_int("VERIFY_MAX_MODEL_TYPES", 24),
         auto_checks=tuple(c.strip() for c in (_env("VERIFY_CHECKS") or "").split(",")
                           if c.strip()),
+        baseline=_flag("VERIFY_BASELINE", True),
     )
 
 

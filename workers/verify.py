@@ -7,8 +7,12 @@ One job checks one PR head SHA:
    no Redis URL, no App settings, its own HOME and caches), a wall-time limit, an
    address-space limit and output to files;
 4. read back the results JSON, size-capped and validated against checks.schema;
-5. hand the outcome to a `report` job (the server side does every GitHub write);
-6. remove the work dir.
+5. when the head has failing model_types and the baseline is on (the spec's `baseline`,
+   from VERIFY_BASELINE), fetch the PR's base commit into a second work dir and run the
+   same checks of those model_types there, the same way: the report tells findings the
+   PR introduced from findings its base already had;
+6. hand the outcome to a `report` job (the server side does every GitHub write);
+7. remove the work dirs.
 
 Only infrastructure failures raise (and so are retried by rq): a failing fetch, a full
 disk. Anything the PR's code does (a finding, an exception, a hang, a crash) is an
@@ -97,6 +101,23 @@ def fetch(settings: RunnerSettings, repo: str, number: int, sha: str, src: Path,
         # The PR moved on since the job was queued; the pinned SHA may still be fetchable.
         if git(["fetch", "-q", "--no-tags", "--depth=1", url, sha], src, env).returncode != 0:
             return False
+    done = git(["checkout", "-q", "--detach", sha], src, env)
+    if done.returncode != 0:
+        raise InfraError(f"git checkout failed: {done.stderr.strip()[-300:]}")
+    return True
+
+
+def fetch_base(settings: RunnerSettings, repo: str, sha: str, src: Path,
+               env: dict[str, str]) -> bool:
+    """Check out the base commit `sha` into src. False when it cannot be fetched (gone
+    from the base branch after a force-push): the run then has no baseline."""
+    url = f"{settings.git_url}/{repo}.git"
+    src.mkdir()
+    done = git(["init", "-q"], src, env)
+    if done.returncode != 0:
+        raise InfraError(f"git init failed: {done.stderr.strip()[-300:]}")
+    if git(["fetch", "-q", "--no-tags", "--depth=1", url, sha], src, env).returncode != 0:
+        return False
     done = git(["checkout", "-q", "--detach", sha], src, env)
     if done.returncode != 0:
         raise InfraError(f"git checkout failed: {done.stderr.strip()[-300:]}")
@@ -193,9 +214,13 @@ def hub_config(repo_id: str, work: Path) -> Path:
     return Path(hf_hub_download(repo_id, "config.json", local_dir=target))
 
 
+Runs = list[tuple[list[str], Path | None]]  # (model_types, config file) per check run
+
+
 def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str, Any],
-                env: dict[str, str]) -> dict[str, Any]:
-    """Plan and run the checks on a checked-out tree; the outcome dict for the report."""
+                env: dict[str, str]) -> tuple[dict[str, Any], Runs]:
+    """Plan and run the checks on a checked-out tree: the outcome dict for the report,
+    and the runs it made (the baseline repeats them on the base commit)."""
     request = spec["request"]
     outcome: dict[str, Any] = {"status": "done", "results": None, "errors": {},
                                "skipped": [], "planned": [], "model_types": [],
@@ -203,7 +228,7 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
     mlx_lm_dir = src / "mlx_lm"
     if not (mlx_lm_dir / "__init__.py").is_file():
         outcome["errors"]["(tree)"] = "no mlx_lm package at the top of the repository"
-        return outcome
+        return outcome, []
 
     if request.get("model_types"):
         planned = list(request["model_types"])
@@ -222,9 +247,9 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
     outcome["model_types"] = model_types
     if not model_types and not request.get("hub"):
         outcome["status"] = "nothing" if not unknown else "done"
-        return outcome
+        return outcome, []
 
-    runs: list[tuple[list[str], Path | None]] = []
+    runs: Runs = []
     if model_types:
         runs.append((model_types, None))
     for repo_id in request.get("hub") or []:
@@ -236,41 +261,92 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
             continue
         outcome["model_types"].append(model_type)
         runs.append(([model_type], config))
+    done = run_all(settings, work, src, runs, request, env)
+    outcome["errors"].update(done.pop("errors"))  # after the Hub ones
+    outcome.update(done)
+    return outcome, runs
 
+
+def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
+            request: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Every planned `mlx-verify check` run on one tree: {"results", "errors"}, plus
+    {"status", ...} when a run timed out or crashed (the remaining runs are not made)."""
+    done: dict[str, Any] = {"results": None, "errors": {}}
     for index, (types, config) in enumerate(runs):
         run = run_check(settings, work, src, types, request, env, str(index), config)
         if run["timeout"]:
-            outcome.update(status="timeout", timeout_s=settings.timeout_s,
-                           stderr_tail=run["stderr"])
-            return outcome
+            done.update(status="timeout", timeout_s=settings.timeout_s,
+                        stderr_tail=run["stderr"])
+            return done
         if run["code"] in (0, 1) and run["results"] is not None:
-            outcome["results"] = _merge(outcome["results"], run["results"])
+            done["results"] = _merge(done["results"], run["results"])
         elif run["code"] == 2 and len(types) > 1:
             # One model_type could not run; find out which, keep the others' results.
             for single in types:
                 alone = run_check(settings, work, src, [single], request, env,
                                   f"{index}-{single}")
                 if alone["timeout"]:
-                    outcome.update(status="timeout", timeout_s=settings.timeout_s,
-                                   stderr_tail=alone["stderr"])
-                    return outcome
+                    done.update(status="timeout", timeout_s=settings.timeout_s,
+                                stderr_tail=alone["stderr"])
+                    return done
                 if alone["results"] is not None:
-                    outcome["results"] = _merge(outcome["results"], alone["results"])
+                    done["results"] = _merge(done["results"], alone["results"])
                 else:
-                    outcome["errors"][single] = _last_line(alone["stderr"])
+                    done["errors"][single] = _last_line(alone["stderr"])
         elif run["code"] == 2 or (run["code"] in (0, 1) and run["results"] is None):
             key = config and types[0] or ",".join(types)
-            outcome["errors"][key] = _last_line(run["stderr"])
+            done["errors"][key] = _last_line(run["stderr"])
         else:  # killed by a signal (memory limit, segfault) or an unknown exit code
-            outcome.update(status="crashed", stderr_tail=run["stderr"],
-                           reason=f"exit status {run['code']}")
-            return outcome
-    return outcome
+            done.update(status="crashed", stderr_tail=run["stderr"],
+                        reason=f"exit status {run['code']}")
+            return done
+    return done
+
+
+def failing_model_types(outcome: dict[str, Any]) -> set[str]:
+    """model_types of the head with a failing or erroring report (not the could-not-run
+    ones: with no head results there is nothing to compare)."""
+    reports = (outcome.get("results") or {}).get("reports") or []
+    return {r["model_type"] for r in reports if r.get("verdict") in ("fail", "error")}
+
+
+def verify_base(settings: RunnerSettings, spec: dict[str, Any], outcome: dict[str, Any],
+                head_runs: Runs) -> dict[str, Any]:
+    """The baseline: the head's failing model_types, checked the same way on the PR's
+    base commit in a work dir of its own (own HOME and caches: the head's code ran
+    before and must not reach into it). Returns the base_* fields of the outcome."""
+    failing = failing_model_types(outcome)
+    base: dict[str, Any] = {"base_sha": spec["base_sha"], "base_status": "skipped",
+                            "base_results": None, "base_errors": {}}
+    if outcome.get("status") != "done" or not failing:
+        return base  # nothing on the head to compare, or no comparable head results
+    runs: Runs = []
+    for types, config in head_runs:
+        kept = [t for t in types if t in failing]
+        if kept:  # a Hub run reuses the config.json the head run downloaded
+            runs.append((kept, config))
+    work = Path(tempfile.mkdtemp(prefix="base-", dir=settings.work_dir))
+    try:
+        env = scrubbed_env(work)
+        src = work / "src"
+        if not fetch_base(settings, spec["repo"], spec["base_sha"], src, env) or \
+                not (src / "mlx_lm" / "__init__.py").is_file():
+            base["base_status"] = "unavailable"
+            return base
+        done = run_all(settings, work, src, runs, spec["request"], env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # A model_type that cannot run on base (exit 2: e.g. the PR adds its file) has no
+    # baseline; that is recorded, not reported as an error.
+    base.update(base_status=done.get("status", "done"), base_results=done["results"],
+                base_errors=done["errors"])
+    return base
 
 
 def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
-    """The rq entry point. spec: {job_id, repo, number, sha, changed_files, request,
-    auto_model_types, max_model_types}; returns a short summary of the outcome."""
+    """The rq entry point. spec: {job_id, repo, number, sha, base_sha, baseline,
+    changed_files, request, auto_model_types, max_model_types}; returns a short summary
+    of the outcome."""
     settings = load_runner_settings()
     job = get_current_job()
     connection = job.connection if job is not None else None
@@ -285,13 +361,16 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
         if not fetch(settings, spec["repo"], int(spec["number"]), spec["sha"], src, env):
             outcome: dict[str, Any] = {"status": "stale"}
         else:
-            outcome = verify_tree(settings, work, src, spec, env)
+            outcome, runs = verify_tree(settings, work, src, spec, env)
+            if spec.get("baseline") and spec.get("base_sha"):
+                outcome.update(verify_base(settings, spec, outcome, runs))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outcome["duration_s"] = round(time.monotonic() - started, 1)
     if connection is not None:
         report(connection, "verify_finished", spec["job_id"], outcome)
-    return {k: outcome.get(k) for k in ("status", "planned", "model_types", "errors", "duration_s")}
+    return {k: outcome.get(k) for k in ("status", "planned", "model_types", "errors",
+                                        "base_sha", "base_status", "duration_s")}
 
 
 def on_verify_failure(job: Job, connection, exc_type, exc_value, traceback) -> None:

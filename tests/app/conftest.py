@@ -131,21 +131,43 @@ class GitHost:
     work: Path  # a working clone to build PR commits in
     base_sha: str
 
-    def make_pr(self, number: int, edits: dict[str, tuple[str, str]],
-                parent: str | None = None) -> tuple[str, list[str]]:
-        """Commit `edits` ({path: (old, new)}) on top of parent (default: main) and
-        publish it as refs/pull/{number}/head. Returns (sha, changed files)."""
-        git(self.work, "checkout", "-q", "--detach", parent or self.base_sha)
-        for path, (old, new) in edits.items():
+    def commit(self, edits: dict[str, tuple[str, str] | str | None], parent: str,
+               ref: str) -> str:
+        """Commit `edits` on top of parent and publish it as ref. An edit is (old, new)
+        (a replacement), a str (the whole new file) or None (remove the file)."""
+        git(self.work, "checkout", "-q", "--detach", parent)
+        for path, edit in edits.items():
             file = self.work / path
-            text = file.read_text()
-            assert old in text, f"{old!r} not in {path}"
-            file.write_text(text.replace(old, new, 1))
-        git(self.work, "commit", "-q", "-am", f"PR {number}")
+            if edit is None:
+                file.unlink()
+            elif isinstance(edit, str):
+                file.write_text(edit)
+            else:
+                old, new = edit
+                text = file.read_text()
+                assert old in text, f"{old!r} not in {path}"
+                file.write_text(text.replace(old, new, 1))
+        git(self.work, "add", "-A")
+        git(self.work, "commit", "-q", "-m", ref)
         sha = git(self.work, "rev-parse", "HEAD")
-        git(self.work, "push", "-q", "-f", "origin", f"HEAD:refs/pull/{number}/head")
-        files = git(self.work, "diff", "--name-only", self.base_sha, sha).splitlines()
+        git(self.work, "push", "-q", "-f", "origin", f"HEAD:{ref}")
+        return sha
+
+    def make_pr(self, number: int, edits: dict[str, tuple[str, str] | str | None],
+                parent: str | None = None, base: str | None = None) -> tuple[str, list[str]]:
+        """Commit `edits` on top of parent (default: base, default main) and publish it
+        as refs/pull/{number}/head. Returns (sha, files changed against base)."""
+        base = base or self.base_sha
+        sha = self.commit(edits, parent or base, f"refs/pull/{number}/head")
+        files = git(self.work, "diff", "--name-only", base, sha).splitlines()
         return sha, files
+
+
+def released_llama() -> str:
+    """llama.py of the installed (released) mlx-lm, with its known finding."""
+    import mlx_lm
+
+    return (Path(mlx_lm.__file__).parent / "models" / "llama.py").read_text()
 
 
 def fix_known_llama_finding(path: Path) -> None:
@@ -248,12 +270,14 @@ class Env:
     git_host: GitHost
     redis: redis.Redis
 
-    def open_pr(self, number: int, sha: str, files: list[str], author: str = MAINTAINER):
+    def open_pr(self, number: int, sha: str, files: list[str], author: str = MAINTAINER,
+                base: str | None = None):
         self.github.pulls[(REPO, number)] = fake_github.Pull(
-            number, sha, self.git_host.base_sha, files, author)
+            number, sha, base or self.git_host.base_sha, files, author)
 
     def payload(self, name: str, number: int | None = None, sha: str | None = None,
-                sender: str = MAINTAINER, **changes: Any) -> dict[str, Any]:
+                sender: str = MAINTAINER, base: str | None = None,
+                **changes: Any) -> dict[str, Any]:
         """A real payload with repository/PR/SHA/sender fields pointed at the test repo."""
         data = json.loads((FIXTURES / name).read_text())
         owner, repo = REPO.split("/")
@@ -267,7 +291,7 @@ class Env:
             pull = data["pull_request"]
             data["number"] = pull["number"] = number
             pull["head"]["sha"] = sha
-            pull["base"]["sha"] = self.git_host.base_sha
+            pull["base"]["sha"] = base or self.git_host.base_sha
             pull["head"]["repo"]["full_name"] = pull["base"]["repo"]["full_name"] = REPO
             pull["user"]["login"] = sender
             pull["draft"] = False

@@ -91,3 +91,54 @@ def test_command_parsing():
                 "/verify --checks"):
         with pytest.raises(CommandError):
             parse(bad)
+
+
+def _check(variant: str, verdict: str) -> CheckResult:
+    return CheckResult(check="layers", variant=variant, verdict=verdict, summary=variant)
+
+
+def _results(checks: dict[str, list[CheckResult]]) -> dict:
+    reports = [ModelReport(model_type=t, source="default", seed=0, dtype="float32",
+                           verdict="fail" if any(c.verdict == "fail" for c in cs) else "pass",
+                           checks=cs) for t, cs in checks.items()]
+    return Results(command="mlx-verify check x", environment=ENV,
+                   reports=reports).model_dump(mode="json")
+
+
+def test_baseline_marks_each_failing_row_and_only_new_findings_fail():
+    head = _results({"llama": [_check("default", "fail"), _check("rope-params", "fail"),
+                               _check("sliding", "pass")]})
+    base_sha = "b" * 40
+    # Only rope-params also fails on base: default is new, so the run fails.
+    base = _results({"llama": [_check("default", "pass"), _check("rope-params", "fail")]})
+    outcome = {"status": "done", "results": head, "model_types": ["llama"],
+               "base_sha": base_sha, "base_status": "done", "base_results": base}
+    out = rendered(outcome)
+    assert out.conclusion == "failure"
+    assert "| default | layers | ❌ fail | **new** | default |" in out.comment
+    assert "| rope-params | layers | ❌ fail | also fails on base `bbbbbbb` |" in out.comment
+    assert "| sliding | layers | ✅ pass | – |" in out.comment
+    assert "**1 new finding(s)**; 1 finding(s) also fail on base `bbbbbbb`" in out.summary
+    assert out.title.endswith("1 new, 1 also on base bbbbbbb")
+
+    # Both fail on base: nothing new, neutral, the summary counts the pre-existing ones.
+    base = _results({"llama": [_check("default", "fail"), _check("rope-params", "fail")]})
+    out = rendered({**outcome, "base_results": base})
+    assert out.conclusion == "neutral" and out.verdict == "fail"
+    assert "**No new findings**: all 2 finding(s) also fail on base `bbbbbbb`" in out.summary
+    assert "**new**" not in out.comment
+
+    # No baseline for the model_type (the PR adds it): its failures are new.
+    out = rendered({**outcome, "base_results": None,
+                    "base_errors": {"llama": "mlx-lm has no model llama"}})
+    assert out.conclusion == "failure" and "No baseline for `llama`" in out.comment
+    assert "also fails on base" not in out.comment.replace("also fail on base", "")
+
+    # Baseline off: the tables are as before, any failure fails.
+    plain = rendered({"status": "done", "results": head, "model_types": ["llama"]})
+    assert plain.conclusion == "failure" and "vs base" not in plain.comment
+    assert "| default | layers | ❌ fail | default |" in plain.comment
+    # A clean head gets no baseline column even when the baseline is on.
+    clean = _results({"llama": [_check("default", "pass")]})
+    out = rendered({**outcome, "results": clean, "base_status": "skipped", "base_results": None})
+    assert out.conclusion == "success" and "vs base" not in out.comment

@@ -16,7 +16,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app import planning
-from tests.app.conftest import REPO, start_worker_process, wait_until
+from tests.app.conftest import REPO, released_llama, start_worker_process, wait_until
 
 LLAMA = "mlx_lm/models/llama.py"
 HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # a harmless edit")
@@ -40,18 +40,26 @@ def descendants(pid: int) -> list[int]:
 
 
 def open_and_run(env, number: int, edits: dict, parent: str | None = None,
-                 fixture: str = "pull_request.opened.payload.json") -> str:
-    sha, files = env.git_host.make_pr(number, edits, parent)
-    env.open_pr(number, sha, files)
-    response = env.send("pull_request", env.payload(fixture, number=number, sha=sha))
+                 fixture: str = "pull_request.opened.payload.json",
+                 base: str | None = None) -> str:
+    sha, files = env.git_host.make_pr(number, edits, parent, base)
+    env.open_pr(number, sha, files, base=base)
+    response = env.send("pull_request", env.payload(fixture, number=number, sha=sha,
+                                                    base=base))
     assert response.status_code == 202
     env.drain()
     return sha
 
 
-def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env):
+def outcome_of(env, run: dict) -> dict:
+    return Job.fetch(run["external_id"], connection=env.redis,
+                     serializer=JSONSerializer).return_value()
+
+
+def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env,
+                                                                             monkeypatch):
     clean = open_and_run(env, 1, {LLAMA: HARMLESS})
-    bugged = open_and_run(env, 2, {LLAMA: SWAPPED})
+    bugged = open_and_run(env, 2, {LLAMA: SWAPPED})  # main passes: every finding is new
 
     (clean_run,) = env.check_runs(clean)
     assert clean_run["_history"][:3] == ["queued", "in_progress", "completed"]
@@ -60,6 +68,11 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
     assert bugged_run["_history"][:3] == ["queued", "in_progress", "completed"]
     assert bugged_run["conclusion"] == "failure"
     assert "llama" in bugged_run["output"]["summary"]
+    assert outcome_of(env, clean_run)["base_status"] == "skipped"  # nothing to compare
+    assert outcome_of(env, bugged_run)["base_status"] == "done"
+    base7 = env.git_host.base_sha[:7]
+    assert f"new finding(s)**; 0 finding(s) also fail on base `{base7}`" in \
+        bugged_run["output"]["summary"]
 
     (clean_comment,) = env.comments(1)
     assert "mlx-verify: ✅ pass" in clean_comment["body"]
@@ -69,8 +82,12 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
     assert "First divergence" in body and "xychart-beta" in body
     assert "<!-- mlx-verify:sticky -->" in body and len(body) < 65536
     assert "pull/2/head" in body  # the reproduction command
+    assert "| vs base |" in body and "| ❌ fail | **new** |" in body
+    assert "also fails on base" not in body
 
     # A push that breaks PR 1: the same comment is updated, with the clean SHA in history.
+    # With the baseline off (VERIFY_BASELINE=0) the tables are as they were without it.
+    monkeypatch.setenv("VERIFY_BASELINE", "0")
     pushed = open_and_run(env, 1, {LLAMA: SWAPPED}, parent=clean,
                           fixture="pull_request.synchronize.payload.json")
     (updated,) = env.comments(1)
@@ -81,6 +98,36 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
                if w[0] == "PATCH" and w[1].endswith(f"/issues/comments/{clean_comment['id']}")]
     assert len(patches) == 1
     assert [r["conclusion"] for r in env.check_runs(pushed)] == ["failure"]
+    assert "vs base" not in updated["body"]
+    assert outcome_of(env, env.check_runs(pushed)[0])["base_status"] is None
+
+
+def test_findings_of_the_base_commit_are_not_new_and_a_new_model_file_has_none(env):
+    # A base with released llama.py, whose rope_parameters variant fails (a known
+    # finding): a harmless PR on it fails only there, as its base does.
+    host = env.git_host
+    released = host.commit({LLAMA: released_llama()}, host.base_sha, "refs/heads/released")
+    sha = open_and_run(env, 10, {LLAMA: HARMLESS}, base=released)
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "neutral", run["output"]
+    summary = run["output"]["summary"]
+    assert f"**No new findings**: all 1 finding(s) also fail on base `{released[:7]}`" \
+        in summary
+    assert "rope\\_parameters" in summary and "**new**" not in summary
+    (comment,) = env.comments(10)
+    assert f"| ❌ fail | also fails on base `{released[:7]}` |" in comment["body"]
+    assert outcome_of(env, run)["base_sha"] == released
+
+    # A base without llama.py, and a PR that adds it: no baseline, so its finding is new.
+    gone = host.commit({LLAMA: None}, host.base_sha, "refs/heads/no-llama")
+    sha = open_and_run(env, 11, {LLAMA: released_llama()}, base=gone)
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "failure", run["output"]
+    assert "No baseline for `llama`" in run["output"]["summary"]
+    (comment,) = env.comments(11)
+    assert "| ❌ fail | **new** |" in comment["body"]
+    assert "also fails on base `" not in comment["body"]
+    assert outcome_of(env, run)["base_status"] == "done"
 
 
 def test_shared_module_change_plans_the_dependent_models(env):
