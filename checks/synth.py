@@ -196,12 +196,13 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
     config_class = _config_class(model_type)
     if config_class is not None:
         hidden, heads = out.get("hidden_size"), out.get("num_attention_heads")
+        aliases = getattr(config_class, "attribute_map", {})
         if ("head_dim" not in out and "head_dim" not in _declared_fields(config_class)
-                and isinstance(hidden, int) and isinstance(heads, int) and heads > 0
-                and hidden % heads == 0):
+                and "head_dim" not in aliases and isinstance(hidden, int)
+                and isinstance(heads, int) and heads > 0 and hidden % heads == 0):
             out["head_dim"] = hidden // heads
         mlx_fields = _mlx_fields(out)
-        for alias, stored in getattr(config_class, "attribute_map", {}).items():
+        for alias, stored in aliases.items():
             if (stored in out and alias not in out and alias in mlx_fields
                     and stored not in mlx_fields):
                 out[alias] = out.pop(stored)
