@@ -123,6 +123,14 @@ LEGACY_LAYER_TYPE_NAMES: dict[str, dict[str, str]] = {
     "granitemoehybrid": {"linear_attention": "mamba", "full_attention": "attention"},
 }
 
+# Per-layer overrides (per_layer_config) that Hub checkpoints give as one key for all
+# full-attention layers, which transformers 5 turns into per_layer_config on load
+# (configuration_gemma4): override key -> Hub key.
+LEGACY_GLOBAL_LAYER_KEYS: dict[str, dict[str, str]] = {
+    "gemma4_text": {"head_dim": "global_head_dim",
+                    "num_key_value_heads": "num_global_key_value_heads"},
+}
+
 # Keys Hub checkpoints carry for behaviour transformers 5 hard-codes (it has no such
 # key): written with the one value transformers implements.
 LEGACY_CONSTANTS: dict[str, dict[str, Any]] = {
@@ -187,7 +195,8 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
     - a key stored under one of two names transformers treats as the same key (its
       config class's `attribute_map`) goes under the name the mlx-lm port reads; which
       of the two real checkpoints use differs by architecture;
-    - LEGACY_PROPERTIES, LEGACY_LAYER_TYPE_NAMES, LEGACY_CONSTANTS and LEGACY_COPIES.
+    - LEGACY_PROPERTIES, LEGACY_GLOBAL_LAYER_KEYS, LEGACY_LAYER_TYPE_NAMES,
+      LEGACY_CONSTANTS and LEGACY_COPIES.
     """
     from transformers import AutoConfig
 
@@ -214,6 +223,15 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
             out[key] = getattr(loaded, key)
             if replaced is not None:
                 out.pop(replaced, None)
+    global_keys = LEGACY_GLOBAL_LAYER_KEYS.get(model_type, {})
+    overrides = out.get("per_layer_config")
+    full = [str(i) for i, t in enumerate(out.get("layer_types") or []) if t == "full_attention"]
+    if (global_keys and isinstance(overrides, dict) and overrides
+            and sorted(int(k) for k in overrides) == [int(k) for k in full]
+            and all(v == next(iter(overrides.values())) for v in overrides.values())
+            and set(next(iter(overrides.values()))) <= set(global_keys)):
+        for key, value in out.pop("per_layer_config")[next(iter(overrides))].items():
+            out[global_keys[key]] = value
     names = LEGACY_LAYER_TYPE_NAMES.get(model_type, {})
     for key in ("layer_types", "layers_block_type"):
         if names and isinstance(out.get(key), list):
@@ -281,6 +299,10 @@ def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
     """Fewest layers that keep one of each layer type and the layer pattern's first period."""
     needed = 2
     for key, value in config.items():
+        if key == "per_layer_config" and isinstance(value, dict) and value:
+            # layers with overrides are a layer type of their own
+            needed = max(needed, min(int(k) for k in value) + 1)
+            continue
         if _is_index_list(key, value, n_layers):
             # layers listed and layers not listed are two types: keep the first of each
             listed = set(value)
@@ -346,6 +368,20 @@ SIZE_FALLBACKS: dict[str, int | None] = {
     "num_key_value_heads": None, "head_dim": HIDDEN // HEADS,
     "n_routed_experts": MAX_EXPERTS, "num_experts_per_tok": 2, "n_shared_experts": 1,
 }
+
+
+def _shrink_layer_override(override: Any, source: dict[str, Any], tiny: dict[str, Any]) -> Any:
+    """A per-layer override (gemma4 per_layer_config): head_dim keeps its ratio to the
+    model's head_dim, kv heads stay grouped."""
+    if not isinstance(override, dict):
+        return override
+    out = dict(override)
+    if isinstance(out.get("head_dim"), int) and isinstance(source.get("head_dim"), int):
+        out["head_dim"] = max(2, out["head_dim"] * tiny["head_dim"] // source["head_dim"])
+    if isinstance(out.get("num_key_value_heads"), int):
+        heads = tiny.get("num_attention_heads", HEADS)
+        out["num_key_value_heads"] = min(out["num_key_value_heads"], 2, heads)
+    return out
 
 
 def _cannot_build(config: dict[str, Any]) -> bool:
@@ -452,6 +488,10 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
             elif (isinstance(value, (list, str)) and len(value) == n_layers
                   and k not in TOKEN_ID_KEYS):
                 out[k] = value[:keep]
+        if isinstance(out.get("per_layer_config"), dict):
+            overrides = out["per_layer_config"].items()
+            out["per_layer_config"] = {k: _shrink_layer_override(v, config, out)
+                                       for k, v in overrides if int(k) < keep}
         for k in ("max_window_layers", "moe_layer_end_index", "num_nextn_predict_layers"):
             if isinstance(out.get(k), int) and out[k] > keep:
                 out[k] = keep if k != "num_nextn_predict_layers" else 0
