@@ -328,7 +328,8 @@ def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
         value = config.get(key)
         if isinstance(value, int) and 1 < value <= 8:
             needed = max(needed, value)
-    for key in ("attn_layer_offset", "expert_layer_offset", "first_k_dense_replace"):
+    for key in ("attn_layer_offset", "expert_layer_offset", "first_k_dense_replace",
+                "num_dense_layers"):
         value = config.get(key)
         if isinstance(value, int) and 0 < value < n_layers:
             needed = max(needed, min(value, 2) + 2)
