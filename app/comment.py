@@ -412,9 +412,12 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         counts += f"; {new} new, {old} also on base {baseline.sha[:7]}"
         if not new:
             conclusion = "neutral"
-    title = f"{VERDICT_MARK[verdict]}: {counts}" if not failure else f"⚠️ {failure}"
+    # the heading says what the conclusion says: findings the base has too are not this PR's
+    mark = "➖ no new findings" if conclusion == "neutral" and baseline is not None \
+        else VERDICT_MARK[verdict]
+    title = f"{mark}: {counts}" if not failure else f"⚠️ {failure}"
     model_types = [str(t) for t in outcome.get("model_types") or []]
-    head = [MARKER, f"### mlx-verify: {VERDICT_MARK[verdict]} at `{short}`", ""]
+    head = [MARKER, f"### mlx-verify: {mark} at `{short}`", ""]
     if failure:
         head.extend([f"**Could not finish: {escape(failure, 200)}.**", ""])
         tail_lines = [escape(line, 200) for line in (outcome.get("stderr_tail") or "")

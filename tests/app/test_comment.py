@@ -127,6 +127,8 @@ def test_baseline_marks_each_failing_row_and_only_new_findings_fail():
     assert out.conclusion == "neutral" and out.verdict == "fail"
     assert "**No new findings**: all 2 finding(s) also fail on base `bbbbbbb`" in out.summary
     assert "**new**" not in out.comment
+    assert "### mlx-verify: ➖ no new findings at" in out.comment
+    assert out.title.startswith("➖ no new findings")
 
     # No baseline for the model_type (the PR adds it): its failures are new.
     out = rendered({**outcome, "base_results": None,
