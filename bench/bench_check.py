@@ -1,6 +1,7 @@
-"""Benchmarks of the engine: wall time of `mlx-verify check` per architecture (interpreter
-start included, checkpoint cache warm and cold) and the cost of capturing every module's
-input/output against a plain forward of the same model.
+"""Benchmarks of the engine: wall time of `mlx-verify check` per architecture, interpreter
+start included, with the checkpoint cache cold and warm: parity alone (`layers` on the
+default variant) and every check on every variant, with the seconds of each check; and
+the cost of capturing every module's input/output against a plain forward.
 
     .venv/bin/python bench/bench_check.py [--types llama,qwen3,...] [--repeat 5]
 
@@ -10,6 +11,7 @@ Writes a Markdown table to stdout; docs/benchmarks.md holds the latest results.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -24,12 +26,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).parent / "mlx-verify")
 
 
-def wall_time(model_type: str, cache: str) -> tuple[float, int]:
+def wall_time(model_type: str, cache: str, args: list[str],
+              json_path: str = os.devnull) -> tuple[float, int]:
     env = {**os.environ, "MLX_VERIFY_CACHE": cache, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    done = subprocess.run([CLI, "check", model_type, "--json", os.devnull], env=env,
+    done = subprocess.run([CLI, "check", model_type, *args, "--json", json_path], env=env,
                           capture_output=True)
     return time.perf_counter() - start, done.returncode
+
+
+def check_times(json_path: str) -> dict[str, float]:
+    """Seconds per check, summed over variants, from a results JSON."""
+    totals: dict[str, float] = {}
+    results = json.loads(Path(json_path).read_text())
+    for report in results["reports"]:
+        for check in report["checks"]:
+            totals[check["check"]] = totals.get(check["check"], 0.0) + check["duration_s"]
+    return totals
 
 
 def capture_overhead(model_type: str, repeat: int) -> tuple[float, float, float, float]:
@@ -69,13 +82,22 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-    print("| model_type | check, cold cache (s) | check, warm cache (s) | exit |")
-    print("|---|---|---|---|")
+    parity = ["--checks", "layers", "--variants", "default"]
+    checks = ("layers", "rope", "config", "weights", "dtype", "generation", "long", "quantize")
+    print("| model_type | parity, cold cache (s) | parity, warm cache (s) "
+          "| every check and variant, cold (s) | warm (s) | " + " | ".join(checks) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(checks))
     with tempfile.TemporaryDirectory() as cache:
         for model_type in types:
-            cold, code = wall_time(model_type, cache)
-            warm = statistics.median(wall_time(model_type, cache)[0] for _ in range(3))
-            print(f"| {model_type} | {cold:.1f} | {warm:.1f} | {code} |", flush=True)
+            cold, _ = wall_time(model_type, cache, parity)
+            warm = statistics.median(wall_time(model_type, cache, parity)[0] for _ in range(3))
+            full_cold, _ = wall_time(model_type, cache, [])
+            results = str(Path(cache) / f"{model_type}.json")
+            full_warm, code = wall_time(model_type, cache, [], results)
+            per_check = check_times(results)
+            cells = " | ".join(f"{per_check[c]:.1f}" if c in per_check else "–" for c in checks)
+            print(f"| {model_type} | {cold:.1f} | {warm:.1f} | {full_cold:.1f} | {full_warm:.1f} "
+                  f"| {cells} |", flush=True)
         os.environ["MLX_VERIFY_CACHE"] = cache
         from checks.mlx_side import use_mlx_lm
 
