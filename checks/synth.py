@@ -241,6 +241,8 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
     for key, source_key in LEGACY_COPIES.get(model_type, {}).items():
         if key not in out and source_key in out:
             out[key] = out[source_key]
+    if isinstance(out.get("text_config"), dict) and out["text_config"].get("model_type"):
+        out["text_config"] = hub_key_names(out["text_config"])
     return out
 
 
