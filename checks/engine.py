@@ -250,7 +250,14 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                 check="layers", variant=variant.name, verdict="error",
                 summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}"))
             continue
-        mlx_model, _, weights = mlx_side.load(checkpoint)
+        try:
+            mlx_model, _, weights = mlx_side.load(checkpoint)
+        except mlx_side.PortCrash as e:
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="fail", summary=str(e),
+                first_divergent_layer="load", duration_s=time.perf_counter() - start))
+            default_loads = variant.name != "default"
+            continue
         if mlx_model is None:
             report.checks.append(_weights_failure(variant.name, weights, start))
             default_loads = variant.name != "default"

@@ -25,6 +25,10 @@ class MlxLmError(Exception):
     """The chosen mlx_lm tree cannot be used (bad path, import error in its code)."""
 
 
+class PortCrash(Exception):
+    """The model file raises while building the model or sanitizing its weights: a finding."""
+
+
 @dataclass
 class MlxLmInfo:
     path: str
@@ -48,7 +52,7 @@ def use_mlx_lm(path: str | None) -> MlxLmInfo:
     try:
         mlx_lm = importlib.import_module("mlx_lm")
         importlib.import_module("mlx_lm.utils")
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # some model files call sys.exit on import
         raise MlxLmError(f"cannot import mlx_lm: {describe_import_error(e)}") from e
     package_dir = Path(mlx_lm.__file__).resolve().parent
     if path is not None and package_dir.parent != Path(path).expanduser().resolve():
@@ -96,14 +100,7 @@ def config_problem(config: dict[str, Any]) -> str | None:
     """Why mlx-lm's ModelArgs cannot be built from `config` (e.g. required keys missing),
     or None. Checked before a checkpoint is synthesized; an import error in the model
     file raises MlxLmError."""
-    from mlx_lm.utils import _get_classes
-
-    try:
-        _, args_class = _get_classes(config)
-    except ValueError as e:
-        raise MlxLmError(f"mlx-lm has no model for this config: {e}") from e
-    except Exception as e:
-        raise MlxLmError(f"cannot import the mlx-lm model file: {describe_import_error(e)}") from e
+    _, args_class = model_classes(config)
     try:
         args_class.from_dict(config)
     except Exception as e:
@@ -112,11 +109,23 @@ def config_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
-def model_module_name(config: dict[str, Any]) -> str:
-    """The mlx_lm.models file mlx-lm picks for a config (MODEL_REMAPPING applied)."""
+def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
+    """(Model, ModelArgs) of the mlx_lm.models file mlx-lm picks for a config (remapping
+    applied). Every failure to import it is an MlxLmError, SystemExit included: some
+    model files call sys.exit when an optional package is missing."""
     from mlx_lm.utils import _get_classes
 
-    return _get_classes(config)[0].__module__
+    try:
+        return _get_classes(config)
+    except ValueError as e:
+        raise MlxLmError(f"mlx-lm has no model for this config: {e}") from e
+    except (Exception, SystemExit) as e:
+        raise MlxLmError(f"cannot import the mlx-lm model file: {describe_import_error(e)}") from e
+
+
+def model_module_name(config: dict[str, Any]) -> str:
+    """The mlx_lm.models file mlx-lm picks for a config (MODEL_REMAPPING applied)."""
+    return model_classes(config)[0].__module__
 
 
 def load(checkpoint: Path) -> tuple[Any, dict[str, Any], WeightsReport]:
@@ -127,22 +136,20 @@ def load(checkpoint: Path) -> tuple[Any, dict[str, Any], WeightsReport]:
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes, load_config, load_model
+    from mlx_lm.utils import load_config, load_model
 
     config = load_config(checkpoint)
-    try:
-        model_class, args_class = _get_classes(config)
-    except ValueError as e:
-        raise MlxLmError(f"mlx-lm has no model for this config: {e}") from e
-    except Exception as e:
-        raise MlxLmError(f"cannot import the mlx-lm model file: {describe_import_error(e)}") from e
+    model_class, args_class = model_classes(config)
 
     weights: dict[str, Any] = {}
     for wf in sorted(glob.glob(str(checkpoint / "model*.safetensors"))):
         weights.update(mx.load(wf))
-    model = model_class(args_class.from_dict(config))
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
+    try:
+        model = model_class(args_class.from_dict(config))
+        if hasattr(model, "sanitize"):
+            weights = model.sanitize(weights)
+    except (Exception, SystemExit) as e:  # the port fails on a config transformers runs
+        raise PortCrash(f"mlx-lm cannot build the model: {describe_import_error(e)}") from e
     expected = dict(tree_flatten(model.parameters()))
     report = WeightsReport(
         missing=sorted(set(expected) - set(weights)),

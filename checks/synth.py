@@ -272,13 +272,9 @@ def _declared_fields(config_class: Any) -> set[str]:
 
 def _mlx_fields(config: dict[str, Any]) -> set[str]:
     """The config keys the mlx-lm ModelArgs for this config declares (empty if none)."""
-    try:
-        from mlx_lm.utils import _get_classes
+    from .variants import mlx_args_fields
 
-        _, args_class = _get_classes(config)
-    except Exception:
-        return set()
-    return _declared_fields(args_class)
+    return mlx_args_fields(config)
 
 
 def _layer_count(config: dict[str, Any]) -> tuple[str, int] | None:

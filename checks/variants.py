@@ -38,11 +38,11 @@ ROPE_BASE_KEYS = ("rope_theta", "rotary_emb_base")
 
 def mlx_args_fields(config: dict[str, Any]) -> set[str]:
     """The config keys the MLX ModelArgs for this config declares (others are dropped)."""
-    from mlx_lm.utils import _get_classes
+    from .mlx_side import MlxLmError, model_classes
 
     try:
-        _, args_class = _get_classes(config)
-    except Exception:
+        _, args_class = model_classes(config)
+    except MlxLmError:
         return set()
     if dataclasses.is_dataclass(args_class):
         return {f.name for f in dataclasses.fields(args_class)}

@@ -35,9 +35,7 @@ def _checkpoint_tensors(checkpoint: Path) -> dict[str, Any]:
 
 
 def _fresh_model(config: dict[str, Any]) -> Any:
-    from mlx_lm.utils import _get_classes
-
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = mlx_side.model_classes(config)
     return model_class(args_class.from_dict(config))
 
 

@@ -113,3 +113,25 @@ def test_list_names_shared_model_types_and_probes(cache_dir: Path) -> None:
     assert status["gpt_oss"].startswith("no: weights do not load")
     unknown = run_cli(["list", "nosuch"], cache_dir)
     assert unknown.returncode == 2 and "nosuch" in unknown.stderr
+
+
+def test_port_crashing_while_building_the_model_is_a_finding(cache_dir: Path,
+                                                             tmp_path: Path) -> None:
+    # released exaone4.py takes len() of sliding_window_pattern, which transformers'
+    # default config gives as an int: the port fails on a config transformers runs
+    run = run_cli(["check", "exaone4", "--checks", "layers", "--variants", "default"],
+                  cache_dir, tmp_path / "results.json")
+    assert run.returncode == 1, run.stderr
+    check = run.layers_check("exaone4")
+    assert check["verdict"] == "fail" and check["first_divergent_layer"] == "load"
+    assert check["summary"].startswith("mlx-lm cannot build the model: TypeError")
+    assert "exaone4.py:" in check["summary"]
+
+
+def test_model_file_calling_sys_exit_on_import_is_a_clear_error(cache_dir: Path) -> None:
+    # released olmo.py calls sys.exit(1) when the ai2-olmo package is missing
+    run = run_cli(["check", "olmo", "--checks", "layers", "--variants", "default"], cache_dir)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SystemExit" in lines[0] and "olmo.py:" in lines[0]
+    assert "Traceback" not in run.stderr
