@@ -123,11 +123,6 @@ def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
         raise MlxLmError(f"cannot import the mlx-lm model file: {describe_import_error(e)}") from e
 
 
-def model_module_name(config: dict[str, Any]) -> str:
-    """The mlx_lm.models file mlx-lm picks for a config (MODEL_REMAPPING applied)."""
-    return model_classes(config)[0].__module__
-
-
 def load(checkpoint: Path) -> tuple[Any, dict[str, Any], WeightsReport]:
     """Load through mlx-lm's own loader with strict weights; mismatches become a report.
 
@@ -268,11 +263,3 @@ def plain_forward(model: Any, ids: np.ndarray) -> np.ndarray:
     logits = model(mx.array(ids))
     mx.eval(logits)
     return np.array(logits.astype(mx.float32))
-
-
-def module_paths(model: Any) -> list[str]:
-    return [path for path, _ in model.named_modules() if path]
-
-
-def iter_modules(model: Any) -> Iterator[tuple[str, Any]]:
-    yield from ((p, m) for p, m in model.named_modules() if p)
