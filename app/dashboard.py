@@ -451,7 +451,21 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                                     run.model_types(), run.request)
             reproduce = "\n".join(line for line in lines if not line.startswith("```"))
         return render(request, "run.html", run=run, meta=run.meta(), charts=charts,
-                      reproduce=reproduce, now=time.time())
+                      reproduce=reproduce, attempts=attempts_of(run), now=time.time())
+
+    def attempts_of(run: store.Run) -> list[tuple[int, str]]:
+        """(attempt, run id) of every kept attempt of this run's job, oldest first; the
+        job id itself holds the latest (store.record_job)."""
+        if run.kind != "pr":
+            return []
+        job_id = run.id.split(".", 1)[0]
+        latest = store.get_metas(connection, [job_id])
+        count = int(latest[0].get("attempt") or 1) if latest else run.attempt
+        if count <= 1:
+            return []
+        ids = [f"{job_id}.{n}" for n in range(1, count)] + [job_id]
+        kept = set(store.get_run_ids(connection, ids))
+        return [(n, i) for n, i in enumerate(ids, start=1) if i in kept]
 
     @router.get("/runs/{run_id}/results.json")
     def run_json(request: Request, run_id: str) -> Response:

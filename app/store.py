@@ -19,7 +19,8 @@ Keys (prefix mlxv:store:):
                        model_type -> run id)
 
 A run's id is the verify job id (the Check Run's details_url points at
-/dashboard/runs/{job_id}) or sweep-{sweep id}-{model_type}.
+/dashboard/runs/{job_id}; an earlier attempt of a re-run job is kept as {job_id}.{n}) or
+sweep-{sweep id}-{model_type}.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class Run(BaseModel):
     mlx_lm_tree: str | None = None  # sweeps: version, git SHA, path of the mlx-lm checked
     transformers_version: str | None = None
     sweep_id: str | None = None
+    # A re-run reuses the job id (the Check Run links to it); earlier attempts are kept
+    # as {job id}.{attempt} (see record_job).
+    attempt: int = 1
 
     @property
     def verdict(self) -> str | None:
@@ -330,14 +334,20 @@ def record_job(connection: redis.Redis, job_id: str, state: str,
             run = Run(id=job_id, kind="pr", repository=info["repo"], pr=int(info["number"]),
                       head_sha=info["sha"], request=request)
         now = time.time()
-        run.state = JOB_STATES.get(state, state)  # type: ignore[assignment]
         if title:
             run.title = title
         elif run.title is None and run.repository and run.pr is not None:
             noted = connection.get(_key("title", pr_key(run.repository, run.pr)))
             run.title = noted.decode() if noted else None
+        if state == "queued" and run.state in ("done", "failed", "stale", "cancelled"):
+            # A re-run of a finished run: keep that attempt, under its own id, before
+            # this one starts afresh under the job id.
+            record_run(connection, run.model_copy(update={"id": f"{job_id}.{run.attempt}"},
+                                                  deep=True))
+            run.attempt += 1
         if requested_by:
             run.request["requested_by"] = requested_by
+        run.state = JOB_STATES.get(state, state)  # type: ignore[assignment]
         if run.state == "queued":
             # a new attempt (re-run or requeue) starts its clock again
             run.queued_at, run.started_at, run.finished_at = now, None, None
@@ -376,9 +386,9 @@ def sweep_id(fingerprint: dict[str, Any]) -> str:
 
 
 def record_sweep_result(connection: redis.Redis, fingerprint: dict[str, Any],
-                        row: dict[str, Any], results: Results | None) -> Run:
+                        row: dict[str, Any], results: Results | None, logs: str = "") -> Run:
     """One model_type of a sweep: row is its sweep.json row (model_type, verdict,
-    seconds, exit, error)."""
+    seconds, exit, error); logs, its check's output."""
     sid = sweep_id(fingerprint)
     model_type = str(row["model_type"])
     finished = time.time()
@@ -397,7 +407,7 @@ def record_sweep_result(connection: redis.Redis, fingerprint: dict[str, Any],
         queued_at=finished - seconds, started_at=finished - seconds, finished_at=finished,
         results=results, errors={} if results else {model_type: str(row.get("error", ""))},
         reason=None if results else str(row.get("error", ""))[:500],
-        logs="" if results else str(row.get("error", "")),
+        logs=logs or ("" if results else str(row.get("error", ""))),
         mlx_lm_tree=str(fingerprint.get("mlx_lm", "")),
         transformers_version=str(fingerprint.get("transformers", "")), sweep_id=sid)
     record_run(connection, run)
@@ -407,6 +417,7 @@ def record_sweep_result(connection: redis.Redis, fingerprint: dict[str, Any],
     created = connection.hget(key, "created")
     connection.hset(key, mapping={
         "mlx_lm": run.mlx_lm_tree or "", "transformers": run.transformers_version or "",
+        "mlx": str(fingerprint.get("mlx", "")), "torch": str(fingerprint.get("torch", "")),
         "options": json.dumps(options), "runs": json.dumps(runs),
         "created": float(created) if created else run.queued_at or finished,
         "updated": finished})
@@ -432,7 +443,10 @@ def import_sweep_dir(connection: redis.Redis, out_dir: Path) -> str:
     for model_type, row in sorted(state.get("rows", {}).items()):
         file = out_dir / f"{model_type}.json"
         results = Results.model_validate_json(file.read_text()) if file.exists() else None
-        record_sweep_result(connection, fingerprint, {"model_type": model_type, **row}, results)
+        log = out_dir / "logs" / f"{model_type}.log"
+        logs = log.read_text(errors="replace")[-LOGS_MAX_CHARS:] if log.exists() else ""
+        record_sweep_result(connection, fingerprint, {"model_type": model_type, **row}, results,
+                            logs)
     return sweep_id(fingerprint)
 
 
@@ -448,6 +462,7 @@ def list_sweeps(connection: redis.Redis, limit: int = 100) -> list[dict[str, Any
             data = {k.decode(): v.decode() for k, v in raw.items()}
             out.append({"id": sid, "mlx_lm": data["mlx_lm"],
                         "transformers": data["transformers"],
+                        "mlx": data.get("mlx", ""), "torch": data.get("torch", ""),
                         "options": json.loads(data.get("options") or "[]"),
                         "runs": json.loads(data.get("runs") or "{}"),
                         "created": float(data.get("created") or 0)})

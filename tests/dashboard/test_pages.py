@@ -246,6 +246,15 @@ def test_rerun_and_cancel_for_an_authorised_user(page, live):
     assert len(runs) == 1 and runs[0]["head_sha"] == SHA_BAD and runs[0]["status"] == "queued"
     run = store.get_run(connection, job_id)
     assert run.state == "queued" and run.request["requested_by"] == MAINTAINER
+    # the finished attempt is kept whole, and linked from the new attempt's page
+    first = store.get_run(connection, f"{job_id}.1")
+    assert first.state == "done" and first.results == live.results["bugged"]
+    page.goto(f"{live.url}/runs/{job_id}")
+    assert page.locator("#attempts").inner_text() == "attempt 1 · attempt 2"
+    page.locator("#attempts").get_by_role("link", name="attempt 1").click()
+    assert page.url == f"{live.url}/runs/{job_id}.1"
+    assert "fail" in page.locator("#verdict").inner_text()
+    screenshot(page, "run-earlier-attempt")
     # asking again while it waits changes nothing: the same job id is already queued
     page.goto(f"{live.url}/runs/{job_id}")
     page.get_by_role("button", name="Re-run this request").click()

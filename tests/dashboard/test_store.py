@@ -87,8 +87,20 @@ def test_record_job_follows_the_report_job_state(fresh, real_results):
     assert run.matrix() == {"llama": {"layers": "fail"}, "gemma": {"(run)": "error"}}
     assert "tail" in run.logs and run.request["requested_by"] == "maintainer-1"
     assert store.runs_for_model_type(fresh, "gemma")[0]["id"] == "verify-5-x"
-    store.record_job(fresh, "verify-5-x", "queued")  # a re-run: results reset
-    assert store.runs_for_model_type(fresh, "gemma") == []  # no stale index entry
+    store.record_job(fresh, "verify-5-x", "queued", requested_by="maintainer-2")  # a re-run
+    rerun = store.get_run(fresh, "verify-5-x")
+    assert rerun.state == "queued" and rerun.results is None and rerun.attempt == 2
+    assert rerun.request["requested_by"] == "maintainer-2"
+    # the first attempt is kept whole under its own id, and is what the indexes list
+    first = store.get_run(fresh, "verify-5-x.1")
+    assert first.state == "done" and first.results == run.results and first.attempt == 1
+    assert first.request["requested_by"] == "maintainer-1" and "tail" in first.logs
+    assert [r["id"] for r in store.runs_for_model_type(fresh, "gemma")] == ["verify-5-x.1"]
+    assert [r["id"] for r in store.runs_for_pr(fresh, REPO, 5)] == ["verify-5-x", "verify-5-x.1"]
+    assert store.get_pr(fresh, REPO, 5)["latest"] == "verify-5-x"
+    store.record_job(fresh, "verify-5-x", "queued")  # asked again while queued: no new attempt
+    assert store.get_run(fresh, "verify-5-x").attempt == 2
+    assert store.get_run(fresh, "verify-5-x.2") is None
     assert store.record_job(fresh, "missing-job", "queued") is None  # never raises
 
 
