@@ -187,6 +187,32 @@ def fix_known_llama_finding(path: Path) -> None:
         "                self.rope_scaling = self.rope_scaling or self.rope_parameters\n"), 1))
 
 
+def webhook_payload(name: str, installation_id: int, number: int | None = None,
+                    sha: str | None = None, base: str | None = None,
+                    sender: str = MAINTAINER, **changes: Any) -> dict[str, Any]:
+    """A real payload with repository/PR/SHA/sender fields pointed at the test repo."""
+    data = json.loads((FIXTURES / name).read_text())
+    owner, repo = REPO.split("/")
+    if "repository" in data:
+        data["repository"].update(full_name=REPO, name=repo)
+        data["repository"]["owner"]["login"] = owner
+    data["sender"]["login"] = sender
+    if "installation" in data:
+        data["installation"]["id"] = installation_id
+    if "pull_request" in data:
+        pull = data["pull_request"]
+        data["number"] = pull["number"] = number
+        pull["head"]["sha"] = sha
+        pull["base"]["sha"] = base
+        pull["head"]["repo"]["full_name"] = pull["base"]["repo"]["full_name"] = REPO
+        pull["user"]["login"] = sender
+        pull["draft"] = False
+        if "after" in data:
+            data["after"] = sha
+    data.update(changes)
+    return data
+
+
 @pytest.fixture(scope="session")
 def git_host(tmp_path_factory) -> GitHost:
     import mlx_lm
@@ -278,27 +304,8 @@ class Env:
     def payload(self, name: str, number: int | None = None, sha: str | None = None,
                 sender: str = MAINTAINER, base: str | None = None,
                 **changes: Any) -> dict[str, Any]:
-        """A real payload with repository/PR/SHA/sender fields pointed at the test repo."""
-        data = json.loads((FIXTURES / name).read_text())
-        owner, repo = REPO.split("/")
-        if "repository" in data:
-            data["repository"].update(full_name=REPO, name=repo)
-            data["repository"]["owner"]["login"] = owner
-        data["sender"]["login"] = sender
-        if "installation" in data:
-            data["installation"]["id"] = self.github.installation_id
-        if "pull_request" in data:
-            pull = data["pull_request"]
-            data["number"] = pull["number"] = number
-            pull["head"]["sha"] = sha
-            pull["base"]["sha"] = base or self.git_host.base_sha
-            pull["head"]["repo"]["full_name"] = pull["base"]["repo"]["full_name"] = REPO
-            pull["user"]["login"] = sender
-            pull["draft"] = False
-            if "after" in data:
-                data["after"] = sha
-        data.update(changes)
-        return data
+        return webhook_payload(name, self.github.installation_id, number, sha,
+                               base or self.git_host.base_sha, sender, **changes)
 
     def send(self, event: str, payload: dict[str, Any], delivery: str | None = None,
              secret: str = SECRET) -> httpx.Response:

@@ -27,7 +27,12 @@ from app.dashboard import DashboardSettings
 from app.settings import AppSettings
 from checks.schema import Results
 from tests.app import fake_github
-from tests.app.conftest import ServerThread, free_port, wait_until
+from tests.app.conftest import (
+    ServerThread,
+    free_port,
+    git_host,  # noqa: F401 - a fixture, for runners' git fetch
+    wait_until,
+)
 from tests.conftest import Edit, copy_mlx_lm, run_cli
 from tests.dashboard.fake_oauth import OAuthState, add_oauth_routes
 
