@@ -9,6 +9,7 @@ with one line on stderr and no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 import time
@@ -242,8 +243,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                         ("--variants", args.variants)):
         if value:
             options += [flag, value]
+    # A new mlx or torch release can change results as much as a new mlx-lm: a sweep
+    # resumes only on the same four.
     fingerprint = {"mlx_lm": f"{info.version} {info.git_sha or ''} {info.path}".strip(),
-                   "transformers": transformers.__version__, "options": options}
+                   "transformers": transformers.__version__,
+                   "mlx": importlib.metadata.version("mlx"),
+                   "torch": importlib.metadata.version("torch"), "options": options}
     rows, summary = sweeping.sweep(types, Path(args.out), options, args.jobs, fingerprint,
                                    Path(args.previous) if args.previous else None, Progress())
     if connection is not None:

@@ -1,20 +1,28 @@
 """`mlx-verify sweep`: every model_type of an mlx-lm tree that transformers also has,
-checked in parallel processes (one `mlx-verify check` each, so one model's crash or
-memory cannot take the others down), resumable, with a Markdown matrix.
+checked in parallel, resumable, with a Markdown matrix.
 
-Results go to a directory (one results JSON per model_type, plus summary.md and
-sweep.json); a run whose JSON exists for the same mlx-lm, transformers and options is
-not run again. With --previous DIR the summary lists what changed since that sweep.
+Each model_type runs `mlx-verify check` in a process of its own, so one model's crash or
+memory cannot take the others down. The processes are forked from a multiprocessing
+forkserver that has already imported torch, transformers, MLX, mlx_lm and the checks:
+importing those takes about 6 s of CPU, which per model_type would be a third of a
+sweep. A fork is a fresh copy of that state, so runs cannot leak into each other.
+
+Results go to a directory (one results JSON and one log per model_type, plus summary.md
+and sweep.json); a run whose JSON exists for the same mlx-lm, transformers, mlx, torch
+and options is not run again. With --previous DIR the summary lists what changed since
+that sweep.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-import subprocess
+import shutil
 import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +31,67 @@ from .schema import Results, combine_verdicts
 MODEL_TIMEOUT_S = 1800
 
 
-def _cli() -> list[str]:
-    return [sys.executable, "-m", "checks.cli"]
+# Imported once in the forkserver; each model_type's process starts from there.
+PRELOAD = ["torch", "transformers", "mlx.core", "mlx.nn", "mlx_lm", "mlx_lm.utils",
+           "checks.cli", "checks.engine", *(f"checks.{m}" for m in (
+               "layers", "rope", "config_keys", "weights", "dtypes", "generation",
+               "long_context", "quantize", "synth", "hf_side", "mlx_side"))]
 
 
-def run_one(model_type: str, out_dir: Path, options: list[str], env: dict[str, str]
-            ) -> dict[str, Any]:
+def check_in_child(argv: list[str], log_file: str) -> None:
+    """The forked process: `mlx-verify check ...` with stdout and stderr (native output
+    included) going to the model_type's log."""
+    from . import cli
+
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = ["mlx-verify", *argv]  # the results' reproduce command
+    code = cli.main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def start_forkserver(mlx_lm_path: str | None, shim: Path) -> multiprocessing.context.BaseContext:
+    """A forkserver that imports PRELOAD, mlx_lm from mlx_lm_path when given. It is a new
+    interpreter (Python 3.11 ignores the parent's sys.path there), so the tree goes on
+    its PYTHONPATH, through `shim` holding only a link to the mlx_lm package: the rest
+    of an mlx-lm checkout (its tests/, say) cannot shadow our modules."""
+    context = multiprocessing.get_context("forkserver")
+    if mlx_lm_path:
+        (shim / "mlx_lm").symlink_to(Path(mlx_lm_path).expanduser().resolve() / "mlx_lm")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
+    context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def run_one(context: multiprocessing.context.BaseContext, model_type: str, out_dir: Path,
+            options: list[str]) -> dict[str, Any]:
     """Check one model_type; returns its row for sweep.json."""
     results_file = out_dir / f"{model_type}.json"
+    log_file = out_dir / "logs" / f"{model_type}.log"
+    results_file.unlink(missing_ok=True)
     start = time.perf_counter()
-    try:
-        proc = subprocess.run([*_cli(), "check", model_type, *options, "--json",
-                               str(results_file)], capture_output=True, text=True, env=env,
-                              timeout=MODEL_TIMEOUT_S)
-        code, stderr = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired:
-        code, stderr = 2, f"timed out after {MODEL_TIMEOUT_S} s"
+    process = context.Process(target=check_in_child, name=f"check {model_type}", args=(
+        ["check", model_type, *options, "--json", str(results_file)], str(log_file)))
+    process.start()
+    process.join(MODEL_TIMEOUT_S)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        code, why = 2, f"timed out after {MODEL_TIMEOUT_S} s"
+    else:
+        code = process.exitcode if process.exitcode is not None else 2
+        why = f"killed by signal {-code}" if code < 0 else f"exit {code}"
     row: dict[str, Any] = {"model_type": model_type, "exit": code,
                            "seconds": round(time.perf_counter() - start, 1)}
-    if code == 2 or not results_file.exists():
-        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if code not in (0, 1) or not results_file.exists():
+        log = log_file.read_text(errors="replace") if log_file.exists() else ""
+        lines = [line for line in log.strip().splitlines() if line.strip()]
         row["verdict"] = "error"
-        row["error"] = lines[-1] if lines else f"exit {code}"
+        row["error"] = lines[-1] if code == 2 and lines else why
         results_file.unlink(missing_ok=True)
     else:
         row["verdict"] = Results.model_validate_json(results_file.read_text()).verdict
@@ -103,9 +150,14 @@ def sweep(model_types: list[str], out_dir: Path, options: list[str], jobs: int,
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state.get("fingerprint") != fingerprint:
         state = {"fingerprint": fingerprint, "rows": {}}  # new tree or options: start over
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    (out_dir / "logs").mkdir(exist_ok=True)
+    # The forkserver and every check forked from it inherit this environment.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # each check process uses one core: more threads per process would only contend
-    env.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mlx_lm_path = options[options.index("--mlx-lm") + 1] if "--mlx-lm" in options else None
+    shim = Path(tempfile.mkdtemp(prefix="mlx-verify-sweep-"))
+    context = start_forkserver(mlx_lm_path, shim)
 
     def done(model_type: str) -> bool:
         row = state["rows"].get(model_type)
@@ -115,21 +167,25 @@ def sweep(model_types: list[str], out_dir: Path, options: list[str], jobs: int,
     todo = [t for t in model_types if not done(t)]  # errors are tried again
 
     def one(model_type: str) -> dict[str, Any]:
-        row = run_one(model_type, out_dir, options, env)
+        row = run_one(context, model_type, out_dir, options)
         if progress:
             progress(f"{model_type}: {row['verdict']} ({row['seconds']} s)")
         return row
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for row in pool.map(one, todo):
+        # recorded as each finishes (not in order): an interrupted sweep keeps them all
+        for future in as_completed([pool.submit(one, t) for t in todo]):
+            row = future.result()
             state["rows"][row["model_type"]] = row
-            state_file.write_text(json.dumps(state, indent=2))  # resumable after a crash
+            state_file.write_text(json.dumps(state, indent=2))
+    shutil.rmtree(shim, ignore_errors=True)
     rows = [state["rows"][t] for t in model_types if t in state["rows"]]
     previous = None
     if previous_dir is not None:
         previous_types = [p.stem for p in previous_dir.glob("*.json") if p.stem != "sweep"]
         previous = checks_matrix(previous_dir, previous_types)
     header = (f"mlx-lm {fingerprint['mlx_lm']}, transformers {fingerprint['transformers']}, "
+              f"mlx {fingerprint.get('mlx', '?')}, torch {fingerprint.get('torch', '?')}, "
               f"options `{' '.join(options) or '(defaults)'}`; {len(rows)} model_types")
     summary_file = out_dir / "summary.md"
     summary_file.write_text(summary(rows, checks_matrix(out_dir, model_types), previous, header))
