@@ -28,7 +28,18 @@ from .subject import Subject
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 
 
+def decoder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of the config that describes the decoder: a multimodal config's
+    text_config (gemma3, llama4, qwen3_5), else the config itself."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and not any(isinstance(config.get(k), int)
+                                          for k in LAYER_COUNT_KEYS):
+        return text
+    return config
+
+
 def layer_count(config: dict[str, Any]) -> int | None:
+    config = decoder_config(config)
     for key in LAYER_COUNT_KEYS:
         if isinstance(config.get(key), int):
             return config[key]
@@ -161,7 +172,7 @@ def compare_stages(hf: Capture, mlx: Capture, config: dict[str, Any],
         return rows, None, f"no list of {n_layers} decoder layers found in the {side} model"
     paths = PathMap(hf_layers, mlx_layers)
     pair_children(hf, mlx, paths, n_layers)
-    types = _layer_types(config, n_layers)
+    types = _layer_types(decoder_config(config), n_layers)
 
     first_hf, first_mlx = f"{hf_layers}.0", f"{mlx_layers}.0"
     emb_ref, emb_mlx = hf.inputs.get(first_hf), mlx.inputs.get(first_mlx)

@@ -6,6 +6,7 @@ checkout first on sys.path before the package is first imported.
 
 from __future__ import annotations
 
+import copy
 import glob
 import importlib
 import subprocess
@@ -102,7 +103,9 @@ def config_problem(config: dict[str, Any]) -> str | None:
     file raises MlxLmError."""
     _, args_class = model_classes(config)
     try:
-        args_class.from_dict(config)
+        # a copy: some ModelArgs write into the dicts they are given (gemma3 sets
+        # text_config["vocab_size"]), which would change the config we go on to write
+        args_class.from_dict(copy.deepcopy(config))
     except Exception as e:
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}: {text[0] if text else ''}"

@@ -406,9 +406,17 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(config)
     for key in ("quantization_config", "auto_map", "_name_or_path"):
         out.pop(key, None)
-    for nested in ("text_config", "attn_config", "ffn_config"):
+    for nested in ("text_config", "vision_config", "audio_config", "attn_config",
+                   "ffn_config"):
         if isinstance(out.get(nested), dict):
             out[nested] = shrink_config(out[nested])
+    text = out.get("text_config")
+    if (isinstance(text, dict) and isinstance(text.get("vocab_size"), int)
+            and "vocab_size" not in out):
+        # Multimodal ports (mlx-lm's gemma3) read a top-level vocab_size whose default is
+        # the real model's and overwrite text_config's with it: the shrunk vocabulary is
+        # said at the top too. transformers reads text_config's and ignores this copy.
+        out["vocab_size"] = text["vocab_size"]
 
     orig_heads = next((out[k] for k in ("num_attention_heads", "n_head", "n_heads")
                        if isinstance(out.get(k), int)), None)
