@@ -3,7 +3,7 @@
 # (The server and report worker have their own image: deploy/Dockerfile.)
 FROM python:3.11-slim
 
-RUN apt-get update && apt-get install -y --no-install-recommends git \
+RUN apt-get update && apt-get install -y --no-install-recommends git libopenblas0-serial \
     && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home verify
 WORKDIR /opt/mlx-verify

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sources, synth
-from .mlx_side import MlxLmError, MlxLmInfo
+from .mlx_side import MlxLmError, MlxLmInfo, blas_library
 from .schema import CheckResult, Environment, ModelReport, Variant, combine_verdicts
 from .sources import Source
 from .subject import Subject
@@ -44,6 +44,7 @@ def environment(mlx_lm: MlxLmInfo) -> Environment:
         mlx_lm_path=mlx_lm.path,
         mlx_lm_git_sha=mlx_lm.git_sha,
         mlx_verify=__version__,
+        blas=blas_library(),
     )
 
 

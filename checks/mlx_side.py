@@ -37,6 +37,38 @@ class MlxLmInfo:
     git_sha: str | None
 
 
+# The mlx[cpu] wheel for Linux links the reference (netlib) BLAS: a 1024x1024 matmul
+# takes 1.5 s on this project's CPU, 0.09 s with OpenBLAS. Preloaded, OpenBLAS's
+# cblas_sgemm takes the place of the wheel's (docs/benchmarks.md). Debian: the package
+# libopenblas0-serial (one thread: the sweep and the runners run a process per core).
+OPENBLAS_GLOB = "/usr/lib/*-linux-gnu/openblas-serial/libopenblas.so.0"
+
+
+def fast_blas_env() -> dict[str, str]:
+    """LD_PRELOAD for a process that will run MLX on the CPU: OpenBLAS when installed,
+    nothing when LD_PRELOAD is already set or MLX_VERIFY_BLAS=reference."""
+    import os
+
+    if (not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD")
+            or os.environ.get("MLX_VERIFY_BLAS") == "reference"):
+        return {}
+    found = sorted(glob.glob(OPENBLAS_GLOB))
+    return {"LD_PRELOAD": found[0]} if found else {}
+
+
+def blas_library() -> str | None:
+    """The BLAS library this process has loaded (Linux), e.g. libopenblas.so.0."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "blas" in line.lower()}
+    except OSError:
+        return None
+    # numpy's scipy_openblas64_ copy has suffixed symbols: MLX cannot bind to it
+    names = sorted(Path(p).name for p in paths
+                   if p.startswith("/") and "scipy_openblas" not in p)
+    return next((n for n in names if "openblas" in n), names[0] if names else None)
+
+
 def use_mlx_lm(path: str | None) -> MlxLmInfo:
     """Import mlx_lm, from `path` (a directory holding the mlx_lm package) when given."""
     if path is not None:

@@ -98,6 +98,7 @@ class Environment(Strict):
     mlx_lm_path: str
     mlx_lm_git_sha: str | None = None
     mlx_verify: str
+    blas: str | None = None  # the BLAS MLX's CPU matmuls ran on (Linux), when known
 
 
 class ModelReport(Strict):

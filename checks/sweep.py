@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from .mlx_side import fast_blas_env
 from .schema import Results, combine_verdicts
 
 MODEL_TIMEOUT_S = 1800
@@ -155,6 +156,7 @@ def sweep(model_types: list[str], out_dir: Path, options: list[str], jobs: int,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # each check process uses one core: more threads per process would only contend
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.update(fast_blas_env())  # read when the forkserver starts
     mlx_lm_path = options[options.index("--mlx-lm") + 1] if "--mlx-lm" in options else None
     shim = Path(tempfile.mkdtemp(prefix="mlx-verify-sweep-"))
     context = start_forkserver(mlx_lm_path, shim)

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v chromium >/dev/null || missing+=(chromium)  # the dashboard tests drive it headless
+# OpenBLAS for MLX's CPU matmuls in the sweep and on runners (checks/mlx_side.py)
+compgen -G "/usr/lib/*-linux-gnu/openblas-serial/libopenblas.so.0" >/dev/null \
+  || missing+=(libopenblas0-serial)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

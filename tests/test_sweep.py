@@ -4,8 +4,11 @@ row; a finding is a finding; a second run resumes; --previous lists what changed
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
+
+from checks.mlx_side import OPENBLAS_GLOB
 
 from .conftest import Edit, copy_mlx_lm, run_cli
 
@@ -42,6 +45,9 @@ def test_sweep_isolates_a_crash_and_resumes(tmp_path, cache_dir):
     layers = next(c for c in qwen3["reports"][0]["checks"] if c["check"] == "layers")
     assert layers["localization"]["module"].endswith("mlp.act_fn") or \
         ".mlp" in layers["localization"]["module"], layers["localization"]
+    # MLX's matmuls ran on OpenBLAS where it is installed (scripts/test.sh installs it)
+    blas = qwen3["environment"]["blas"]
+    assert blas and ("openblas" in blas) == bool(glob.glob(OPENBLAS_GLOB)), blas
     # each result carries its own reproduce command, not the sweep's
     assert qwen3["command"].startswith("mlx-verify check qwen3 --mlx-lm ")
     assert (out / "logs" / "qwen2.log").exists()

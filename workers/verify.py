@@ -40,6 +40,7 @@ from rq.serializers import JSONSerializer
 
 from app import planning
 from app.settings import RunnerSettings, load_runner_settings
+from checks.mlx_side import fast_blas_env
 
 REPORT_QUEUE = "report"
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
@@ -75,6 +76,7 @@ def scrubbed_env(work: Path) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "GIT_TERMINAL_PROMPT": "0",
+        **fast_blas_env(),
     })
     for name in ("home", "tmp", "cache", "hf"):
         (work / name).mkdir(exist_ok=True)
