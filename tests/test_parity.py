@@ -19,6 +19,8 @@ from tests.conftest import CliRun, run_cli
 CLEAN_MODEL_TYPES: tuple[str, ...] = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
     "cohere", "mixtral", "mamba",
+    # multimodal configs: the decoder is described by text_config
+    "gemma3", "qwen3_5",
 )
 
 # Real findings on released mlx-lm: model_type -> (first divergent stage, part, module).
@@ -68,6 +70,7 @@ def test_clean_architecture_matches_transformers(clean_run: CliRun, model_type: 
 
     # every stage was paired and compared: embeddings, each decoder layer, final norm, logits
     config = report["variants"][0]["config"]
+    config = config.get("text_config", config)  # multimodal: the decoder's own config
     n_layers = next(config[k] for k in ("num_hidden_layers", "n_layer", "n_layers")
                     if isinstance(config.get(k), int))
     names = [row["name"] for row in check["layers"]]
@@ -92,3 +95,18 @@ def test_known_gelu_finding_still_fails(clean_run: CliRun, model_type: str) -> N
     # everything before the divergent stage agrees
     before = check["layers"][: check["layers"].index(row)]
     assert before and all(r["ok"] for r in before)
+
+
+def test_reading_a_config_leaves_it_alone() -> None:
+    """mlx-lm's gemma3 ModelArgs writes its default vocab (262208) into the text_config
+    it is given: the engine's config, written next as the checkpoint's, must not change."""
+    import copy
+
+    from checks import mlx_side, synth
+
+    mlx_side.use_mlx_lm(None)
+    config = synth.shrink_config(synth.default_config("gemma3"))
+    del config["vocab_size"]  # as a real gemma3 config has it: in text_config only
+    before = copy.deepcopy(config)
+    assert mlx_side.config_problem(config) is None
+    assert config == before
