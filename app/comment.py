@@ -334,8 +334,9 @@ def environment_lines(results: Results | None) -> list[str]:
     if results is None:
         return []
     env = results.environment
+    blas = f", BLAS {escape(env.blas, 60)}" if env.blas else ""
     return [f"- mlx-lm {escape(env.mlx_lm_version, 40)}, mlx {escape(env.mlx, 40)} "
-            f"({escape(env.mlx_device, 40)}), torch {escape(env.torch, 40)}, transformers "
+            f"({escape(env.mlx_device, 40)}{blas}), torch {escape(env.torch, 40)}, transformers "
             f"{escape(env.transformers, 40)}, python {escape(env.python, 40)}, "
             f"{escape(env.platform, 80)}; mlx-verify {escape(env.mlx_verify, 40)}, results "
             f"schema v{results.schema_version}"]

@@ -127,7 +127,8 @@ def render(results: Results) -> str:
     lines.extend([
         "<details><summary>environment and reproduction</summary>", "",
         f"- mlx-lm {escape(env.mlx_lm_version)}{sha} from {code(env.mlx_lm_path)}",
-        f"- mlx {env.mlx} ({env.mlx_device}), torch {env.torch}, transformers "
+        f"- mlx {env.mlx} ({env.mlx_device}{', BLAS ' + escape(env.blas) if env.blas else ''}), "
+        f"torch {env.torch}, transformers "
         f"{env.transformers}, python {env.python}, {escape(env.platform)}",
         f"- mlx-verify {env.mlx_verify}, results schema v{results.schema_version}",
         "", "```", results.command.replace("`", "'"), "```", "", "</details>", "",
