@@ -174,13 +174,15 @@ def sweep(model_types: list[str], out_dir: Path, options: list[str], jobs: int,
             progress(f"{model_type}: {row['verdict']} ({row['seconds']} s)")
         return row
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        # recorded as each finishes (not in order): an interrupted sweep keeps them all
-        for future in as_completed([pool.submit(one, t) for t in todo]):
-            row = future.result()
-            state["rows"][row["model_type"]] = row
-            state_file.write_text(json.dumps(state, indent=2))
-    shutil.rmtree(shim, ignore_errors=True)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            # recorded as each finishes (not in order): an interrupted sweep keeps them all
+            for future in as_completed([pool.submit(one, t) for t in todo]):
+                row = future.result()
+                state["rows"][row["model_type"]] = row
+                state_file.write_text(json.dumps(state, indent=2))
+    finally:
+        shutil.rmtree(shim, ignore_errors=True)
     rows = [state["rows"][t] for t in model_types if t in state["rows"]]
     previous = None
     if previous_dir is not None:
