@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import uuid
 
 from rq import Queue, Worker
@@ -106,8 +107,14 @@ def test_cancel_stops_a_running_job(page, live, git_host, monkeypatch, tmp_path)
                        serializer=JSONSerializer)
         assert verify.count == 0 and verify.scheduled_job_registry.count == 0
     finally:
-        os.killpg(runner.pid, signal.SIGKILL)
-        runner.wait()
+        # SIGTERM: the idle worker shuts down and unregisters (the queue page of later
+        # tests lists no dead runner)
+        os.killpg(runner.pid, signal.SIGTERM)
+        try:
+            runner.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
 
 
 def test_retry_runs_a_failed_report_job_again(page, live, monkeypatch, tmp_path):

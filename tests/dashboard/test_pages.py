@@ -142,7 +142,13 @@ def test_links_lead_where_they_say(page, live):
     assert page.locator("#c-0-0").is_visible()
     page.locator("#verdicts").get_by_role("link", name="llama").click()
     assert page.url == f"{live.url}/runs?model_type=llama"
-    assert page.locator("#runs tbody tr").count() == 6  # 4 PR runs + 2 sweep runs
+    # every llama run the store indexes (the 4 PR runs and 2 sweep runs seeded, and any
+    # that earlier tests added), newest first
+    listed = [row.locator("td").first.inner_text()
+              for row in page.locator("#runs tbody tr").all()]
+    assert listed == [r["id"] for r in store.runs_for_model_type(live.connection, "llama")]
+    assert set(live.ids[k] for k in ("good", "bad", "other", "others")) <= set(listed)
+    assert sum(run_id.startswith("sweep-") for run_id in listed) == 2
     # downloads: the stored results JSON and the Markdown report
     page.goto(f"{live.url}/runs/{live.ids['bad']}")
     with page.expect_download() as download:
@@ -330,7 +336,7 @@ def test_queue_page_shows_a_live_runner(page, live):
         wait_until(lambda: Worker.all(connection=live.connection, serializer=JSONSerializer),
                    30, what="the runner to register")
         page.goto(f"{live.url}/queue")
-        row = page.locator("#workers tbody tr").first
+        row = page.locator("#workers tbody tr").filter(has_text=report.LARGE_VERIFY_QUEUE)
         text = row.inner_text()
         assert report.LARGE_VERIFY_QUEUE in text and "large" in text
         assert re.search(r"\d+ s ago", text), text  # its last heartbeat
