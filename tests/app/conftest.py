@@ -5,6 +5,7 @@ mlx_lm package, with PR refs that change a model file correctly and incorrectly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -336,6 +337,21 @@ class Env:
 
     def comments(self, number: int) -> list[dict[str, Any]]:
         return [c for c in self.github.comments.values() if c["_number"] == number]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def start_worker_process(queue: str, env: dict[str, str]) -> subprocess.Popen:

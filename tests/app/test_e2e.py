@@ -16,27 +16,18 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app import planning
-from tests.app.conftest import REPO, released_llama, start_worker_process, wait_until
+from tests.app.conftest import (
+    REPO,
+    descendants,
+    released_llama,
+    start_worker_process,
+    wait_until,
+)
 
 LLAMA = "mlx_lm/models/llama.py"
 HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # a harmless edit")
 SWAPPED = ("swiglu(self.gate_proj(x), self.up_proj(x))",
            "swiglu(self.up_proj(x), self.gate_proj(x))")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def open_and_run(env, number: int, edits: dict, parent: str | None = None,

@@ -18,8 +18,12 @@ from rq.serializers import JSONSerializer
 from app import github, store
 from app.commands import VerifyRequest
 from tests.app import fake_github
-from tests.app.conftest import start_worker_process, wait_until, webhook_payload
-from tests.app.test_e2e import descendants
+from tests.app.conftest import (
+    descendants,
+    start_worker_process,
+    wait_until,
+    webhook_payload,
+)
 from workers import report
 
 from .conftest import MAINTAINER, REPO, screenshot, sign_in
