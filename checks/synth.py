@@ -12,9 +12,7 @@ softcaps and routing to matter.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -256,18 +254,15 @@ def port_reads_rope_parameters_only(config: dict[str, Any]) -> bool:
 
 
 def _config_class(model_type: str) -> Any:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from .compat import hf_config_class
 
-    try:
-        return CONFIG_MAPPING[model_type]
-    except KeyError:
-        return None
+    return hf_config_class(model_type)
 
 
 def _declared_fields(config_class: Any) -> set[str]:
-    if dataclasses.is_dataclass(config_class):
-        return {f.name for f in dataclasses.fields(config_class)}
-    return set(inspect.signature(config_class.__init__).parameters)
+    from .compat import hf_config_fields
+
+    return hf_config_fields(config_class)
 
 
 def _mlx_fields(config: dict[str, Any]) -> set[str]:
