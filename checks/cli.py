@@ -151,6 +151,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return fail("--config, --hub-model and --checkpoint go with a single MODEL_TYPE")
     if args.full_weights and not (args.hub_models or args.checkpoints):
         return fail("--full-weights needs --hub-model or --checkpoint")
+    moved = run_in_environment_that_knows(args.model_types, args.argv)
+    if moved is not None:
+        return moved
     progress = Progress()
     try:
         found = [sources.from_checkpoint(p) for p in args.checkpoints]
@@ -175,6 +178,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.markdown or not args.json:
         _write(args.markdown or "-", report.render(results))
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
+
+
+def run_in_environment_that_knows(model_types: list[str], argv: list[str]) -> int | None:
+    """None when this environment's transformers knows every model_type; else exit 2
+    naming the release that has it, or the same command run in another validated
+    environment that knows them (checks/environments.py)."""
+    import transformers
+
+    from . import compat, environments
+
+    unknown = [t for t in model_types if t not in compat.hf_known_model_types()]
+    if not unknown:
+        return None
+    if os.environ.get(environments.CHOSEN_FLAG):
+        return fail(f"transformers {transformers.__version__} in the chosen environment has "
+                    f"no model_type {', '.join(unknown)}")
+    chosen, line = environments.choose(unknown, transformers.__version__)
+    if chosen is None:
+        return fail(line)
+    print(f"mlx-verify: {line}", file=sys.stderr, flush=True)
+    env = {**os.environ, environments.CHOSEN_FLAG: chosen.python}
+    os.execve(chosen.python, [chosen.python, "-m", "checks.cli", *argv], env)
+    return None  # not reached
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -261,7 +287,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list, "sweep": cmd_sweep,
                                 "serve": cmd_serve, "worker": cmd_worker}
     try:

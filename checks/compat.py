@@ -349,3 +349,57 @@ def mlx_causal_mask(n: int, window_size: int | None = None) -> Any:
 
 def names(values: Iterable[str]) -> str:
     return ", ".join(sorted(values))
+
+
+# --- the environment ------------------------------------------------------------------
+
+# Pins whose versions decide a verdict: a lock is in use only if all of these match.
+DECIDING_PACKAGES = ("transformers", "torch", "mlx", "mlx-lm", "numpy", "safetensors")
+
+
+def lock_dirs() -> list[Path]:
+    """Where the validated locks are: MLX_VERIFY_LOCK_DIR, else constraints/ of the
+    source tree this package runs from (a clone or an editable install)."""
+    import os
+
+    found = [Path(os.environ["MLX_VERIFY_LOCK_DIR"])] if os.environ.get("MLX_VERIFY_LOCK_DIR") \
+        else []
+    return found + [Path(__file__).resolve().parent.parent / "constraints"]
+
+
+def read_lock(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        requirement = line.split("#", 1)[0].split(";", 1)[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==", 1)
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def lock_in_use() -> str:
+    """Which lock file this environment was installed from, by comparing the installed
+    versions with each lock's pins: 'constraints/lock.txt (sha256 1a2b3c4d)', or
+    'none: transformers 5.25.0 (lock.txt has 5.24.0), ...'."""
+    import hashlib
+    from importlib import metadata
+
+    installed = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        installed[name] = dist.version.split("+", 1)[0]
+    closest: tuple[int, str, list[str]] | None = None
+    for directory in lock_dirs():
+        for path in sorted(directory.glob("*.txt")) if directory.is_dir() else []:
+            pins = read_lock(path)
+            differing = [f"{n} {installed.get(n, 'missing')} ({path.name} has {pins[n]})"
+                         for n in DECIDING_PACKAGES
+                         if n in pins and installed.get(n) != pins[n].split("+", 1)[0]]
+            if not differing:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+                return f"{path.parent.name}/{path.name} (sha256 {digest})"
+            if closest is None or len(differing) < closest[0]:
+                closest = (len(differing), path.name, differing)
+    if closest is None:
+        return "none: no constraints/ lock found beside the package (MLX_VERIFY_LOCK_DIR)"
+    return "none: " + ", ".join(closest[2])

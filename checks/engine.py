@@ -49,6 +49,7 @@ def environment(mlx_lm: MlxLmInfo) -> Environment:
         mlx_lm_git_sha=mlx_lm.git_sha,
         mlx_verify=__version__,
         blas=blas_library(),
+        lock=compat.lock_in_use(),
     )
 
 
