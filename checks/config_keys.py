@@ -58,6 +58,9 @@ def perturb(key: str, value: Any) -> Any | None:
     if isinstance(value, float):
         if "eps" in key:
             return 0.05
+        if "partial" in key and 0 < value <= 1:
+            # a share of the head's dims: more than all of them is no checkpoint's config
+            return 0.5 if value != 0.5 else 0.25
         return value * 2.0 if value != 0 else 0.5
     if isinstance(value, int):
         if "window" in key or "chunk" in key:

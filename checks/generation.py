@@ -391,12 +391,18 @@ def batch_result(subject: Subject) -> CheckResult:
             return subject.result(CHECK, verdict="skip", details=details,
                                   duration_s=time.perf_counter() - start,
                                   summary=f"batch: {backend_limitation(e)}")
-        # our driver (DriverError) or mlx-lm's batch path raised: nothing was measured
-        return subject.result(CHECK, verdict="error", details=details,
+        if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
+            # our driver failed: nothing was measured
+            return subject.result(CHECK, verdict="error", details=details,
+                                  duration_s=time.perf_counter() - start,
+                                  summary=f"batch: {e}" if isinstance(e, compat.DriverError)
+                                  else f"batch: the driver raised {describe_import_error(e)}")
+        # mlx-lm's own batch path crashes on this model: a finding on the MLX side
+        return subject.result(CHECK, verdict="fail", details=details,
                               duration_s=time.perf_counter() - start,
-                              summary=f"batch: {e}" if isinstance(e, compat.DriverError)
-                              else "batch: mlx-lm's BatchGenerator raised "
-                                   f"{describe_import_error(e)}")
+                              first_divergent_layer="step 0",
+                              summary="batch: mlx-lm's BatchGenerator raises on this model: "
+                                      f"{describe_import_error(e)}")
     ignores_padding = _state_ignores_padding(subject.mlx_model, caches)
     tol, bound = BATCH_TOLERANCE[dtype], TIE_BOUND[dtype]
     worst = 0.0
@@ -457,6 +463,18 @@ def batch_result(subject: Subject) -> CheckResult:
     return subject.result(CHECK, verdict="fail", metrics=metrics, details=details,
                           duration_s=elapsed, first_divergent_layer=f"step {first[1]}",
                           summary=f"batch: {failure}; in the {stage}")
+
+
+def raised_in_mlx_lm(e: BaseException) -> bool:
+    """Whether the exception was raised inside mlx-lm's code (a finding) rather than ours."""
+    from pathlib import Path
+
+    tb = e.__traceback__
+    while tb is not None:
+        if "mlx_lm" in Path(tb.tb_frame.f_code.co_filename).parts:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _state_ignores_padding(model: Any, caches: list[Any]) -> str | None:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import compat, dtypes, layers
+from .generation import raised_in_mlx_lm
 from .schema import CheckResult
 from .subject import Subject
 
@@ -200,7 +201,7 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
     try:
         log = convert(source, target, bits, _vocab_size(subject))
     except Exception as e:
-        if isinstance(e, compat.DriverError) or not _raised_in_mlx_lm(e):
+        if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
             raise
         result.verdict = "fail"
         result.first_divergent_layer = "load"
@@ -210,9 +211,9 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
     result.details["convert_log"] = log.strip().splitlines()[-4:]
     try:
         model, config = compat.mlx_load_model(target, strict=True)
-    except compat.DriverError:
-        raise
     except Exception as e:
+        if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
+            raise
         # convert worked, so the model's code cannot load its own output: sanitize is not
         # idempotent, or the saved config does not rebuild the same quantized layers
         result.verdict = "fail"
@@ -240,7 +241,7 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
             calls, logits_dtype = dtypes.trace(model, subject.ids)
             capture = mlx_side.forward(model, subject.ids)
     except Exception as e:
-        if not _raised_in_mlx_lm(e):
+        if not raised_in_mlx_lm(e):
             raise
         # e.g. a tied lm_head computed from `embed_tokens.weight` (packed after quantization)
         # instead of `embed_tokens.as_linear`
@@ -327,16 +328,6 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
 
 def _vocab_size(subject: Subject) -> int:
     return int(subject.hf_model.config.get_text_config().vocab_size)
-
-
-def _raised_in_mlx_lm(e: BaseException) -> bool:
-    """Whether the exception comes from mlx-lm's code (a finding) rather than from ours."""
-    tb = e.__traceback__
-    while tb is not None:
-        if "mlx_lm" in Path(tb.tb_frame.f_code.co_filename).parts:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _done(result: CheckResult, start: float) -> CheckResult:
