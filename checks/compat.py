@@ -84,6 +84,37 @@ def hf_causal_lm_model_types() -> set[str]:
     return set(names)
 
 
+def hf_causal_lm_class_name(model_type: str) -> str | None:
+    """The class name AutoModelForCausalLM builds for a model_type, if any."""
+    from transformers.models.auto import modeling_auto
+
+    hf_causal_lm_model_types()  # raises when the table is not what we read
+    name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    return name if isinstance(name, str) else None
+
+
+def hf_load_causal_lm(checkpoint: Path, dtype: str) -> tuple[Any, dict[str, list[str]]]:
+    """AutoModelForCausalLM from a checkpoint directory with eager attention, and its
+    loading info (missing, unexpected, mismatched keys)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager",
+        output_loading_info=True)
+    if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], dict)):
+        raise DriverError("transformers", "from_pretrained(output_loading_info=True) to return "
+                          "(model, info dict)", type(loaded).__name__)
+    model, info = loaded
+    if not {"missing_keys", "mismatched_keys"} <= set(info):
+        raise DriverError("transformers", "loading info with missing_keys and mismatched_keys",
+                          f"keys {', '.join(info)}")
+    if str(getattr(model.config, "_attn_implementation", "eager")) != "eager":
+        raise DriverError("transformers", "eager attention as asked",
+                          str(model.config._attn_implementation))
+    return model, info
+
+
 def hf_config_class(model_type: str) -> Any:
     """transformers' config class for a model_type, or None when it has none."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from . import compat
+
 SYNTH_VERSION = 1  # bump when the checkpoint recipe changes: it is part of the cache key
 
 HIDDEN = 64
@@ -77,7 +79,7 @@ def default_config(model_type: str) -> dict[str, Any]:
     except ValueError as e:
         raise SynthError(f"transformers has no config for model_type {model_type!r}") from e
     # what save_pretrained writes: the keys that differ from PreTrainedConfig's defaults
-    out = config.to_diff_dict()
+    out = compat.hf_config_diff_dict(config)
     out.pop("transformers_version", None)
     out["model_type"] = model_type
     if not out.get("architectures"):
@@ -88,10 +90,9 @@ def default_config(model_type: str) -> dict[str, Any]:
 
 
 def _causal_lm_class(model_type: str) -> str | None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from .compat import hf_causal_lm_class_name
 
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    return name if isinstance(name, str) else None
+    return hf_causal_lm_class_name(model_type)
 
 
 # Legacy names of RoPE keys that transformers 5 still reads (it pops them while
