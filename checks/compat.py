@@ -307,6 +307,20 @@ def cache_children(cache: Any) -> list[Any]:
     return list(children)
 
 
+def mlx_lm_callable(module_name: str, name: str, keywords: tuple[str, ...]) -> Any:
+    """`module_name.name`, checked to take every keyword the driver passes. The module is
+    imported by its full name: the package re-exports functions called `generate` and
+    `convert` that shadow the modules as attributes."""
+    found = getattr(importlib.import_module(module_name), name, None)
+    if found is None:
+        raise DriverError("mlx-lm", f"{module_name}.{name}", "no such name")
+    params = _parameters(found)
+    if any(k not in params for k in keywords):
+        raise DriverError("mlx-lm", f"{name}({', '.join(keywords)})",
+                          f"parameters {', '.join(p for p in params if p != 'self')}")
+    return found
+
+
 BATCH_GENERATOR_ARGS = ("max_tokens", "prefill_batch_size", "completion_batch_size")
 
 
@@ -315,17 +329,8 @@ def mlx_batch_generate(model: Any, prompts: list[list[int]], steps: int
     """mlx-lm's BatchGenerator, greedy, no stop tokens: tokens and log-probs per prompt."""
     import mlx.core as mx
 
-    # `mlx_lm.generate` is also the name of a function the package re-exports
-    generate_module = importlib.import_module("mlx_lm.generate")
-
-    generator_class = getattr(generate_module, "BatchGenerator", None)
-    if generator_class is None:
-        raise DriverError("mlx-lm", "mlx_lm.generate.BatchGenerator", "no such class")
-    params = _parameters(generator_class)
-    missing = [a for a in BATCH_GENERATOR_ARGS if a not in params]
-    if missing:
-        raise DriverError("mlx-lm", f"BatchGenerator({', '.join(BATCH_GENERATOR_ARGS)})",
-                          f"parameters {', '.join(p for p in params if p != 'self')}")
+    generator_class = mlx_lm_callable("mlx_lm.generate", "BatchGenerator",
+                                      BATCH_GENERATOR_ARGS)
     for method in ("insert", "next_generated", "close"):
         if not callable(getattr(generator_class, method, None)):
             raise DriverError("mlx-lm", f"BatchGenerator.{method}()", "no such method")
@@ -353,16 +358,7 @@ CONVERT_ARGS = ("hf_path", "mlx_path", "quantize", "q_group_size", "q_bits")
 def mlx_convert_quantized(source: Path, target: Path, bits: int, group_size: int) -> None:
     """mlx_lm.convert.convert with quantization, unpatched: `source` must hold a
     tokenizer (convert loads and saves one)."""
-    # `mlx_lm.convert` is also the name of a function the package re-exports
-    convert_module = importlib.import_module("mlx_lm.convert")
-    convert = getattr(convert_module, "convert", None)
-    if convert is None:
-        raise DriverError("mlx-lm", "mlx_lm.convert.convert()", "no such function")
-    params = _parameters(convert)
-    missing = [a for a in CONVERT_ARGS if a not in params]
-    if missing:
-        raise DriverError("mlx-lm", f"convert({', '.join(CONVERT_ARGS)})",
-                          f"parameters {', '.join(params)}")
+    convert = mlx_lm_callable("mlx_lm.convert", "convert", CONVERT_ARGS)
     convert(hf_path=str(source), mlx_path=str(target), quantize=True,
             q_group_size=group_size, q_bits=bits)
 
