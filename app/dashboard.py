@@ -45,7 +45,7 @@ from checks import report as markdown
 from checks.schema import CheckResult
 
 from . import store
-from .settings import AppSettings, SettingsError
+from .settings import AppSettings, SettingsError, secret
 
 log = logging.getLogger("mlx-verify.dashboard")
 
@@ -100,8 +100,10 @@ def load_dashboard_settings() -> DashboardSettings:
         raise SettingsError("GITHUB_OAUTH_CLIENT_SECRET is not set")
     if settings.oauth_client_id and not settings.session_secret:
         raise SettingsError("DASHBOARD_SESSION_SECRET is not set")
-    if settings.session_secret and len(settings.session_secret) < 32:
-        raise SettingsError("DASHBOARD_SESSION_SECRET must be at least 32 characters")
+    if settings.session_secret:
+        secret("DASHBOARD_SESSION_SECRET", 32, settings.session_secret)
+    if settings.oauth_client_secret:
+        secret("GITHUB_OAUTH_CLIENT_SECRET", 16, settings.oauth_client_secret)
     if require and not settings.login_enabled:
         raise SettingsError("DASHBOARD_REQUIRE_LOGIN needs GITHUB_OAUTH_CLIENT_ID, "
                             "GITHUB_OAUTH_CLIENT_SECRET and DASHBOARD_SESSION_SECRET")

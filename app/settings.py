@@ -57,6 +57,26 @@ def _required(name: str) -> str:
     return value
 
 
+# Values from examples and templates that must never reach production.
+PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "secret",
+                "password", "your-secret", "example", "xxx", "todo", "test")
+WEBHOOK_SECRET_MIN_CHARS = 16
+
+
+def secret(name: str, minimum: int, value: str | None = None) -> str:
+    """A secret setting: set, not a placeholder, at least `minimum` characters. The
+    error names the setting, never the value."""
+    value = _required(name) if value is None else value
+    lowered = value.lower()
+    if lowered in PLACEHOLDERS or any(p in lowered for p in PLACEHOLDERS[:5]) or \
+            len(set(value)) == 1:
+        raise SettingsError(f"{name} is a placeholder; set a long random string "
+                            "(python3 -c 'import secrets; print(secrets.token_hex(32))')")
+    if len(value) < minimum:
+        raise SettingsError(f"{name} must be at least {minimum} characters")
+    return value
+
+
 def _url(name: str, default: str | None, schemes: tuple[str, ...]) -> str:
     value = _env(name) or default
     if value is None:
@@ -138,7 +158,7 @@ def load_app_settings() -> AppSettings:
         redis_url=redis_url(),
         app_id=int(app_id),
         private_key=_private_key(),
-        webhook_secret=_required("GITHUB_WEBHOOK_SECRET"),
+        webhook_secret=secret("GITHUB_WEBHOOK_SECRET", WEBHOOK_SECRET_MIN_CHARS),
         api_url=_url("GITHUB_API_URL", "https://api.github.com", ("https", "http")),
         git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
         dashboard_url=_url("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,

@@ -403,3 +403,32 @@ def test_a_huge_report_stays_under_githubs_limits_and_completes_its_check_run(en
     assert "cut here to stay under GitHub's limit of 65,536 characters" in comment["body"]
     refused = [w for w in env.github.writes if isinstance(w[2], str)]
     assert refused == []
+
+
+def test_placeholder_or_short_secrets_stop_start_up_with_one_line(app_env, monkeypatch,
+                                                                   capsys):
+    import argparse
+
+    from app.server import serve
+
+    for value, error in (
+            ("change-me", "GITHUB_WEBHOOK_SECRET is a placeholder; set a long random string"),
+            ("CHANGEME-please-now-soon", "GITHUB_WEBHOOK_SECRET is a placeholder"),
+            ("short-one", "GITHUB_WEBHOOK_SECRET must be at least 16 characters")):
+        monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", value)
+        assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mlx-verify: error: {error}") and err.count("\n") == 1
+        assert value not in err
+    monkeypatch.setenv("GITHUB_WEBHOOK_SECRET", app_env["GITHUB_WEBHOOK_SECRET"])
+    monkeypatch.setenv("GITHUB_OAUTH_CLIENT_ID", "Iv1.x")
+    monkeypatch.setenv("GITHUB_OAUTH_CLIENT_SECRET", "f" * 40)
+    monkeypatch.setenv("DASHBOARD_SESSION_SECRET", "9f8e7d6c5b4a" * 4)
+    assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
+    assert capsys.readouterr().err.startswith(
+        "mlx-verify: error: GITHUB_OAUTH_CLIENT_SECRET is a placeholder")
+    monkeypatch.setenv("GITHUB_OAUTH_CLIENT_SECRET", "a1b2c3d4e5f6a7b8c9d0")
+    monkeypatch.setenv("DASHBOARD_SESSION_SECRET", "change-me" * 4)
+    assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
+    assert capsys.readouterr().err.startswith(
+        "mlx-verify: error: DASHBOARD_SESSION_SECRET is a placeholder")
