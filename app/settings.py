@@ -125,6 +125,22 @@ def load_runner_settings() -> RunnerSettings:
     )
 
 
+@dataclass(frozen=True)
+class StoreLimits:
+    """Bounds of the run store (app.store), so that stored results can never fill the
+    Redis that also takes the webhooks."""
+
+    max_bytes: int  # all stored runs together (meta, results, logs)
+    results_max_bytes: int  # one run's results JSON; larger ones are not kept
+    ttl_s: int  # a run is dropped this long after it was queued
+
+
+def load_store_limits() -> StoreLimits:
+    return StoreLimits(max_bytes=_int("STORE_MAX_MB", 1024) * 1024 * 1024,
+                       results_max_bytes=_int("STORE_RESULTS_MAX_KB", 2048) * 1024,
+                       ttl_s=_int("STORE_TTL_DAYS", 90) * 86400)
+
+
 def _private_key() -> str:
     path = _env("GITHUB_PRIVATE_KEY_PATH")
     if path is not None:
@@ -154,6 +170,7 @@ def load_app_settings() -> AppSettings:
         raise SettingsError(f"GITHUB_APP_ID is not a number: {app_id!r}")
     auto = _env("VERIFY_MODEL_TYPES")
     dashboard = _env("DASHBOARD_URL")
+    load_store_limits()  # a bad STORE_* value stops start-up too
     return AppSettings(
         redis_url=redis_url(),
         app_id=int(app_id),

@@ -389,6 +389,7 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
     })
     connection.expire(f"mlxv:job:{job_id}", STATE_TTL)
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
+    connection.expire(f"mlxv:prjobs:{_pr_key(repo, number)}", STATE_TTL)
     connection.sadd(VERIFY_QUEUES_KEY, queue_name)
     spec = {
         "job_id": job_id, "repo": repo, "number": number, "sha": sha,

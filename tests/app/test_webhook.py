@@ -432,3 +432,71 @@ def test_placeholder_or_short_secrets_stop_start_up_with_one_line(app_env, monke
     assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
     assert capsys.readouterr().err.startswith(
         "mlx-verify: error: DASHBOARD_SESSION_SECRET is a placeholder")
+
+
+def padded_results(kb: int) -> dict:
+    """Results of one failing llama report, padded to about kb KiB."""
+    from checks.schema import CheckResult, Environment, ModelReport, Results
+
+    env = Environment(python="3.11", platform="Linux", machine="x86_64", mlx="0.32",
+                      mlx_device="cpu", torch="2.13", transformers="5.23",
+                      mlx_lm_version="0.32.2", mlx_lm_path="/x", mlx_verify="0.1.0")
+    check = CheckResult(check="layers", variant="default", verdict="fail", summary="diverges",
+                        details={"pad": "x" * (kb * 1024)})
+    report = ModelReport(model_type="llama", source="default", seed=0, dtype="float32",
+                         verdict="fail", checks=[check])
+    return Results(command="mlx-verify check llama", environment=env,
+                   reports=[report]).model_dump(mode="json")
+
+
+def test_stored_results_are_bounded_and_never_crowd_out_webhooks(env, monkeypatch):
+    import time
+
+    from app import store
+
+    monkeypatch.setenv("STORE_MAX_MB", "2")
+    monkeypatch.setenv("STORE_RESULTS_MAX_KB", "256")
+    monkeypatch.setenv("STORE_TTL_DAYS", "30")
+    results = padded_results(200)
+    now = time.time()
+
+    def run(i: int, **changes) -> store.Run:
+        return store.Run(**{"id": f"verify-{i}", "repository": REPO, "pr": 100 + i % 5,
+                            "head_sha": f"{i:040x}", "state": "done", "queued_at": now + i,
+                            "results": results, **changes})
+
+    # A run queued 31 days ago goes at the next write.
+    store.record_run(env.redis, run(0, queued_at=now - 31 * 86400))
+    store.record_run(env.redis, run(1))
+    assert store.get_run(env.redis, "verify-0") is None
+    # Results over STORE_RESULTS_MAX_KB: the run is kept, its results are not.
+    store.record_run(env.redis, run(2, results=padded_results(400)))
+    kept = store.get_run(env.redis, "verify-2")
+    assert kept.results is None and "over STORE_RESULTS_MAX_KB (256)" in kept.reason
+    assert store.get_metas(env.redis, ["verify-2"])[0]["verdict"] == "fail"
+    assert env.redis.ttl("mlxv:store:run:verify-2") > 29 * 86400
+
+    # Redis has 4 MB left; 60 runs of 200 KB (12 MB) are stored: the store drops its
+    # oldest runs to stay under 2 MB, and the webhook intake keeps working.
+    used = int(env.redis.info("memory")["used_memory"])
+    env.redis.config_set("maxmemory", used + 4 * 1024 * 1024)
+    try:
+        for i in range(3, 63):
+            store.record_run(env.redis, run(i))
+        assert store.stored_bytes(env.redis) <= 2 * 1024 * 1024
+        assert store.get_run(env.redis, "verify-62").results is not None  # the newest
+        assert store.get_run(env.redis, "verify-3") is None
+        assert store.count_runs(env.redis) <= 10
+        sizes = env.redis.hgetall("mlxv:store:sizes")
+        assert sum(int(v) for v in sizes.values()) == store.stored_bytes(env.redis)
+        assert set(sizes) == set(env.redis.zrange("mlxv:store:idx:time", 0, -1))
+        sha, files = env.git_host.make_pr(37, {LLAMA: HARMLESS})
+        env.open_pr(37, sha, files)
+        answer = env.send("pull_request", env.payload("pull_request.opened.payload.json",
+                                                      number=37, sha=sha))
+        assert answer.status_code == 202
+    finally:
+        env.redis.config_set("maxmemory", 0)
+    # PRs none of whose runs is left leave the PR list.
+    rows, _ = store.pr_list(env.redis)
+    assert {r["number"] for r in rows} <= {100 + i % 5 for i in range(53, 63)}
