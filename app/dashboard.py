@@ -781,6 +781,12 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
 
     def cancel_job(job: Job, login_name: str) -> str:
         status = job.get_status()
+        if job.func_name == "workers.verify.run_verify" and \
+                connection.hget(f"mlxv:job:{job.id}", "state") == b"cancelling":
+            # cancelled before, but GitHub failed then: complete its Check Run now
+            return close_or_explain(job.id, login_name,
+                                    f"job {job.id} cancelled by {login_name}; its Check Run "
+                                    "is completed")
         try:
             if status == JobStatus.STARTED:
                 send_stop_job_command(connection, job.id, serializer=JSONSerializer)
@@ -790,9 +796,19 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                 return f"job {job.id} is {status.value}: nothing to cancel"
         except InvalidJobOperation as e:
             return f"job {job.id} could not be cancelled: {e}"
+        done = f"job {job.id} ({status.value}) cancelled by {login_name}"
         if job.func_name == "workers.verify.run_verify":
-            close_check_run(job.id, login_name)
-        return f"job {job.id} ({status.value}) cancelled by {login_name}"
+            return close_or_explain(job.id, login_name, done)
+        return done
+
+    def close_or_explain(job_id: str, login_name: str, done: str) -> str:
+        try:
+            close_check_run(job_id, login_name)
+        except Exception as e:  # noqa: BLE001 - GitHub away: said, and cancel works again
+            log.warning("cancel %s: Check Run not completed: %s", job_id, e)
+            return (f"job {job_id} stopped, but GitHub did not take the Check Run's "
+                    f"completion ({type(e).__name__}); cancel it again to retry")
+        return done
 
     def close_check_run(job_id: str, login_name: str) -> None:
         """Complete the job's Check Run (never left queued or in progress) and mark the
@@ -801,20 +817,23 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
 
         info = {k.decode(): v.decode()
                 for k, v in connection.hgetall(f"mlxv:job:{job_id}").items()}
-        if not info or info.get("state") not in ("queued", "running"):
+        if not info or info.get("state") not in ("queued", "running", "cancelling"):
             return
+        # "cancelling": late reports of the runner change nothing from here on; only
+        # once GitHub has the Check Run completed is the job "cancelled" (a GitHub error
+        # leaves it "cancelling", and cancelling again completes it).
+        connection.hset(f"mlxv:job:{job_id}", "state", "cancelling")
+        if settings is not None and info.get("check_run_id"):
+            owner, name = info["repo"].split("/", 1)
+            gh = github.installation_client(settings, connection, int(info["installation_id"]))
+            github.update_check_run(
+                gh, owner, name, int(info["check_run_id"]), status="completed",
+                conclusion="cancelled", completed_at=datetime.now(UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"),
+                output={"title": "cancelled", "summary": "Cancelled from the dashboard by a "
+                                                         "maintainer."})
         connection.hset(f"mlxv:job:{job_id}", "state", "cancelled")
         store.record_job(connection, job_id, "cancelled", reason=f"cancelled by {login_name}")
-        if settings is None or not info.get("check_run_id"):
-            return
-        owner, name = info["repo"].split("/", 1)
-        gh = github.installation_client(settings, connection, int(info["installation_id"]))
-        github.update_check_run(
-            gh, owner, name, int(info["check_run_id"]), status="completed",
-            conclusion="cancelled", completed_at=datetime.now(UTC).strftime(
-                "%Y-%m-%dT%H:%M:%SZ"),
-            output={"title": "cancelled", "summary": "Cancelled from the dashboard by a "
-                                                     "maintainer."})
 
     @router.post("/jobs/{job_id}/retry")
     async def retry(request: Request, job_id: str) -> Response:

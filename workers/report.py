@@ -170,7 +170,9 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
     # A late or retried delivery of an older push must not cancel the run of the
     # newer head: act only when the event's SHA is still the PR's head.
     current = github.get_pull(gh, owner, name, number)
-    if current is None or current.get("state", "open") != "open":
+    if current is None:  # GitHub's API can lag behind its webhooks: retried
+        raise LookupError(f"GitHub does not know {repo}#{number} yet")
+    if current.get("state", "open") != "open":
         return "not an open pull request"
     if current["head"]["sha"] != sha:
         return f"stale event: the PR's head is now {current['head']['sha'][:12]}"

@@ -109,3 +109,53 @@ def test_non_ascii_oauth_state_and_csrf_token_get_4xx(db, fake):
     odd = TestClient(client.app).get("/dashboard/runs",
                                      headers={"Cookie": f"{COOKIE}=ü.ö".encode()})
     assert odd.status_code == 200 and "Signed in as" not in odd.text
+
+
+def test_a_cancel_that_github_fails_can_be_completed_by_cancelling_again(db, fake, app_key):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    from app import github, store
+    from app.commands import VerifyRequest
+    from app.settings import AppSettings
+    from tests.app import fake_github
+    from workers import report
+
+    from .conftest import REPO
+
+    port = db.connection_pool.connection_kwargs["port"]
+    settings = AppSettings(
+        redis_url=f"redis://127.0.0.1:{port}/2", app_id=31337, private_key=app_key[0],
+        webhook_secret="test-webhook-secret", api_url=fake.url, git_url=fake.url,
+        dashboard_url=None, auto_model_types=("llama",), max_model_types=4,
+        auto_checks=("layers",))
+    fake.github.reset()
+    fake.github.permissions[MAINTAINER] = "write"
+    sha = "6" * 40
+    fake.github.pulls[(REPO, 41)] = fake_github.Pull(41, sha, "0" * 40, ["x.py"], MAINTAINER)
+    gh = github.installation_client(settings, db, fake.github.installation_id)
+    request = VerifyRequest(model_types=("llama",), source="command")
+    report.start_verify(settings, db, gh, fake.github.installation_id, REPO, 41, sha,
+                        request, ["mlx_lm/models/llama.py"], rerun=False)
+    job_id = report.verify_job_id(REPO, 41, sha, request)
+    (check_run,) = fake.github.check_runs.values()
+
+    app = FastAPI()
+    app.include_router(dashboard_router(settings, db, DashboardSettings(
+        require_login=False, oauth_client_id=CLIENT_ID, oauth_client_secret=CLIENT_SECRET,
+        session_secret=SESSION_SECRET, oauth_url=fake.url, api_url=fake.url,
+        dashboard_url="http://testserver/dashboard", secure_cookie=False)))
+    client = TestClient(app)
+    csrf = sign_in(client, fake, MAINTAINER)
+    fake.github.fail_next("PATCH", f"/check-runs/{check_run['id']}", status=403)
+    first = client.post(f"/dashboard/jobs/{job_id}/cancel", data={"csrf": csrf})
+    assert first.status_code == 200 and "cancel it again to retry" in first.text
+    job = Job.fetch(job_id, connection=db, serializer=JSONSerializer)
+    assert job.get_status().value == "canceled"
+    assert check_run["status"] == "queued"  # GitHub did not take it
+    assert db.hget(f"mlxv:job:{job_id}", "state") == b"cancelling"
+    again = client.post(f"/dashboard/jobs/{job_id}/cancel", data={"csrf": csrf})
+    assert again.status_code == 200 and "its Check Run is completed" in again.text
+    assert (check_run["status"], check_run["conclusion"]) == ("completed", "cancelled")
+    assert db.hget(f"mlxv:job:{job_id}", "state") == b"cancelled"
+    assert store.get_run(db, job_id).state == "cancelled"
