@@ -822,7 +822,7 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
         # "cancelling": late reports of the runner change nothing from here on; only
         # once GitHub has the Check Run completed is the job "cancelled" (a GitHub error
         # leaves it "cancelling", and cancelling again completes it).
-        connection.hset(f"mlxv:job:{job_id}", "state", "cancelling")
+        store.set_job_state(connection, job_id, "cancelling")
         if settings is not None and info.get("check_run_id"):
             owner, name = info["repo"].split("/", 1)
             gh = github.installation_client(settings, connection, int(info["installation_id"]))
@@ -832,8 +832,8 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                     "%Y-%m-%dT%H:%M:%SZ"),
                 output={"title": "cancelled", "summary": "Cancelled from the dashboard by a "
                                                          "maintainer."})
-        connection.hset(f"mlxv:job:{job_id}", "state", "cancelled")
-        store.record_job(connection, job_id, "cancelled", reason=f"cancelled by {login_name}")
+        store.set_job_state(connection, job_id, "cancelled",
+                            reason=f"cancelled by {login_name}")
 
     @router.post("/jobs/{job_id}/retry")
     async def retry(request: Request, job_id: str) -> Response:

@@ -371,6 +371,18 @@ def get_pr(connection: redis.Redis, repository: str, number: int) -> dict[str, s
 
 # ---- from the report job ---------------------------------------------------------------
 
+def set_job_state(connection: redis.Redis, job_id: str, state: str,
+                  outcome: dict[str, Any] | None = None, reason: str | None = None) -> None:
+    """The one writer of a verify job's lifecycle state (besides start_verify creating
+    it): `state` of mlxv:job:{job_id}, the record that report jobs and the dashboard
+    read to tell an active job (queued, running) from an ended one, then the run's
+    state here, its projection for the dashboard. Callers write GitHub first, so a
+    state never claims more than GitHub shows. "cancelling" is not projected."""
+    connection.hset(f"mlxv:job:{job_id}", "state", state)
+    if state in JOB_STATES:
+        record_job(connection, job_id, state, outcome=outcome, reason=reason)
+
+
 def record_job(connection: redis.Redis, job_id: str, state: str,
                outcome: dict[str, Any] | None = None, reason: str | None = None,
                title: str | None = None, requested_by: str | None = None) -> Run | None:

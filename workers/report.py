@@ -12,7 +12,8 @@ State kept in Redis (prefix mlxv:), per PR and per verify job:
   mlxv:sha:{repo}:{sha}   PR number of a head SHA (check-suite events of forks lack it)
   mlxv:prjobs:{repo}#{n}  verify job ids of the PR
   mlxv:job:{job_id}       repo, number, sha, base_sha, installation, request, check_run_id,
-                          state
+                          state (the job's lifecycle; written only by store.set_job_state,
+                          after the GitHub writes it stands for)
   mlxv:pr:{repo}#{n}      comment_id, current (latest report), history (earlier SHAs)
 The results themselves are kept once, in the run store (app.store).
 """
@@ -354,8 +355,7 @@ def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
                 conclusion="neutral", completed_at=_now(),
                 output={"title": "superseded" if keep_sha else "PR closed",
                         "summary": reason})
-            connection.hset(f"mlxv:job:{job_id}", "state", "superseded")
-            store.record_job(connection, job_id, "superseded")
+            store.set_job_state(connection, job_id, "superseded")
         connection.srem(f"mlxv:prjobs:{key}", job_id)
 
 
@@ -426,8 +426,7 @@ def verify_started(job_id: str) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
-    connection.hset(f"mlxv:job:{job_id}", "state", "running")
-    store.record_job(connection, job_id, "running")
+    store.set_job_state(connection, job_id, "running")
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -441,8 +440,7 @@ def verify_requeued(job_id: str, reason: str) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
-    connection.hset(f"mlxv:job:{job_id}", "state", "queued")
-    store.record_job(connection, job_id, "queued", reason=reason)
+    store.set_job_state(connection, job_id, "queued", reason=reason)
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -466,8 +464,7 @@ def verify_failed(job_id: str, reason: str) -> str:
                 "summary": f"The checks could not run: {reason}. Nothing is known about this "
                            "commit yet. Re-run this check, or comment `/verify`."})
     # only once GitHub has it: a retry after a GitHub error finds the job still active
-    connection.hset(f"mlxv:job:{job_id}", "state", "failed")
-    store.record_job(connection, job_id, "failed", reason=reason)
+    store.set_job_state(connection, job_id, "failed", reason=reason)
     return "failed"
 
 
@@ -516,8 +513,7 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
         connection.expire(f"mlxv:pr:{pr_key}", STATE_TTL)
     # Completed only now that the Check Run and the comment are written: a retry after
     # a GitHub error finds the job still active and writes them again.
-    connection.hset(f"mlxv:job:{job_id}", "state", "completed")
-    store.record_job(connection, job_id, "completed", outcome=outcome)
+    store.set_job_state(connection, job_id, "completed", outcome=outcome)
     # The run store holds the results now; this job's copy of the outcome goes.
     if (job := get_current_job()) is not None:
         job.result_ttl = 0
