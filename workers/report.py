@@ -387,7 +387,7 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         "repo": repo, "number": number, "sha": sha, "installation_id": installation_id,
         "request": json.dumps(request.to_dict()), "check_run_id": check_run_id,
         "state": "queued", "changed_files": json.dumps(files[:3000]),
-        "base_sha": base_sha or "",
+        "base_sha": base_sha or "", "check_run_done": "0",
     })
     connection.expire(f"mlxv:job:{job_id}", STATE_TTL)
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
@@ -501,8 +501,10 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
         output["text"] = rendered.text
     if rendered.annotations:
         output["annotations"] = rendered.annotations
-    complete_check_run(gh, owner, name, int(info["check_run_id"]), rendered.conclusion,
-                       output)
+    if info.get("check_run_done") != "1":  # a retry does not append annotations again
+        complete_check_run(gh, owner, name, int(info["check_run_id"]), rendered.conclusion,
+                           output)
+        connection.hset(f"mlxv:job:{job_id}", "check_run_done", "1")
     commented = rendered.comment is not None and is_head
     if commented:
         upsert_comment(settings, connection, gh, repo, number, rendered.comment)

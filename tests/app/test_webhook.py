@@ -379,6 +379,10 @@ def test_a_github_error_on_the_comment_is_retried_until_the_comment_is_written(e
     assert "ImportError: boom" in comment["body"]
     (run,) = env.check_runs(sha)
     assert (run["status"], run["conclusion"]) == ("completed", "failure")
+    completions = [w for w in env.github.writes if w[0] == "PATCH" and
+                   w[1].endswith(f"/check-runs/{run['id']}") and
+                   isinstance(w[2], dict) and w[2].get("status") == "completed"]
+    assert len(completions) == 1  # the retry wrote the comment, not the Check Run again
     assert env.redis.hget(f"mlxv:job:{job_id}", "state") == b"completed"
     assert store.get_run(env.redis, job_id).state == "done"
 
