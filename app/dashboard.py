@@ -8,8 +8,11 @@ Access: read-only pages are public unless DASHBOARD_REQUIRE_LOGIN=1. Actions (re
 retry, cancel) need a GitHub OAuth login of a user with write permission on the run's
 repository, checked through the App's installation token at the time of the action
 (fail closed), and a CSRF token from the session. The session is a cookie signed with
-DASHBOARD_SESSION_SECRET holding only the login and the CSRF token: the user's OAuth
-token is used once, to read who they are, and never stored or sent to the browser.
+DASHBOARD_SESSION_SECRET holding only the login, the CSRF token and a session id; the
+session id must also be in Redis (mlxv:session:{sid}), so logging out ends the session
+on the server too. The user's OAuth token is used once, to read who they are, and never
+stored or sent to the browser. Actions are rate limited per user (per client address
+when anonymous) with counters in Redis.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ from checks import report as markdown
 from checks.schema import CheckResult
 
 from . import store
-from .settings import AppSettings, SettingsError
+from .settings import AppSettings, SettingsError, secret
 
 log = logging.getLogger("mlx-verify.dashboard")
 
 PREFIX = "/dashboard"
 COOKIE = "mlxv_session"
 SESSION_MAX_AGE_S = 12 * 3600
+SESSION_KEY = "mlxv:session:"  # + session id -> login; deleted on logout
+RATE_KEY = "mlxv:ratelimit:"  # + who + minute -> actions posted in that minute
 PAGE_SIZE = 50
 TEMPLATES = Path(__file__).with_name("templates")
 # Check names -> the section heading of the run page.
@@ -72,6 +77,10 @@ class DashboardSettings:
     api_url: str  # {api_url}/user
     dashboard_url: str | None  # public URL of /dashboard, for the OAuth redirect
     secure_cookie: bool
+    # POSTed actions (re-run, cancel, retry, sign out) per minute: per signed-in user,
+    # and per client address for anonymous requests
+    actions_per_minute: int = 10
+    anonymous_actions_per_minute: int = 20
 
     @property
     def login_enabled(self) -> bool:
@@ -83,7 +92,15 @@ def load_dashboard_settings() -> DashboardSettings:
     env = {k: (os.environ.get(k) or "").strip() or None for k in (
         "DASHBOARD_REQUIRE_LOGIN", "GITHUB_OAUTH_CLIENT_ID", "GITHUB_OAUTH_CLIENT_SECRET",
         "DASHBOARD_SESSION_SECRET", "GITHUB_OAUTH_URL", "GITHUB_GIT_URL", "GITHUB_API_URL",
-        "DASHBOARD_URL")}
+        "DASHBOARD_URL", "DASHBOARD_ACTIONS_PER_MINUTE",
+        "DASHBOARD_ANONYMOUS_ACTIONS_PER_MINUTE")}
+    limits = {}
+    for name, default in (("DASHBOARD_ACTIONS_PER_MINUTE", 10),
+                          ("DASHBOARD_ANONYMOUS_ACTIONS_PER_MINUTE", 20)):
+        value = env[name] or str(default)
+        if not value.isdigit() or int(value) < 1:
+            raise SettingsError(f"{name} must be a whole number of at least 1, not {value!r}")
+        limits[name] = int(value)
     require = (env["DASHBOARD_REQUIRE_LOGIN"] or "0").lower() in ("1", "true", "yes")
     git_url = env["GITHUB_GIT_URL"] or "https://github.com"
     # GITHUB_GIT_URL may be a file:// git host (tests, mirrors): OAuth needs a web host.
@@ -95,13 +112,17 @@ def load_dashboard_settings() -> DashboardSettings:
         session_secret=env["DASHBOARD_SESSION_SECRET"], oauth_url=oauth_url.rstrip("/"),
         api_url=(env["GITHUB_API_URL"] or "https://api.github.com").rstrip("/"),
         dashboard_url=(env["DASHBOARD_URL"] or "").rstrip("/") or None,
-        secure_cookie=(env["DASHBOARD_URL"] or "").startswith("https://"))
+        secure_cookie=(env["DASHBOARD_URL"] or "").startswith("https://"),
+        actions_per_minute=limits["DASHBOARD_ACTIONS_PER_MINUTE"],
+        anonymous_actions_per_minute=limits["DASHBOARD_ANONYMOUS_ACTIONS_PER_MINUTE"])
     if settings.oauth_client_id and not settings.oauth_client_secret:
         raise SettingsError("GITHUB_OAUTH_CLIENT_SECRET is not set")
     if settings.oauth_client_id and not settings.session_secret:
         raise SettingsError("DASHBOARD_SESSION_SECRET is not set")
-    if settings.session_secret and len(settings.session_secret) < 32:
-        raise SettingsError("DASHBOARD_SESSION_SECRET must be at least 32 characters")
+    if settings.session_secret:
+        secret("DASHBOARD_SESSION_SECRET", 32, settings.session_secret)
+    if settings.oauth_client_secret:
+        secret("GITHUB_OAUTH_CLIENT_SECRET", 16, settings.oauth_client_secret)
     if require and not settings.login_enabled:
         raise SettingsError("DASHBOARD_REQUIRE_LOGIN needs GITHUB_OAUTH_CLIENT_ID, "
                             "GITHUB_OAUTH_CLIENT_SECRET and DASHBOARD_SESSION_SECRET")
@@ -332,7 +353,51 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
     router = APIRouter(prefix=PREFIX)
 
     def session(request: Request) -> dict[str, Any]:
-        return read_session(config.session_secret, request.cookies.get(COOKIE))
+        """The cookie's data; a login counts only while its session id is in Redis."""
+        data = read_session(config.session_secret, request.cookies.get(COOKIE))
+        if data.get("login"):
+            sid = data.get("sid")
+            try:
+                stored = connection.get(SESSION_KEY + sid) if isinstance(sid, str) else None
+            except redis.RedisError as e:  # fail closed: no login without the record
+                log.warning("session lookup failed: %s", e)
+                stored = None
+            if stored is None or stored.decode() != data["login"]:
+                return {}
+        return data
+
+    def start_session(login_name: str) -> dict[str, Any]:
+        sid = secrets.token_urlsafe(24)
+        connection.set(SESSION_KEY + sid, login_name, ex=SESSION_MAX_AGE_S)
+        return {"login": login_name, "csrf": secrets.token_urlsafe(32), "sid": sid}
+
+    def rate_limited(request: Request) -> Response | None:
+        """A 429 page when this user (or, anonymous, this client address) has posted too
+        many actions this minute. Counted in Redis; a Redis error refuses (503)."""
+        login_name = session(request).get("login")
+        if login_name:
+            who, limit = f"user:{login_name}", config.actions_per_minute
+        else:
+            host = request.client.host if request.client else "unknown"
+            who, limit = f"ip:{host}", config.anonymous_actions_per_minute
+        minute = int(time.time() // 60)
+        key = f"{RATE_KEY}{who}:{minute}"
+        try:
+            pipe = connection.pipeline()
+            pipe.incr(key)
+            pipe.expire(key, 120)
+            count = int(pipe.execute()[0])
+        except redis.RedisError as e:
+            log.warning("rate limit unavailable: %s", e)
+            return message(request, "Unavailable", "Actions are unavailable for a moment; "
+                           "try again.", 503)
+        if count <= limit:
+            return None
+        wait = 60 - int(time.time()) % 60
+        answer = message(request, "Too many requests", f"At most {limit} actions a minute; "
+                         f"try again in {wait} s.", 429)
+        answer.headers["Retry-After"] = str(wait)
+        return answer
 
     def render(request: Request, name: str, status_code: int = 200, **context: Any
                ) -> HTMLResponse:
@@ -583,8 +648,9 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
     @router.get("/oauth/callback", name="oauth_callback")
     async def oauth_callback(request: Request, code: str = "", state: str = "") -> Response:
         data = session(request)
+        # bytes: compare_digest raises on non-ASCII text
         if not config.login_enabled or not code or not state or \
-                not hmac.compare_digest(state, data.get("oauth_state") or ""):
+                not hmac.compare_digest(state.encode(), (data.get("oauth_state") or "").encode()):
             return message(request, "Login failed", "The login state did not match; "
                            "start again.", 400, link=f"{PREFIX}/login")
         try:
@@ -595,13 +661,16 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
             return message(request, "Login failed", "GitHub did not confirm the login.", 502)
         response = RedirectResponse(data.get("next") or PREFIX, 303)
         # A fresh CSRF token per login; the OAuth token itself is not kept.
-        set_session(response, {"login": login_name, "csrf": secrets.token_urlsafe(32)})
+        set_session(response, start_session(login_name))
         return response
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
         if (refused := await check_csrf(request)) is not None:
             return refused
+        sid = session(request).get("sid")
+        if isinstance(sid, str):
+            connection.delete(SESSION_KEY + sid)  # the cookie no longer works anywhere
         response = RedirectResponse(PREFIX, 303)
         response.delete_cookie(COOKIE, path=PREFIX)
         return response
@@ -609,6 +678,9 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
     # -- actions --
 
     async def check_csrf(request: Request) -> Response | None:
+        """Every POST comes here first: rate limit, login, CSRF token."""
+        if (limited := rate_limited(request)) is not None:
+            return limited
         data = session(request)
         body = (await request.body())[:4096].decode(errors="replace")
         token = (parse_qs(body).get("csrf") or [""])[0]
@@ -616,7 +688,8 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
             return message(request, "Login required",
                            "Actions need a GitHub login with write access to the repository.",
                            401, link=f"{PREFIX}/login?{urlencode({'next': back(request)})}")
-        if not token or not hmac.compare_digest(token, data.get("csrf") or ""):
+        if not token or not hmac.compare_digest(token.encode(),
+                                                 (data.get("csrf") or "").encode()):
             return message(request, "Refused", "The form's CSRF token is missing or stale; "
                            "reload the page and try again.", 403)
         return None
@@ -708,6 +781,12 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
 
     def cancel_job(job: Job, login_name: str) -> str:
         status = job.get_status()
+        if job.func_name == "workers.verify.run_verify" and \
+                connection.hget(f"mlxv:job:{job.id}", "state") == b"cancelling":
+            # cancelled before, but GitHub failed then: complete its Check Run now
+            return close_or_explain(job.id, login_name,
+                                    f"job {job.id} cancelled by {login_name}; its Check Run "
+                                    "is completed")
         try:
             if status == JobStatus.STARTED:
                 send_stop_job_command(connection, job.id, serializer=JSONSerializer)
@@ -717,9 +796,19 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                 return f"job {job.id} is {status.value}: nothing to cancel"
         except InvalidJobOperation as e:
             return f"job {job.id} could not be cancelled: {e}"
+        done = f"job {job.id} ({status.value}) cancelled by {login_name}"
         if job.func_name == "workers.verify.run_verify":
-            close_check_run(job.id, login_name)
-        return f"job {job.id} ({status.value}) cancelled by {login_name}"
+            return close_or_explain(job.id, login_name, done)
+        return done
+
+    def close_or_explain(job_id: str, login_name: str, done: str) -> str:
+        try:
+            close_check_run(job_id, login_name)
+        except Exception as e:  # noqa: BLE001 - GitHub away: said, and cancel works again
+            log.warning("cancel %s: Check Run not completed: %s", job_id, e)
+            return (f"job {job_id} stopped, but GitHub did not take the Check Run's "
+                    f"completion ({type(e).__name__}); cancel it again to retry")
+        return done
 
     def close_check_run(job_id: str, login_name: str) -> None:
         """Complete the job's Check Run (never left queued or in progress) and mark the
@@ -728,20 +817,23 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
 
         info = {k.decode(): v.decode()
                 for k, v in connection.hgetall(f"mlxv:job:{job_id}").items()}
-        if not info or info.get("state") not in ("queued", "running"):
+        if not info or info.get("state") not in ("queued", "running", "cancelling"):
             return
-        connection.hset(f"mlxv:job:{job_id}", "state", "cancelled")
-        store.record_job(connection, job_id, "cancelled", reason=f"cancelled by {login_name}")
-        if settings is None or not info.get("check_run_id"):
-            return
-        owner, name = info["repo"].split("/", 1)
-        gh = github.installation_client(settings, connection, int(info["installation_id"]))
-        github.update_check_run(
-            gh, owner, name, int(info["check_run_id"]), status="completed",
-            conclusion="cancelled", completed_at=datetime.now(UTC).strftime(
-                "%Y-%m-%dT%H:%M:%SZ"),
-            output={"title": "cancelled", "summary": "Cancelled from the dashboard by a "
-                                                     "maintainer."})
+        # "cancelling": late reports of the runner change nothing from here on; only
+        # once GitHub has the Check Run completed is the job "cancelled" (a GitHub error
+        # leaves it "cancelling", and cancelling again completes it).
+        store.set_job_state(connection, job_id, "cancelling")
+        if settings is not None and info.get("check_run_id"):
+            owner, name = info["repo"].split("/", 1)
+            gh = github.installation_client(settings, connection, int(info["installation_id"]))
+            github.update_check_run(
+                gh, owner, name, int(info["check_run_id"]), status="completed",
+                conclusion="cancelled", completed_at=datetime.now(UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"),
+                output={"title": "cancelled", "summary": "Cancelled from the dashboard by a "
+                                                         "maintainer."})
+        store.set_job_state(connection, job_id, "cancelled",
+                            reason=f"cancelled by {login_name}")
 
     @router.post("/jobs/{job_id}/retry")
     async def retry(request: Request, job_id: str) -> Response:

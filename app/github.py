@@ -23,6 +23,40 @@ PER_PAGE = 100
 MAX_PAGES = 30  # GitHub lists at most 3000 changed files; comments beyond are not ours
 WRITE_PERMISSIONS = ("admin", "maintain", "write")
 USER_AGENT = "mlx-verify"
+# GitHub's limits on what the App writes: a body or output over them is refused (422).
+COMMENT_BODY_MAX = 65_536
+CHECK_OUTPUT_MAX = 65_535  # output.summary and output.text, each
+CHECK_TITLE_MAX = 255
+CUT_NOTE = "\n\n_… cut here to stay under GitHub's limit of {limit} characters._\n"
+
+
+def fit(text: str, limit: int) -> str:
+    """text, or its longest prefix of whole lines that fits in limit with a note saying
+    it was cut (an open code fence or <details> is closed first)."""
+    if len(text) <= limit:
+        return text
+    note = CUT_NOTE.format(limit=f"{limit:,}")
+    room = limit - len(note) - len("\n```\n</details>\n")
+    cut = text[:room]
+    if "\n" in cut:
+        cut = cut[:cut.rindex("\n")]
+    if cut.count("```") % 2:
+        cut += "\n```"
+    if cut.count("<details>") > cut.count("</details>"):
+        cut += "\n</details>"
+    return cut + note
+
+
+def fit_output(output: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not output:
+        return output
+    fitted = dict(output)
+    if isinstance(fitted.get("title"), str):
+        fitted["title"] = fitted["title"][:CHECK_TITLE_MAX]
+    for key in ("summary", "text"):
+        if isinstance(fitted.get(key), str):
+            fitted[key] = fit(fitted[key], CHECK_OUTPUT_MAX)
+    return fitted
 
 
 def app_client(settings: AppSettings, connection: redis.Redis) -> GitHub:
@@ -127,11 +161,13 @@ def find_comment(gh: GitHub, owner: str, repo: str, number: int, marker: str,
 
 
 def create_comment(gh: GitHub, owner: str, repo: str, number: int, body: str) -> int:
+    body = fit(body, COMMENT_BODY_MAX)
     return int(gh.rest.issues.create_comment(owner, repo, number, body=body).json()["id"])
 
 
 def update_comment(gh: GitHub, owner: str, repo: str, comment_id: int, body: str) -> bool:
     """False when the comment is gone (deleted by a maintainer)."""
+    body = fit(body, COMMENT_BODY_MAX)
     try:
         gh.rest.issues.update_comment(owner, repo, comment_id, body=body)
     except RequestFailed as e:
@@ -146,11 +182,15 @@ def react(gh: GitHub, owner: str, repo: str, comment_id: int, content: str) -> N
 
 
 def create_check_run(gh: GitHub, owner: str, repo: str, **fields: Any) -> int:
+    if "output" in fields:
+        fields["output"] = fit_output(fields["output"])
     return int(gh.rest.checks.create(owner, repo, data=fields).json()["id"])
 
 
 def update_check_run(gh: GitHub, owner: str, repo: str, check_run_id: int,
                      **fields: Any) -> None:
+    if "output" in fields:
+        fields["output"] = fit_output(fields["output"])
     annotations = (fields.get("output") or {}).get("annotations") or []
     if len(annotations) <= 50:
         gh.rest.checks.update(owner, repo, check_run_id, data=fields)

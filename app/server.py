@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import threading
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ MAX_BODY_BYTES = 5 * 1024 * 1024  # GitHub caps payloads at 25 MB; ours are far 
 DELIVERY_TTL = 7 * 86400
 SWEEP_INTERVAL_S = 30.0
 HANDLED_EVENTS = ("pull_request", "issue_comment", "check_run", "check_suite")
+SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 
 
 def wanted(event: str, payload: dict[str, Any]) -> bool:
@@ -89,7 +91,10 @@ def create_app(settings: AppSettings, connection: redis.Redis,
             if len(body) > MAX_BODY_BYTES:
                 return JSONResponse({"error": "body too large"}, status_code=413)
         signature = request.headers.get("x-hub-signature-256", "")
-        if not signature or not verify_signature(settings.webhook_secret, body, signature):
+        # Only "sha256=" and hex digits: anything else (non-ASCII, sha1=) is refused before
+        # hmac.compare_digest, which raises on non-ASCII text.
+        if not SIGNATURE.fullmatch(signature) or \
+                not verify_signature(settings.webhook_secret, body, signature):
             return JSONResponse({"error": "bad signature"}, status_code=401)
         event = request.headers.get("x-github-event", "")
         delivery = request.headers.get("x-github-delivery", "")
@@ -109,14 +114,33 @@ def create_app(settings: AppSettings, connection: redis.Redis,
             return JSONResponse({"status": "acknowledged"})
         if event not in HANDLED_EVENTS or not wanted(event, payload):
             return JSONResponse({"status": "ignored"})
-        if not connection.set(f"mlxv:delivery:{delivery}", 1, nx=True, ex=DELIVERY_TTL):
-            return JSONResponse({"status": "duplicate delivery"})
+        delivery_key = f"mlxv:delivery:{delivery}"
+        try:
+            if event == "pull_request":
+                # When each head SHA became the PR's head, as seen here: /verify runs
+                # only on a head that was there before the command was written.
+                report.note_head_seen(connection, payload)
+            if not connection.set(delivery_key, 1, nx=True, ex=DELIVERY_TTL):
+                return JSONResponse({"status": "duplicate delivery"})
+        except redis.RedisError as e:
+            log.error("webhook %s not accepted: %s", delivery, e)
+            return JSONResponse({"error": "queue unavailable"}, status_code=503)
         safe_delivery = "".join(c if c.isalnum() or c in "-_" else "_" for c in delivery)
-        job = report_queue.enqueue(
-            "workers.report.handle_event", event, delivery, payload,
-            job_id=f"event-{safe_delivery}", retry=Retry(max=3, interval=[5, 30, 120]),
-            job_timeout=600, result_ttl=86400, failure_ttl=7 * 86400,
-            description=f"{event}.{payload.get('action')} {delivery}")
+        try:
+            job = report_queue.enqueue(
+                "workers.report.handle_event", event, delivery, payload,
+                job_id=f"event-{safe_delivery}", retry=Retry(max=3, interval=[5, 30, 120]),
+                job_timeout=600, result_ttl=86400, failure_ttl=7 * 86400,
+                description=f"{event}.{payload.get('action')} {delivery}")
+        except redis.RedisError as e:
+            # Not queued: forget the delivery, so that a redelivery is taken.
+            log.error("webhook %s not queued: %s", delivery, e)
+            try:
+                connection.delete(delivery_key)
+            except redis.RedisError:
+                log.error("delivery key %s left behind: redelivery is dropped until it "
+                          "expires", delivery_key)
+            return JSONResponse({"error": "queue unavailable"}, status_code=503)
         return JSONResponse({"status": "queued", "job": job.id}, status_code=202)
 
     @app.get("/healthz")

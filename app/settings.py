@@ -57,6 +57,26 @@ def _required(name: str) -> str:
     return value
 
 
+# Values from examples and templates that must never reach production.
+PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "secret",
+                "password", "your-secret", "example", "xxx", "todo", "test")
+WEBHOOK_SECRET_MIN_CHARS = 16
+
+
+def secret(name: str, minimum: int, value: str | None = None) -> str:
+    """A secret setting: set, not a placeholder, at least `minimum` characters. The
+    error names the setting, never the value."""
+    value = _required(name) if value is None else value
+    lowered = value.lower()
+    if lowered in PLACEHOLDERS or any(p in lowered for p in PLACEHOLDERS[:5]) or \
+            len(set(value)) == 1:
+        raise SettingsError(f"{name} is a placeholder; set a long random string "
+                            "(python3 -c 'import secrets; print(secrets.token_hex(32))')")
+    if len(value) < minimum:
+        raise SettingsError(f"{name} must be at least {minimum} characters")
+    return value
+
+
 def _url(name: str, default: str | None, schemes: tuple[str, ...]) -> str:
     value = _env(name) or default
     if value is None:
@@ -105,6 +125,22 @@ def load_runner_settings() -> RunnerSettings:
     )
 
 
+@dataclass(frozen=True)
+class StoreLimits:
+    """Bounds of the run store (app.store), so that stored results can never fill the
+    Redis that also takes the webhooks."""
+
+    max_bytes: int  # all stored runs together (meta, results, logs)
+    results_max_bytes: int  # one run's results JSON; larger ones are not kept
+    ttl_s: int  # a run is dropped this long after it was queued
+
+
+def load_store_limits() -> StoreLimits:
+    return StoreLimits(max_bytes=_int("STORE_MAX_MB", 1024) * 1024 * 1024,
+                       results_max_bytes=_int("STORE_RESULTS_MAX_KB", 2048) * 1024,
+                       ttl_s=_int("STORE_TTL_DAYS", 90) * 86400)
+
+
 def _private_key() -> str:
     path = _env("GITHUB_PRIVATE_KEY_PATH")
     if path is not None:
@@ -134,11 +170,12 @@ def load_app_settings() -> AppSettings:
         raise SettingsError(f"GITHUB_APP_ID is not a number: {app_id!r}")
     auto = _env("VERIFY_MODEL_TYPES")
     dashboard = _env("DASHBOARD_URL")
+    load_store_limits()  # a bad STORE_* value stops start-up too
     return AppSettings(
         redis_url=redis_url(),
         app_id=int(app_id),
         private_key=_private_key(),
-        webhook_secret=_required("GITHUB_WEBHOOK_SECRET"),
+        webhook_secret=secret("GITHUB_WEBHOOK_SECRET", WEBHOOK_SECRET_MIN_CHARS),
         api_url=_url("GITHUB_API_URL", "https://api.github.com", ("https", "http")),
         git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
         dashboard_url=_url("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,

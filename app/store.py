@@ -1,8 +1,10 @@
-"""The durable run store: every verify run and sweep result, kept in Redis without expiry.
+"""The run store: every verify run and sweep result, the one place results are kept.
 
-The report job's own state (mlxv:job:*, mlxv:pr:*) expires; this store does not, so the
-dashboard can show any PR's history and the architecture matrix of any kept sweep.
-Redis must persist (AOF) and must not evict (deploy/ sets both).
+Bounded, because it shares a `noeviction` Redis with the webhook intake and the queues:
+a run's results JSON over STORE_RESULTS_MAX_KB is not kept (the run records why), runs
+older than STORE_TTL_DAYS go, and while all runs together take more than STORE_MAX_MB
+the oldest go (sizes counted in `bytes`/`sizes`). Redis must persist (AOF) and must not
+evict (deploy/ sets both).
 
 Keys (prefix mlxv:store:):
   run:{id}             hash: meta (JSON, small), results (Results JSON), logs (text)
@@ -14,6 +16,7 @@ Keys (prefix mlxv:store:):
                        zsets of the same members, for the PR list filters
   pr:{repo}#{n}        hash: repository, number, title, latest run id, head SHA, state,
                        verdict, updated
+  sizes                hash run id -> bytes stored for it; bytes: their sum
   sweeps               zset sweep id -> time; at most MAX_SWEEPS kept
   sweep:{id}           hash: mlx_lm, transformers, options, created, runs (JSON
                        model_type -> run id)
@@ -37,6 +40,8 @@ import redis
 from pydantic import BaseModel, Field
 
 from checks.schema import Results, combine_verdicts
+
+from .settings import load_store_limits
 
 log = logging.getLogger("mlx-verify.store")
 
@@ -127,28 +132,61 @@ def pr_key(repository: str, number: int) -> str:
 def record_run(connection: redis.Redis, run: Run | dict[str, Any]) -> Run:
     """Write (or overwrite) one run and its index entries; trims the PR's oldest runs."""
     run = run if isinstance(run, Run) else Run.model_validate(run)
+    limits = load_store_limits()
     if run.queued_at is None:
         run.queued_at = time.time()
     run.logs = run.logs[-LOGS_MAX_CHARS:]
+    results = run.results.model_dump_json() if run.results is not None else ""
+    if len(results) > limits.results_max_bytes:
+        # Too large to keep: the run stays, with its verdicts in the meta (computed
+        # before the results go) and the reason.
+        log.warning("run store: results of %s not kept (%d bytes)", run.id, len(results))
+        meta = run.meta()
+        run.reason = (f"results not kept: {len(results)} bytes, over STORE_RESULTS_MAX_KB "
+                      f"({limits.results_max_bytes // 1024})")
+        meta["reason"] = run.reason
+        results = ""
+    else:
+        meta = run.meta()
     score = run.queued_at
-    meta = run.meta()
-    old = connection.hget(_key("run", run.id), "meta")
+    text = json.dumps(meta)
+    size = len(text) + len(results) + len(run.logs)
+    key = _key("run", run.id)
+    old = connection.hget(key, "meta")
+    old_size = int(connection.hget(_key("sizes"), run.id) or 0)
     pipe = connection.pipeline()
     if old:  # model_types it no longer lists (a re-run reset its results) leave the index
         for model_type in set(json.loads(old).get("model_types", [])) - set(meta["model_types"]):
             pipe.zrem(_key("idx", "mt", model_type), run.id)
-    pipe.hset(_key("run", run.id), mapping={
-        "meta": json.dumps(meta),
-        "results": run.results.model_dump_json() if run.results is not None else "",
-        "logs": run.logs,
-    })
+    pipe.hset(key, mapping={"meta": text, "results": results, "logs": run.logs})
+    pipe.expire(key, limits.ttl_s)  # a backstop; _trim drops it (and its index entries)
+    pipe.hset(_key("sizes"), run.id, size)
+    pipe.incrby(_key("bytes"), size - old_size)
     pipe.zadd(_key("idx", "time"), {run.id: score})
     for model_type in meta["model_types"]:
         pipe.zadd(_key("idx", "mt", model_type), {run.id: score})
     pipe.execute()
     if run.repository and run.pr is not None:
         _update_pr(connection, run, meta)
+    _trim(connection, limits.max_bytes, time.time() - limits.ttl_s, keep=run.id)
     return run
+
+
+def _trim(connection: redis.Redis, max_bytes: int, oldest: float, keep: str) -> None:
+    """Drop runs queued before `oldest`, then the oldest runs while all of them take more
+    than max_bytes (never `keep`, the run just written)."""
+    expired = _ids(connection.zrangebyscore(_key("idx", "time"), "-inf", f"({oldest}"))
+    if expired:
+        delete_runs(connection, [r for r in expired if r != keep])
+    while int(connection.get(_key("bytes")) or 0) > max_bytes:
+        batch = [r for r in _ids(connection.zrange(_key("idx", "time"), 0, 49)) if r != keep]
+        if not batch:
+            break
+        delete_runs(connection, batch)
+
+
+def stored_bytes(connection: redis.Redis) -> int:
+    return int(connection.get(_key("bytes")) or 0)
 
 
 def _update_pr(connection: redis.Redis, run: Run, meta: dict[str, Any]) -> None:
@@ -190,16 +228,34 @@ def delete_runs(connection: redis.Redis, run_ids: list[str]) -> None:
     metas = connection.pipeline()
     for run_id in run_ids:
         metas.hget(_key("run", run_id), "meta")
+    sizes = connection.hmget(_key("sizes"), run_ids) if run_ids else []
     pipe = connection.pipeline()
+    prs = set()
     for run_id, raw in zip(run_ids, metas.execute(), strict=True):
         meta = json.loads(raw) if raw else {}
         for model_type in meta.get("model_types", []):
             pipe.zrem(_key("idx", "mt", model_type), run_id)
         if meta.get("repository") and meta.get("pr") is not None:
-            pipe.zrem(_key("idx", "pr", pr_key(meta["repository"], meta["pr"])), run_id)
+            key = pr_key(meta["repository"], meta["pr"])
+            prs.add(key)
+            pipe.zrem(_key("idx", "pr", key), run_id)
         pipe.zrem(_key("idx", "time"), run_id)
         pipe.delete(_key("run", run_id))
+        pipe.hdel(_key("sizes"), run_id)
+    freed = sum(int(size or 0) for size in sizes)
+    if freed:
+        pipe.decrby(_key("bytes"), freed)
     pipe.execute()
+    for key in prs:  # a PR none of whose runs is left leaves the PR list
+        if not connection.zcard(_key("idx", "pr", key)):
+            pipe = connection.pipeline()
+            for zset in [_key("prs"), *(_key("prs", "state", s) for s in RUN_STATES),
+                         *(_key("prs", "verdict", v) for v in VERDICTS)]:
+                pipe.zrem(zset, key)
+            repository = key.rsplit("#", 1)[0]
+            pipe.zrem(_key("prs", "repo", repository), key)
+            pipe.delete(_key("pr", key), _key("title", key))
+            pipe.execute()
 
 
 def get_run(connection: redis.Redis, run_id: str) -> Run | None:
@@ -303,7 +359,7 @@ def note_pr(connection: redis.Redis, repository: str, number: int, title: str | 
     if not title:
         return
     key = pr_key(repository, number)
-    connection.set(_key("title", key), title[:300])
+    connection.set(_key("title", key), title[:300], ex=load_store_limits().ttl_s)
     if connection.exists(_key("pr", key)):
         connection.hset(_key("pr", key), "title", title[:300])
 
@@ -314,6 +370,18 @@ def get_pr(connection: redis.Redis, repository: str, number: int) -> dict[str, s
 
 
 # ---- from the report job ---------------------------------------------------------------
+
+def set_job_state(connection: redis.Redis, job_id: str, state: str,
+                  outcome: dict[str, Any] | None = None, reason: str | None = None) -> None:
+    """The one writer of a verify job's lifecycle state (besides start_verify creating
+    it): `state` of mlxv:job:{job_id}, the record that report jobs and the dashboard
+    read to tell an active job (queued, running) from an ended one, then the run's
+    state here, its projection for the dashboard. Callers write GitHub first, so a
+    state never claims more than GitHub shows. "cancelling" is not projected."""
+    connection.hset(f"mlxv:job:{job_id}", "state", state)
+    if state in JOB_STATES:
+        record_job(connection, job_id, state, outcome=outcome, reason=reason)
+
 
 def record_job(connection: redis.Redis, job_id: str, state: str,
                outcome: dict[str, Any] | None = None, reason: str | None = None,

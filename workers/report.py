@@ -7,25 +7,30 @@ them: the Check Run of the job and the one sticky comment per PR.
 
 State kept in Redis (prefix mlxv:), per PR and per verify job:
   mlxv:head:{repo}#{n}    the PR's head SHA as last seen
+  mlxv:heads:{repo}#{n}   head SHA -> when the server last saw it become the PR's head
+                          (epoch seconds; set on webhook receipt, see note_head_seen)
   mlxv:sha:{repo}:{sha}   PR number of a head SHA (check-suite events of forks lack it)
   mlxv:prjobs:{repo}#{n}  verify job ids of the PR
   mlxv:job:{job_id}       repo, number, sha, base_sha, installation, request, check_run_id,
-                          state
+                          state (the job's lifecycle; written only by store.set_job_state,
+                          after the GitHub writes it stands for)
   mlxv:pr:{repo}#{n}      comment_id, current (latest report), history (earlier SHAs)
-  mlxv:results:{job_id}   the validated results JSON, for the dashboard
+The results themselves are kept once, in the run store (app.store).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 import redis
 from githubkit import GitHub
-from rq import Callback, Queue, Retry
+from githubkit.exception import RequestFailed
+from rq import Callback, Queue, Retry, get_current_job
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -42,7 +47,6 @@ VERIFY_QUEUES_KEY = "mlxv:verify-queues"
 CHECK_NAME = "mlx-verify"
 VERIFY_JOB_TIMEOUT = 3 * 3600  # backstop above the runner's own VERIFY_TIMEOUT
 STATE_TTL = 90 * 86400
-RESULTS_TTL = 30 * 86400
 ACTIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 PR_ACTIONS = ("opened", "synchronize", "reopened", "ready_for_review")
 HELP = ("mlx-verify commands, each on its own line of a PR comment (write access needed):\n\n"
@@ -87,6 +91,45 @@ def _split(repo: str) -> tuple[str, str]:
     return owner, name
 
 
+def _heads_key(repo: str, number: int) -> str:
+    return f"mlxv:heads:{_pr_key(repo, number)}"
+
+
+def note_head_seen(connection: redis.Redis, payload: dict[str, Any]) -> None:
+    """On receipt of a pull_request delivery (in the server, before it is queued): the
+    time its head SHA became the PR's head, as this server saw it. A later delivery of
+    the same SHA moves the time on (a force-push back to an old head is new again); an
+    earlier time is never recorded, so a head is never taken to predate a command
+    that was written before it appeared."""
+    pull = payload.get("pull_request") or {}
+    repo = (payload.get("repository") or {}).get("full_name")
+    sha = (pull.get("head") or {}).get("sha")
+    number = pull.get("number")
+    if payload.get("action") not in PR_ACTIONS or not isinstance(repo, str) or \
+            not isinstance(sha, str) or not isinstance(number, int):
+        return
+    key = _heads_key(repo, number)
+    pipe = connection.pipeline()
+    pipe.hset(key, sha, f"{time.time():.3f}")
+    pipe.expire(key, STATE_TTL)
+    pipe.execute()
+
+
+def head_seen(connection: redis.Redis, repo: str, number: int, sha: str) -> float | None:
+    raw = connection.hget(_heads_key(repo, number), sha)
+    return float(raw) if raw else None
+
+
+def _timestamp(text: Any) -> float | None:
+    """GitHub's ISO 8601 time (2019-05-15T15:20:21Z) as epoch seconds."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 # ---- webhook events -------------------------------------------------------------------
 
 def handle_event(event: str, delivery: str, payload: dict[str, Any]) -> str:
@@ -123,10 +166,19 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
     repo = payload["repository"]["full_name"]
     number, sha = int(pull["number"]), pull["head"]["sha"]
     base_sha = (pull.get("base") or {}).get("sha")
-    store.note_pr(connection, repo, number, pull.get("title"))
-    gh, installation_id = installation_gh(settings, connection, app_gh, payload)
-    record_head(settings, connection, gh, repo, number, sha)
     owner, name = _split(repo)
+    gh, installation_id = installation_gh(settings, connection, app_gh, payload)
+    # A late or retried delivery of an older push must not cancel the run of the
+    # newer head: act only when the event's SHA is still the PR's head.
+    current = github.get_pull(gh, owner, name, number)
+    if current is None:  # GitHub's API can lag behind its webhooks: retried
+        raise LookupError(f"GitHub does not know {repo}#{number} yet")
+    if current.get("state", "open") != "open":
+        return "not an open pull request"
+    if current["head"]["sha"] != sha:
+        return f"stale event: the PR's head is now {current['head']['sha'][:12]}"
+    store.note_pr(connection, repo, number, current.get("title") or pull.get("title"))
+    record_head(settings, connection, gh, repo, number, sha)
     files = github.changed_files(gh, owner, name, number)
     if not planning.touches_models(files):
         github.create_check_run(
@@ -135,16 +187,25 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
             output={"title": "no model code changed",
                     "summary": "No `mlx_lm/models/*.py` file changed: nothing to verify."})
         return "no model code changed"
+    # Both the PR's author and whoever sent this event (the pusher, for synchronize)
+    # must have write access; any doubt is a no.
     author = (pull.get("user") or {}).get("login", "")
-    if not github.has_write_permission(gh, owner, name, author):
+    sender = (payload.get("sender") or {}).get("login", "")
+    untrusted = [(role, login) for role, login in (("author", author), ("pusher", sender))
+                 if login and not github.has_write_permission(gh, owner, name, login)]
+    if untrusted or not author or not sender:
+        role, login = untrusted[0] if untrusted else ("author", author or sender)
+        who = "author of this PR" if role == "author" else \
+            "user who pushed this commit" if payload.get("action") == "synchronize" \
+            else "user who sent this event"
         github.create_check_run(
             gh, owner, name, name=CHECK_NAME, head_sha=sha, status="completed",
             conclusion="neutral", completed_at=_now(),
             output={"title": "waiting for a maintainer",
-                    "summary": "The author of this PR has no write access to the repository, "
+                    "summary": f"The {who} has no write access to the repository, "
                                "so its code is not run automatically. A maintainer can start "
                                "the checks with a comment holding the line `/verify`."})
-        return "author not trusted: waiting for /verify"
+        return f"{role} not trusted: waiting for /verify"
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
                         VerifyRequest(), files, rerun=False, base_sha=base_sha)
 
@@ -183,11 +244,24 @@ def on_comment(settings, connection, app_gh, payload) -> str:
     if command.help:
         reply(gh, repo, number, HELP)
         return "help"
-    comment_id = int(payload["comment"]["id"])
-    github.react(gh, owner, name, comment_id, "eyes")
     if pull.get("state") != "open":
         return "closed"
-    sha = pull["head"]["sha"]  # pinned: the head at the moment the command was read
+    # Pinned: the head as read now, and only if it was the head before the command was
+    # written (a push after the comment is not what the maintainer asked for).
+    sha = pull["head"]["sha"]
+    written = _timestamp((payload.get("comment") or {}).get("created_at"))
+    seen = head_seen(connection, repo, number, sha)
+    if seen is None or written is None or seen >= written:  # written: whole seconds
+        if seen is None:  # never saw it arrive (e.g. the App came after the push)
+            connection.hset(_heads_key(repo, number), sha, f"{time.time():.3f}")
+            connection.expire(_heads_key(repo, number), STATE_TTL)
+        reply(gh, repo, number,
+              f"mlx-verify: the PR's head `{sha[:12]}` is not known to be the commit this "
+              "command was written for (it may have been pushed after the comment); "
+              f"nothing was started. Comment `/verify` again to check `{sha[:12]}`.")
+        return "head not pinned: newer than the command"
+    comment_id = int(payload["comment"]["id"])
+    github.react(gh, owner, name, comment_id, "eyes")
     record_head(settings, connection, gh, repo, number, sha)
     files = github.changed_files(gh, owner, name, number)
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
@@ -235,9 +309,14 @@ def on_rerequest(settings, connection, app_gh, payload, sha: str,
 # ---- queue ----------------------------------------------------------------------------
 
 def record_head(settings, connection, gh, repo: str, number: int, sha: str) -> None:
-    """Remember the PR's head; cancel or stop jobs of its older SHAs."""
+    """Remember the PR's head; cancel or stop jobs of its older SHAs (by when each became
+    the head: a head newer than sha is kept, and so is the stored head)."""
     key = _pr_key(repo, number)
-    connection.set(f"mlxv:head:{key}", sha, ex=STATE_TTL)
+    stored = connection.get(f"mlxv:head:{key}")
+    seen = head_seen(connection, repo, number, sha)
+    stored_seen = head_seen(connection, repo, number, stored.decode()) if stored else None
+    if stored is None or seen is None or stored_seen is None or stored_seen <= seen:
+        connection.set(f"mlxv:head:{key}", sha, ex=STATE_TTL)
     connection.set(f"mlxv:sha:{repo}:{sha}", number, ex=STATE_TTL)
     cancel_jobs(connection, gh, repo, number, keep_sha=sha,
                 reason=f"The PR's head moved to `{sha[:12]}`; this run was cancelled.")
@@ -245,14 +324,20 @@ def record_head(settings, connection, gh, repo: str, number: int, sha: str) -> N
 
 def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
                 reason: str) -> None:
-    """Cancel queued and stop running verify jobs of the PR, except those of keep_sha."""
+    """Cancel queued and stop running verify jobs of the PR, except those of keep_sha and
+    of heads that became the head after it. keep_sha None: all of them (PR closed)."""
     key = _pr_key(repo, number)
     owner, name = _split(repo)
+    heads = {k.decode(): float(v) for k, v in connection.hgetall(_heads_key(repo, number))
+             .items()}
+    keep_seen = heads.get(keep_sha, time.time()) if keep_sha else None
     for raw in connection.smembers(f"mlxv:prjobs:{key}"):
         job_id = raw.decode()
         info = connection.hgetall(f"mlxv:job:{job_id}")
         if not info or info[b"sha"].decode() == keep_sha:
             continue
+        if keep_seen is not None and heads.get(info[b"sha"].decode(), 0.0) > keep_seen:
+            continue  # a newer head than keep_sha: its run stands
         if info.get(b"state", b"").decode() in ("queued", "running"):
             try:
                 job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
@@ -263,13 +348,14 @@ def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
                     job.cancel()
             except (NoSuchJobError, InvalidJobOperation):
                 pass  # finished or stopped meanwhile: the state below still holds
-            connection.hset(f"mlxv:job:{job_id}", "state", "superseded")
-            store.record_job(connection, job_id, "superseded")
+            # The Check Run first: if GitHub fails, the retried event finds the job
+            # still active and completes it then.
             github.update_check_run(
                 gh, owner, name, int(info[b"check_run_id"]), status="completed",
                 conclusion="neutral", completed_at=_now(),
                 output={"title": "superseded" if keep_sha else "PR closed",
                         "summary": reason})
+            store.set_job_state(connection, job_id, "superseded")
         connection.srem(f"mlxv:prjobs:{key}", job_id)
 
 
@@ -301,10 +387,11 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         "repo": repo, "number": number, "sha": sha, "installation_id": installation_id,
         "request": json.dumps(request.to_dict()), "check_run_id": check_run_id,
         "state": "queued", "changed_files": json.dumps(files[:3000]),
-        "base_sha": base_sha or "",
+        "base_sha": base_sha or "", "check_run_done": "0",
     })
     connection.expire(f"mlxv:job:{job_id}", STATE_TTL)
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
+    connection.expire(f"mlxv:prjobs:{_pr_key(repo, number)}", STATE_TTL)
     connection.sadd(VERIFY_QUEUES_KEY, queue_name)
     spec = {
         "job_id": job_id, "repo": repo, "number": number, "sha": sha,
@@ -339,8 +426,7 @@ def verify_started(job_id: str) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
-    connection.hset(f"mlxv:job:{job_id}", "state", "running")
-    store.record_job(connection, job_id, "running")
+    store.set_job_state(connection, job_id, "running")
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -354,8 +440,7 @@ def verify_requeued(job_id: str, reason: str) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
-    connection.hset(f"mlxv:job:{job_id}", "state", "queued")
-    store.record_job(connection, job_id, "queued", reason=reason)
+    store.set_job_state(connection, job_id, "queued", reason=reason)
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -371,8 +456,6 @@ def verify_failed(job_id: str, reason: str) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
-    connection.hset(f"mlxv:job:{job_id}", "state", "failed")
-    store.record_job(connection, job_id, "failed", reason=reason)
     owner, name = _split(info["repo"])
     github.update_check_run(
         _job_gh(settings, connection, info), owner, name, int(info["check_run_id"]),
@@ -380,6 +463,8 @@ def verify_failed(job_id: str, reason: str) -> str:
         output={"title": "could not run",
                 "summary": f"The checks could not run: {reason}. Nothing is known about this "
                            "commit yet. Re-run this check, or comment `/verify`."})
+    # only once GitHub has it: a retry after a GitHub error finds the job still active
+    store.set_job_state(connection, job_id, "failed", reason=reason)
     return "failed"
 
 
@@ -416,22 +501,47 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
         output["text"] = rendered.text
     if rendered.annotations:
         output["annotations"] = rendered.annotations
-    github.update_check_run(gh, owner, name, int(info["check_run_id"]), status="completed",
-                            conclusion=rendered.conclusion, completed_at=_now(), output=output)
-    connection.hset(f"mlxv:job:{job_id}", "state", "completed")
-    store.record_job(connection, job_id, "completed", outcome=outcome)
-    if outcome.get("results"):
-        connection.set(f"mlxv:results:{job_id}", json.dumps(outcome["results"]),
-                       ex=RESULTS_TTL)
-    if rendered.comment is None or not is_head:
+    if info.get("check_run_done") != "1":  # a retry does not append annotations again
+        complete_check_run(gh, owner, name, int(info["check_run_id"]), rendered.conclusion,
+                           output)
+        connection.hset(f"mlxv:job:{job_id}", "check_run_done", "1")
+    commented = rendered.comment is not None and is_head
+    if commented:
+        upsert_comment(settings, connection, gh, repo, number, rendered.comment)
+        connection.hset(f"mlxv:pr:{pr_key}", mapping={
+            "current": json.dumps(comment.history_entry(sha, rendered)),
+            "history": json.dumps(history[:10]),
+        })
+        connection.expire(f"mlxv:pr:{pr_key}", STATE_TTL)
+    # Completed only now that the Check Run and the comment are written: a retry after
+    # a GitHub error finds the job still active and writes them again.
+    store.set_job_state(connection, job_id, "completed", outcome=outcome)
+    # The run store holds the results now; this job's copy of the outcome goes.
+    if (job := get_current_job()) is not None:
+        job.result_ttl = 0
+    if not commented:
         return f"completed {rendered.conclusion} (comment untouched)"
-    upsert_comment(settings, connection, gh, repo, number, rendered.comment)
-    connection.hset(f"mlxv:pr:{pr_key}", mapping={
-        "current": json.dumps(comment.history_entry(sha, rendered)),
-        "history": json.dumps(history[:10]),
-    })
-    connection.expire(f"mlxv:pr:{pr_key}", STATE_TTL)
     return f"completed {rendered.conclusion}"
+
+
+def complete_check_run(gh: GitHub, owner: str, name: str, check_run_id: int,
+                       conclusion: str, output: dict[str, Any]) -> None:
+    """Complete the Check Run with this output; if GitHub refuses the output itself
+    (4xx other than auth and rate limits), complete it with a short one instead, so it
+    is never left in progress. Server errors raise (the report job is retried)."""
+    try:
+        github.update_check_run(gh, owner, name, check_run_id, status="completed",
+                                conclusion=conclusion, completed_at=_now(), output=output)
+    except RequestFailed as e:
+        status = e.response.status_code
+        if status >= 500 or status in (401, 403, 404, 429):
+            raise
+        github.update_check_run(
+            gh, owner, name, check_run_id, status="completed", conclusion=conclusion,
+            completed_at=_now(),
+            output={"title": output.get("title", "")[:250] or "completed",
+                    "summary": f"GitHub refused the full report (HTTP {status}); the "
+                               "dashboard and the PR comment hold the results."})
 
 
 def upsert_comment(settings, connection, gh, repo: str, number: int, body: str) -> int:

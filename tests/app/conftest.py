@@ -210,6 +210,9 @@ def webhook_payload(name: str, installation_id: int, number: int | None = None,
         pull["draft"] = False
         if "after" in data:
             data["after"] = sha
+    if "comment" in data:  # written now, as GitHub stamps it
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data["comment"].update(created_at=now, updated_at=now)
     data.update(changes)
     return data
 

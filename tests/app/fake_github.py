@@ -20,6 +20,9 @@ from fastapi.responses import JSONResponse
 
 BOT_ID = 4242
 APP_SLUG = "mlx-verify-test"
+# GitHub's limits: longer bodies and Check Run outputs are refused with 422.
+COMMENT_BODY_MAX = 65_536
+CHECK_OUTPUT_MAX = 65_535
 
 
 @dataclass
@@ -47,9 +50,18 @@ class FakeGitHub:
     tokens: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
+    # (method, path fragment, status, times left): the next matching requests fail
+    faults: list[list[Any]] = field(default_factory=list)
+
+    def fail_next(self, method: str, path_part: str, status: int = 502, times: int = 1) -> None:
+        """The next `times` requests of method to a path containing path_part answer
+        status (GitHub having a bad moment)."""
+        with self.lock:
+            self.faults.append([method, path_part, status, times])
 
     def reset(self) -> None:
         with self.lock:
+            self.faults.clear()
             self.permissions.clear()
             self.pulls.clear()
             self.comments.clear()
@@ -81,6 +93,25 @@ def _page(request: Request, items: list[Any]) -> JSONResponse:
 
 def create_app(state: FakeGitHub) -> FastAPI:
     app = FastAPI()
+
+    @app.middleware("http")
+    async def injected_faults(request: Request, call_next):
+        with state.lock:
+            for fault in state.faults:
+                method, part, status, times = fault
+                if request.method == method and part in request.url.path and times > 0:
+                    fault[3] -= 1
+                    state.writes.append((request.method, request.url.path, f"fault {status}"))
+                    return JSONResponse({"message": "injected fault"}, status_code=status)
+        return await call_next(request)
+
+    def too_long(body: dict[str, Any]) -> None:
+        if len(body.get("body") or "") > COMMENT_BODY_MAX:
+            raise HTTPException(422, "body is too long (maximum is 65536 characters)")
+        output = body.get("output") or {}
+        for key in ("summary", "text"):
+            if len(output.get(key) or "") > CHECK_OUTPUT_MAX:
+                raise HTTPException(422, f"output.{key} is too long (maximum is 65535)")
 
     def require_jwt(request: Request) -> None:
         auth = request.headers.get("authorization", "")
@@ -191,6 +222,7 @@ def create_app(state: FakeGitHub) -> FastAPI:
     async def create_comment(owner: str, repo: str, number: int, request: Request):
         require_token(request)
         body = await request.json()
+        too_long(body)
         record(request, body)
         comment_id = next(state.ids)
         comment = {"id": comment_id, "node_id": f"IC_{comment_id}", "body": body["body"],
@@ -207,6 +239,7 @@ def create_app(state: FakeGitHub) -> FastAPI:
     async def update_comment(owner: str, repo: str, comment_id: int, request: Request):
         require_token(request)
         body = await request.json()
+        too_long(body)
         record(request, body)
         comment = state.comments.get(comment_id)
         if comment is None:
@@ -218,6 +251,7 @@ def create_app(state: FakeGitHub) -> FastAPI:
     async def react(owner: str, repo: str, comment_id: int, request: Request):
         require_token(request)
         body = await request.json()
+        too_long(body)
         record(request, body)
         reaction = {"id": next(state.ids), "content": body["content"],
                     "user": _user(f"{APP_SLUG}[bot]", BOT_ID, "Bot"), "created_at": _now(),
@@ -229,6 +263,7 @@ def create_app(state: FakeGitHub) -> FastAPI:
     async def create_check_run(owner: str, repo: str, request: Request):
         require_token(request)
         body = await request.json()
+        too_long(body)
         record(request, body)
         run_id = next(state.ids)
         run = {"id": run_id, "head_sha": body["head_sha"], "name": body["name"],
@@ -246,6 +281,7 @@ def create_app(state: FakeGitHub) -> FastAPI:
     async def update_check_run(owner: str, repo: str, run_id: int, request: Request):
         require_token(request)
         body = await request.json()
+        too_long(body)
         record(request, body)
         run = state.check_runs.get(run_id)
         if run is None:

@@ -139,16 +139,29 @@ def test_shared_module_change_plans_the_dependent_models(env):
     assert set(planned) == set(outcome["planned"])
 
 
+def opened_by_outsider(env, number: int, edits: dict) -> str:
+    """A PR of an author without write access: its opened event gives a neutral Check
+    Run (not run automatically), and the server has seen its head arrive. Returns the
+    head SHA, one second later (comment times have whole seconds)."""
+    sha, files = env.git_host.make_pr(number, edits)
+    env.open_pr(number, sha, files, author="outsider-1")
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=number,
+                                         sha=sha, sender="outsider-1"))
+    env.run_queue("report")
+    time.sleep(1.1)
+    return sha
+
+
 def test_verify_command_is_acknowledged_and_pinned_to_the_head(env):
-    sha, files = env.git_host.make_pr(5, {LLAMA: SWAPPED})
-    env.open_pr(5, sha, files, author="outsider-1")  # not run automatically
+    sha = opened_by_outsider(env, 5, {LLAMA: SWAPPED})
     payload = env.payload("issue_comment.created.payload.json")  # no installation field
     payload["issue"]["number"] = 5
     payload["comment"]["body"] = "Looks odd.\n/verify llama --checks layers\n"
     assert env.send("issue_comment", payload).status_code == 202
     env.run_queue("report")
     assert [r["content"] for r in env.github.reactions] == ["eyes"]
-    (run,) = env.check_runs(sha)
+    waiting, run = env.check_runs(sha)
+    assert waiting["output"]["title"] == "waiting for a maintainer"
     assert run["status"] == "queued"
     # The PR moves on before a runner takes the job: the job stays pinned to `sha`.
     env.github.pulls[(REPO, 5)].head_sha = "f" * 40
@@ -203,14 +216,13 @@ def test_killed_runner_leaves_no_check_run_in_progress(env, app_env):
 
 
 def test_verify_of_an_unknown_model_type_is_reported_as_skipped(env):
-    sha, files = env.git_host.make_pr(7, {LLAMA: HARMLESS})
-    env.open_pr(7, sha, files, author="outsider-1")
+    sha = opened_by_outsider(env, 7, {LLAMA: HARMLESS})
     payload = env.payload("issue_comment.created.with-installation.payload.json")
     payload["issue"]["number"] = 7
     payload["comment"]["body"] = "/verify not_a_model_type"
     env.send("issue_comment", payload)
     env.drain()
-    (run,) = env.check_runs(sha)
+    _, run = env.check_runs(sha)
     assert (run["status"], run["conclusion"]) == ("completed", "neutral")
     (comment,) = env.comments(7)
     assert "not a transformers model_type" in comment["body"]

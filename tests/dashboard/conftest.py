@@ -236,6 +236,8 @@ def page(browser, live):
     live.fake.github.pulls[(REPO, 7)] = fake_github.Pull(
         7, SHA_BAD, BASE_SHA, ["mlx_lm/models/llama.py"], MAINTAINER)
     live.fake.oauth.login_as = None
+    for key in live.connection.scan_iter("mlxv:ratelimit:*"):  # each test starts afresh
+        live.connection.delete(key)
     context = browser.new_context(viewport={"width": 1200, "height": 900})
     context.set_default_timeout(15000)
     yield context.new_page()
