@@ -177,6 +177,7 @@ def bwrap_command(command: list[str], *, env: dict[str, str], writable: Path,
         args += ["--perms", "0755", "--dir", str(parent)]
     for mount in mounts:
         args += mount
+    args += ["--remount-ro", "/"]  # bubblewrap's own root tmpfs: no writes beside the mounts
     if info_fd is not None:
         args += ["--info-fd", str(info_fd)]
     args += ["--chdir", str(writable), "--clearenv"]
