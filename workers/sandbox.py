@@ -203,6 +203,8 @@ def sandbox_exec_profile(writable: Path) -> str:
         "(deny file-write*)",
         f"(allow file-write* (subpath {_sbpl(real)}))",
         '(allow file-write* (literal "/dev/null") (literal "/dev/zero") (literal "/dev/tty"))',
+        # the results file the runner opened, reopened as /dev/fd/N by `--json`
+        '(allow file-write* (regex #"^/dev/fd/[0-9]+$"))',
         # no new processes: no daemons outliving the job, no fork bombs (the engine runs
         # none; a failing `git rev-parse` of the tree only loses the reported SHA)
         "(deny process-fork)",
@@ -268,12 +270,16 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
         stdout: IO[bytes], stderr: IO[bytes], pass_fds: tuple[int, ...] = ()) -> Finished:
     """Run `command` sandboxed with exactly `env`, `writable` as its only writable path
     (and working dir), `readable` (the PR tree, inputs) read-only; stdout, stderr and
-    `pass_fds` are the only runner files it can write. Every process it starts ends with
+    `pass_fds` (regular files, which it may reopen as /dev/fd/N) are the only runner
+    files it can write. Every process it starts ends with
     it, or on timeout."""
     info_read = info_write = None
     if not settings.enabled:
         full, launch_env = command, env
     elif kind() == "bwrap":
+        if os.geteuid() == 0:
+            for fd in pass_fds:  # `/dev/fd/N` reopens the file: the sandbox's uid must own it
+                os.fchown(fd, settings.uid, -1)
         info_read, info_write = os.pipe()
         full = bwrap_command(command, env=env, writable=writable, readable=readable,
                              settings=settings, info_fd=info_write)

@@ -155,8 +155,6 @@ def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list
     out_fd = os.open(run_dir / "results.json",
                      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     sandbox_settings = sandbox.load_sandbox_settings()
-    if os.geteuid() == 0 and sandbox_settings.enabled and sandbox.kind() == "bwrap":
-        os.fchown(out_fd, sandbox_settings.uid, -1)  # reopened by path in /dev/fd
     # -I: no PYTHON* variables, no user site, and the cwd is not on sys.path, so the
     # PR tree cannot shadow our own modules; mlx_lm comes from --mlx-lm only.
     command = [sys.executable, "-I", "-m", "checks.cli", "check", *model_types,
