@@ -107,7 +107,11 @@ def test_a_root_runner_drops_to_an_unprivileged_uid(tmp_path):
 SHELL_PROBE = ("id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; "
                "touch /new 2>/dev/null && echo ROOT-WRITABLE; "
                "touch \"$HOME/x\" && echo SCRATCH-WRITABLE; "
-               "unshare -U true 2>/dev/null && echo USERNS-ALLOWED; ls /proc | grep -c '^[0-9]'")
+               "unshare -U true 2>/dev/null && echo USERNS-ALLOWED; ls /proc | grep -c '^[0-9]'; "
+               # RLIMIT_NPROC set inside, as the launcher does: counted in the namespace
+               # (the forking shell exits at the first failed fork; its sleeps stay)
+               "prlimit --nproc=16 sh -c 'for i in $(seq 40); do sleep 3 & done' 2>/dev/null; "
+               "set -- /proc/[0-9]*; echo $#")
 
 
 def test_the_unprivileged_mode_has_no_capabilities_and_no_user_namespaces(tmp_path,
@@ -133,7 +137,8 @@ def test_the_unprivileged_mode_has_no_capabilities_and_no_user_namespaces(tmp_pa
     assert lines[lines.index("NoNewPrivs:") + 1] == "1"
     assert "SCRATCH-WRITABLE" in lines and "ROOT-WRITABLE" not in lines
     assert "USERNS-ALLOWED" not in lines
-    assert int(lines[-1]) <= 5  # its own PID namespace: init, sh, ls, grep
+    assert int(lines[-2]) <= 5  # its own PID namespace: init, sh, ls, grep
+    assert 8 < int(lines[-1]) <= 18  # init, sh and the sleeps up to the process limit
     assert not (scratch / "home" / "x").exists()  # the scratch tmpfs is gone with it
 
 
