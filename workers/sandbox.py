@@ -104,11 +104,10 @@ def system_paths() -> list[Path]:
     (an editable install's source too). Read-only; nested paths are dropped."""
     import checks
 
-    paths = [Path("/usr"), Path("/opt/homebrew") if sys.platform == "darwin" else None,
-             Path(sys.base_prefix), Path(sys.prefix), Path(sys.executable).resolve().parent,
-             Path(checks.__file__).resolve().parent]
+    paths = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix),
+             Path(sys.executable).resolve().parent, Path(checks.__file__).resolve().parent]
     kept: list[Path] = []
-    for path in sorted({p.resolve() for p in paths if p is not None and p.exists()},
+    for path in sorted({p.resolve() for p in paths if p.exists()},
                        key=lambda p: len(p.parts)):
         if not any(path.is_relative_to(k) for k in kept):
             kept.append(path)
@@ -143,7 +142,7 @@ def bwrap_command(command: list[str], *, env: dict[str, str], writable: Path,
         args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         args += ["--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
-    mounts: list[list[str]] = []  # (option, source, target) or (option, target)
+    mounts: list[list[str]] = []  # bubblewrap options, each list ending in its mount point
     for name in MERGED_USR:
         top = Path("/") / name
         if top.is_symlink():
