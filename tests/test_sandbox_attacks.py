@@ -192,13 +192,27 @@ sys.stderr.write(f"ATTACK-PROCS {len(pids)}\\n" + "\\n".join(seen) + "\\n")
 """
 
 
+def read_files(paths: list[Path]) -> str:
+    """Attack code that prints whatever it can read of `paths`."""
+    return ("import sys\n"
+            f"for path in {[str(p) for p in paths]!r}:\n"
+            "    try:\n"
+            "        sys.stderr.write(f'ATTACK-READ {path} ' + open(path).read() + '\\n')\n"
+            "    except OSError as e:\n"
+            "        sys.stderr.write(f'ATTACK-UNREADABLE {path} {e}\\n')\n")
+
+
 def test_environment_and_proc_hold_no_secret(tmp_path):
-    run = run_attack(tmp_path, ENV_AND_PROC)
+    # and neither do the runner's files: its env file (like /etc/mlx-verify/runner.env)
+    env_file = tmp_path / "runner.env"
+    env_file.write_text(f"REDIS_URL=redis://:{PASSWORD}@127.0.0.1:1/0\n")
+    run = run_attack(tmp_path, ENV_AND_PROC + read_files([env_file, Path("/etc/shadow")]))
     assert run["code"] == ATTACK_EXIT, run
     stderr = run["output"]
     assert "ATTACK-PROCS" in stderr and "ENVIRON" in stderr, stderr
     assert "scratch/home" in stderr  # the attack did read its own environment
     assert PASSWORD not in stderr and HF_TOKEN not in stderr and "REDIS_URL" not in stderr
+    assert "ATTACK-READ" not in stderr and stderr.count("ATTACK-UNREADABLE") == 2
     # a PID namespace of its own: bubblewrap's init and the check process, nothing else
     assert int(stderr.split("ATTACK-PROCS ")[1].split()[0]) <= 3, stderr
 
@@ -316,6 +330,9 @@ def test_planted_pth_files_and_cache_entries_do_not_reach_the_host(tmp_path):
         "pth": site_packages / f"zz-attack-{uuid.uuid4().hex}.pth",
         "engine": ROOT / "checks" / f"attack-{uuid.uuid4().hex}.py",
         "runner-cache": tmp_path / "runner-cache" / "planted",
+        # the runner user's own checkpoint cache (local checks, the nightly sweep)
+        "user-cache": Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "mlx-verify" / f"planted-{uuid.uuid4().hex}",
         "tmp": Path("/tmp") / f"attack-{uuid.uuid4().hex}",
         "tree": tmp_path / "job" / "src" / "mlx_lm" / "models" / "planted.py",
         "run-dir": tmp_path / "job" / "run-0" / "planted",
@@ -335,14 +352,18 @@ def test_planted_pth_files_and_cache_entries_do_not_reach_the_host(tmp_path):
               "cache = os.environ['MLX_VERIFY_CACHE']\n"
               "open(os.path.join(cache, 'planted-checkpoint'), 'w').write('x')\n"
               "sys.stderr.write('ATTACK-CACHE-PLANTED\\n')\n")
-    run = run_attack(tmp_path, attack)
+    try:
+        run = run_attack(tmp_path, attack)
+    finally:
+        planted = [path for path in targets.values() if path.exists()]
+        for path in planted:  # never leave a planted file behind, even when this fails
+            path.unlink()
+    assert planted == []
     assert run["code"] == ATTACK_EXIT, run
     stderr = run["stderr"]
     assert "ATTACK-CACHE-PLANTED" in stderr, stderr  # its own cache: a private tmpfs
     assert "ATTACK-WROTE" not in stderr, stderr
     assert stderr.count("ATTACK-DENIED") == len(targets), stderr
-    for name, path in targets.items():
-        assert not path.exists(), name
     # the scratch dir the runner keeps on the host is untouched: the next run of the job
     # starts with empty caches
     scratch = tmp_path / "job" / "scratch"

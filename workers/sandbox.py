@@ -34,12 +34,15 @@ says so (trusted local use only).
 from __future__ import annotations
 
 import os
+import re
 import resource
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -53,6 +56,8 @@ ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "passw
              "nsswitch.conf", "localtime", "timezone")
 MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 PROBE_TIMEOUT_S = 30
+NAMESPACE_EXIT_TIMEOUT_S = 30  # for the kernel to end every process of a PID namespace
+CHILD_PID = re.compile(rb'"child-pid": *([0-9]+)[,\s}]')
 UNSANDBOXED_HINT = ("PR code is not run; install bubblewrap and allow user namespaces "
                     "(docs/deploy.md), or set VERIFY_SANDBOX=0 for trusted local use only")
 
@@ -270,8 +275,8 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
     """Run `command` sandboxed with exactly `env`, `writable` as its only writable path
     (and working dir), `readable` (the PR tree, inputs) read-only; stdout, stderr and
     `pass_fds` (regular files, which it may reopen as /dev/fd/N) are the only runner
-    files it can write. Every process it starts ends with
-    it, or on timeout."""
+    files it can write. Every process it starts has ended when run() returns, also on
+    timeout. SandboxUnavailable when bubblewrap cannot make the sandbox."""
     info_read = info_write = None
     if not settings.enabled:
         full, launch_env = command, env
@@ -285,6 +290,7 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
         launch_env, pass_fds = {}, (*pass_fds, info_write)
     else:
         full, launch_env = sandbox_exec_command(command, writable=writable), env
+    started = time.monotonic()
     try:
         process = subprocess.Popen(
             full, cwd=writable, env=launch_env, stdin=subprocess.DEVNULL, stdout=stdout,
@@ -293,34 +299,65 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
     finally:
         if info_write is not None:
             os.close(info_write)
+    made, namespace = True, None  # namespace: a pidfd of the sandbox's PID 1
+    if info_read is not None:
+        made, namespace = _sandbox_init(info_read, timeout_s)
     try:
-        code: int | None = process.wait(timeout=timeout_s)
+        code: int | None = process.wait(timeout=max(0.0, timeout_s -
+                                                    (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
         code = None
     finally:
-        # The whole group (bubblewrap, or the command and its children unsandboxed);
-        # bubblewrap's death takes its PID namespace with it.
+        # The whole group (bubblewrap, or the command and its children unsandboxed),
+        # then bubblewrap's init, whose death takes its PID namespace with it. bubblewrap
+        # exits with the command, while its init may still be reaping: wait until the
+        # namespace is gone, so that nothing of the job outlives run().
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         process.wait()
-    if info_read is not None:
-        os.set_blocking(info_read, False)
-        try:
-            made = os.read(info_read, 4096)
-        except BlockingIOError:
-            made = b""
-        finally:
-            os.close(info_read)
-        if not made and code is not None:
-            # bubblewrap stopped before the command ran: its reason is on stderr
-            why = read_regular_fd(stderr.fileno(), 4096).decode(errors="replace")
-            lines = [line for line in why.splitlines() if line.strip()]
-            raise SandboxUnavailable(f"bubblewrap could not make the sandboxed process "
-                                     f"({lines[0] if lines else f'exit {code}'}); "
-                                     f"{UNSANDBOXED_HINT}")
+        if namespace is not None:
+            try:
+                signal.pidfd_send_signal(namespace, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            select.select([namespace], [], [], NAMESPACE_EXIT_TIMEOUT_S)
+            os.close(namespace)
+    if not made and code is not None:
+        # bubblewrap stopped before the command ran: its reason is on stderr
+        why = read_regular_file(Path(f"/proc/self/fd/{stderr.fileno()}"), 4096)
+        lines = [line for line in why.decode(errors="replace").splitlines() if line.strip()]
+        raise SandboxUnavailable(f"bubblewrap could not make the sandboxed process "
+                                 f"({lines[0] if lines else f'exit {code}'}); "
+                                 f"{UNSANDBOXED_HINT}")
     return Finished(code=code, timeout=code is None)
+
+
+def _sandbox_init(info_read: int, timeout_s: float) -> tuple[bool, int | None]:
+    """Whether the sandbox was made, and a pidfd of its PID 1, from bubblewrap's
+    --info-fd JSON, written once the sandbox is made (the pipe closes empty when
+    bubblewrap stops before); no pidfd when PID 1 has already gone."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    try:  # the JSON arrives in pieces, then bubblewrap closes its end (read to the end:
+        # closing ours first would kill bubblewrap with SIGPIPE)
+        while True:
+            ready, _, _ = select.select([info_read], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            chunk = os.read(info_read, 4096) if ready else b""
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(info_read)
+    found = CHILD_PID.search(data)
+    if found is None:
+        return False, None
+    try:
+        return True, os.pidfd_open(int(found.group(1)))
+    except ProcessLookupError:
+        return True, None  # already gone: nothing left to wait for
 
 
 def read_regular_fd(fd: int, max_bytes: int, tail: bool = False) -> bytes:
