@@ -17,9 +17,10 @@
   stderr through two more: the runner's files are not reachable by path;
 - is bounded: address space (RLIMIT_AS), file size (RLIMIT_FSIZE), processes
   (RLIMIT_NPROC, set inside the sandbox), no core dumps, wall time;
-- ends whole: the timeout kills bubblewrap's process group, and bubblewrap's init
-  (PID 1 of the namespace, `--die-with-parent`) takes every process of the namespace
-  with it, double-forked daemons included. The same happens when the command exits.
+- ends whole: when the command exits or times out, the runner kills bubblewrap's process
+  group and bubblewrap's init (PID 1 of the namespace, also `--die-with-parent`), whose
+  death takes every process of the namespace with it, double-forked daemons included,
+  and waits for that (a pidfd of the init) before run() returns.
 
 A runner started as root runs the sandboxed command as an unprivileged uid
 (VERIFY_SANDBOX_UID, default 65534 `nobody`): the kernel does not apply RLIMIT_NPROC to
