@@ -305,21 +305,28 @@ def test_a_daemon_does_not_outlive_its_job(tmp_path):
 
 
 HANG = """
-import os, time
+import os, sys, time
 if os.fork() == 0:
     os.setsid()
-    os.execv("/bin/sleep", ["/bin/sleep", "600", "{tag}"])
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)", "{tag}"])
 time.sleep(600)
 """
 
 
 def test_a_hang_is_killed_with_its_whole_tree(tmp_path):
     tag = f"mlx-verify-attack-hang-{uuid.uuid4().hex}"
+    work, src = malicious_pr(tmp_path, HANG.format(tag=tag))
     started = time.monotonic()
-    run = run_attack(tmp_path, HANG.format(tag=tag), VERIFY_TIMEOUT="15")
+    runner = start_runner(work, src, runner_env(1, VERIFY_TIMEOUT="15"))
+    seen_running = False
+    while runner.poll() is None:
+        seen_running = seen_running or bool(host_processes_mentioning(tag))
+        time.sleep(0.2)
+    run = finish(runner)
     assert run["timeout"] is True and run["code"] is None, run
     assert time.monotonic() - started < 60
-    assert host_processes_mentioning(tag) == []
+    assert seen_running  # the detached sleep ran ...
+    assert host_processes_mentioning(tag) == []  # ... and was killed with the hang
 
 
 def test_planted_pth_files_and_cache_entries_do_not_reach_the_host(tmp_path):
