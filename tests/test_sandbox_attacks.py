@@ -43,6 +43,10 @@ from pathlib import Path
 from app.settings import load_runner_settings
 from workers import verify
 work, src = Path(sys.argv[1]), Path(sys.argv[2])
+# an open connection, as an rq work horse holds to Redis, even marked inheritable
+import socket
+held = socket.socketpair()
+held[0].set_inheritable(True)
 env = verify.scrubbed_env(work)
 run = verify.run_check(load_runner_settings(), work, src, ["llama"], {"checks": ["layers"]},
                        env, "0")
@@ -188,7 +192,14 @@ for pid in pids + [str(os.getppid())]:
                         .decode(errors="replace"))
         except OSError as e:
             seen.append(f"/proc/{pid}/{name} {e}")
+fds = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        fds.append(fd + "->" + os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        pass
 sys.stderr.write(f"ATTACK-PROCS {len(pids)}\\n" + "\\n".join(seen) + "\\n")
+sys.stderr.write("ATTACK-FDS " + " ".join(fds) + "\\n")
 """
 
 
@@ -213,6 +224,10 @@ def test_environment_and_proc_hold_no_secret(tmp_path):
     assert "scratch/home" in stderr  # the attack did read its own environment
     assert PASSWORD not in stderr and HF_TOKEN not in stderr and "REDIS_URL" not in stderr
     assert "ATTACK-READ" not in stderr and stderr.count("ATTACK-UNREADABLE") == 2
+    # no descriptor of the runner's but stdin, stdout, stderr and the results file
+    fds = stderr.split("ATTACK-FDS ")[1].splitlines()[0].split()
+    assert "socket:" not in " ".join(fds), fds
+    assert len(fds) <= 5, fds  # 0, 1, 2, results, and the listing's own
     # a PID namespace of its own: bubblewrap's init and the check process, nothing else
     assert int(stderr.split("ATTACK-PROCS ")[1].split()[0]) <= 3, stderr
 
