@@ -1,10 +1,14 @@
 # A Linux CPU runner image: the mlx-verify engine and CLI with mlx[cpu], mlx-lm,
 # transformers and torch. `docker run IMAGE check llama` runs the main job.
 # (The server and report worker have their own image: deploy/Dockerfile.)
+# As a runner (`worker --queue verify`) it sandboxes PR code with bubblewrap, which needs
+# user namespaces and a fresh /proc inside the container: run it with
+# --security-opt seccomp=unconfined --security-opt apparmor=unconfined
+# --security-opt systempaths=unconfined (docs/deploy.md); without them it refuses to start.
 FROM python:3.11-slim
 
 RUN apt-get update && apt-get install -y --no-install-recommends git libopenblas0-serial \
-    && rm -rf /var/lib/apt/lists/*
+    bubblewrap && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home verify
 WORKDIR /opt/mlx-verify
 COPY pyproject.toml README.md ./

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v chromium >/dev/null || missing+=(chromium)  # the dashboard tests drive it headless
+command -v bwrap >/dev/null || missing+=(bubblewrap)  # the runner's sandbox (workers/sandbox.py)
 # OpenBLAS for MLX's CPU matmuls in the sweep and on runners (checks/mlx_side.py)
 compgen -G "/usr/lib/*-linux-gnu/openblas-serial/libopenblas.so.0" >/dev/null \
   || missing+=(libopenblas0-serial)

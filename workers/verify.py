@@ -3,9 +3,11 @@
 One job checks one PR head SHA:
 1. fetch the base repository's `pull/N/head` into a fresh per-job work dir;
 2. plan the model_types from the changed files on that tree (app.planning, no import);
-3. run `mlx-verify check` on it in a subprocess with a scrubbed environment (no tokens,
-   no Redis URL, no App settings, its own HOME and caches), a wall-time limit, an
-   address-space limit and output to files;
+3. run `mlx-verify check` on it in the sandbox (workers/sandbox.py: no network, its own
+   PID namespace, read-only system and tree, a scrubbed environment with no tokens, no
+   Redis URL and no App settings, its own HOME and caches on a size-limited tmpfs),
+   with wall-time, address-space, file-size and process limits, output to files the
+   runner opened;
 4. read back the results JSON, size-capped and validated against checks.schema;
 5. when the head has failing model_types and the baseline is on (the spec's `baseline`,
    from VERIFY_BASELINE), fetch the PR's base commit into a second work dir and run the
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from rq.serializers import JSONSerializer
 from app import planning
 from app.settings import RunnerSettings, load_runner_settings
 from checks.mlx_side import fast_blas_env
+from workers import sandbox
 
 REPORT_QUEUE = "report"
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
@@ -65,21 +67,29 @@ def report(connection, function: str, *args: Any) -> None:
         job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400)
 
 
+def scratch_dir(work: Path) -> Path:
+    """The check process's only writable path (a fresh tmpfs per run on Linux)."""
+    return work / "scratch"
+
+
 def scrubbed_env(work: Path) -> dict[str, str]:
+    scratch = scratch_dir(work)
     env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
     env.update({
-        "HOME": str(work / "home"),
-        "TMPDIR": str(work / "tmp"),
-        "MLX_VERIFY_CACHE": str(work / "cache"),  # a PR must not poison another's checkpoints
-        "HF_HOME": str(work / "hf"),
+        "HOME": str(scratch / "home"),
+        "TMPDIR": str(scratch / "tmp"),
+        "MLX_VERIFY_CACHE": str(scratch / "cache"),  # a PR must not poison another's checkpoints
+        "HF_HOME": str(scratch / "hf"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
         "GIT_TERMINAL_PROMPT": "0",
+        # the sandbox's uid does not own the tree: let the engine's `git rev-parse` read it
+        "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*",
         **fast_blas_env(),
     })
     for name in ("home", "tmp", "cache", "hf"):
-        (work / name).mkdir(exist_ok=True)
+        (scratch / name).mkdir(parents=True, exist_ok=True)
     return env
 
 
@@ -126,72 +136,72 @@ def fetch_base(settings: RunnerSettings, repo: str, sha: str, src: Path,
     return True
 
 
-def _limit_resources(memory_mb: int) -> None:
-    # Runs in the child between fork and exec.
-    for limit, value in ((resource.RLIMIT_AS, memory_mb * 1024 * 1024),
-                         (resource.RLIMIT_FSIZE, OUTPUT_FILE_MAX_BYTES),
-                         (resource.RLIMIT_CORE, 0)):
-        try:
-            resource.setrlimit(limit, (value, value))
-        except (ValueError, OSError):
-            pass  # macOS does not enforce RLIMIT_AS; the wall-time limit still holds
-
-
 def _tail(path: Path, size: int = STDERR_TAIL_BYTES) -> str:
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - size))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
+        return sandbox.read_regular_file(path, size, tail=True).decode(errors="replace")
+    except OSError as e:
+        return f"(stderr unreadable: {e})"
 
 
 def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list[str],
               request: dict[str, Any], env: dict[str, str], tag: str,
               config_file: Path | None = None) -> dict[str, Any]:
-    """One `mlx-verify check` subprocess: {"code", "results" | None, "stderr", "timeout"}."""
+    """One sandboxed `mlx-verify check`: {"code", "results" | None, "stderr", "timeout"}.
+    Raises InfraError when the sandbox cannot be made (PR code is then not run)."""
     run_dir = work / f"run-{tag}"
     run_dir.mkdir()
-    out = run_dir / "results.json"
+    # The results leave the sandbox through a descriptor of a file the runner created; the
+    # path of run_dir is not visible inside it.
+    out_fd = os.open(run_dir / "results.json",
+                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    sandbox_settings = sandbox.load_sandbox_settings()
     # -I: no PYTHON* variables, no user site, and the cwd is not on sys.path, so the
     # PR tree cannot shadow our own modules; mlx_lm comes from --mlx-lm only.
     command = [sys.executable, "-I", "-m", "checks.cli", "check", *model_types,
-               "--mlx-lm", str(src), "--json", str(out)]
+               "--mlx-lm", str(src), "--json", f"/dev/fd/{out_fd}"]
+    readable = [src]
     if config_file is not None:
         command += ["--config", str(config_file)]
+        readable.append(config_file)
     if request.get("checks"):
         command += ["--checks", ",".join(request["checks"])]
     if request.get("dtype", "float32") != "float32":
         command += ["--dtype", request["dtype"]]
     stdout_path, stderr_path = run_dir / "stdout.txt", run_dir / "stderr.txt"
-    with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
-        process = subprocess.Popen(
-            command, cwd=run_dir, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-            stderr=stderr, preexec_fn=lambda: _limit_resources(settings.memory_mb))
-        try:
-            code = process.wait(timeout=settings.timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    try:
+        with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
+            try:
+                finished = sandbox.run(
+                    command, env=env, writable=scratch_dir(work), readable=readable,
+                    settings=sandbox_settings, memory_mb=settings.memory_mb,
+                    file_size=OUTPUT_FILE_MAX_BYTES, timeout_s=settings.timeout_s,
+                    stdout=stdout, stderr=stderr, pass_fds=(out_fd,))
+            except sandbox.SandboxUnavailable as e:
+                raise InfraError(str(e)) from None
+        if finished.timeout:
             return {"code": None, "results": None, "stderr": _tail(stderr_path),
                     "timeout": True}
-    results = None
-    if code in (0, 1) and out.is_file():
-        size = out.stat().st_size
-        if size > RESULTS_MAX_BYTES:
-            return {"code": code, "results": None, "timeout": False,
-                    "stderr": f"results JSON too large ({size} bytes)"}
-        from pydantic import ValidationError
+        code = finished.code
+        results = None
+        if code in (0, 1):
+            size = os.fstat(out_fd).st_size
+            if size > RESULTS_MAX_BYTES:
+                return {"code": code, "results": None, "timeout": False,
+                        "stderr": f"results JSON too large ({size} bytes)"}
+            data = sandbox.read_regular_fd(out_fd, RESULTS_MAX_BYTES)
+            if data:
+                from pydantic import ValidationError
 
-        from checks.schema import Results
+                from checks.schema import Results
 
-        try:
-            results = Results.model_validate_json(out.read_bytes()).model_dump(mode="json")
-        except ValidationError as e:
-            return {"code": code, "results": None, "timeout": False,
-                    "stderr": f"results JSON does not match the schema: "
-                              f"{str(e).splitlines()[0]}"}
+                try:
+                    results = Results.model_validate_json(data).model_dump(mode="json")
+                except ValidationError as e:
+                    return {"code": code, "results": None, "timeout": False,
+                            "stderr": f"results JSON does not match the schema: "
+                                      f"{str(e).splitlines()[0]}"}
+    finally:
+        os.close(out_fd)
     return {"code": code, "results": results, "stderr": _tail(stderr_path), "timeout": False}
 
 
@@ -350,6 +360,10 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
     changed_files, request, auto_model_types, max_model_types}; returns a short summary
     of the outcome."""
     settings = load_runner_settings()
+    try:  # fail closed before anything runs: no sandbox, no PR code
+        sandbox.probe(sandbox.load_sandbox_settings())
+    except sandbox.SandboxUnavailable as e:
+        raise InfraError(str(e)) from None
     job = get_current_job()
     connection = job.connection if job is not None else None
     if connection is not None:

@@ -2,7 +2,8 @@
 
 Queue `report` runs beside the server and needs the App settings (it does every GitHub
 write). Any other queue (`verify`, `verify-large`, ...) is a runner queue: it needs only
-REDIS_URL and GITHUB_GIT_URL and must not be given the App key or webhook secret.
+REDIS_URL and GITHUB_GIT_URL and must not be given the App key or webhook secret, and it
+refuses to start when the sandbox of workers/sandbox.py cannot be made here.
 Jobs are JSON-serialized (never pickle: whoever can write to Redis could run code on
 every worker). On macOS the spawn-based worker is used: MLX and Objective-C libraries
 are not fork-safe.
@@ -19,6 +20,7 @@ from rq.serializers import JSONSerializer
 
 from app.settings import SettingsError, connect_redis, load_app_settings, load_runner_settings
 
+from . import sandbox
 from .report import REPORT_QUEUE
 
 JOB_MONITORING_INTERVAL = 15  # heartbeat period: a dead runner is noticed ~75 s later
@@ -32,8 +34,10 @@ def worker(args: argparse.Namespace) -> int:
             url = load_app_settings().redis_url
         else:
             url = load_runner_settings().redis_url
+            # A runner that cannot sandbox PR code does not start (fail closed).
+            sandbox.probe(sandbox.load_sandbox_settings())
         connection = connect_redis(url)
-    except SettingsError as e:
+    except (SettingsError, sandbox.SandboxUnavailable) as e:
         print(f"mlx-verify: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -15,7 +15,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import planning
+from app import planning, store
 from tests.app.conftest import (
     REPO,
     descendants,
@@ -228,12 +228,13 @@ def test_verify_of_an_unknown_model_type_is_reported_as_skipped(env):
     assert "not a transformers model_type" in comment["body"]
 
 
-def test_pr_code_sees_no_secrets_and_a_hang_times_out(env, tmp_path, monkeypatch):
-    # PR 8's llama.py records the environment it is imported in, then hangs.
-    dump = tmp_path / "seen-env.json"
-    hostile = (f"import json as _j, os as _o, time as _t\n"
-               f"open({str(dump)!r}, 'w').write(_j.dumps(dict(_o.environ)))\n"
-               f"_t.sleep(3600)\nimport mlx.core as mx")
+def test_pr_code_sees_no_secrets_and_a_hang_times_out(env, monkeypatch):
+    # PR 8's llama.py prints the environment it is imported in to stderr (the sandbox
+    # has no other way out: no host path is writable), then hangs.
+    hostile = ("import json as _j, os as _o, sys as _s, time as _t\n"
+               "_s.stderr.write('SEEN-ENV ' + _j.dumps(dict(_o.environ)) + '\\n')\n"
+               "_s.stderr.flush()\n"
+               "_t.sleep(3600)\nimport mlx.core as mx")
     sha, files = env.git_host.make_pr(8, {LLAMA: ("import mlx.core as mx", hostile)})
     env.open_pr(8, sha, files)
     monkeypatch.setenv("VERIFY_TIMEOUT", "20")  # read by the runner at job time
@@ -247,7 +248,9 @@ def test_pr_code_sees_no_secrets_and_a_hang_times_out(env, tmp_path, monkeypatch
     (comment,) = env.comments(8)
     assert "timed out after 20 s" in comment["body"]
 
-    seen = json.loads(dump.read_text())
+    logs = store.get_run(env.redis, run["external_id"]).logs  # the runner's stderr tail
+    (line,) = [line for line in logs.splitlines() if line.startswith("SEEN-ENV ")]
+    seen = json.loads(line.removeprefix("SEEN-ENV "))
     leaked = [k for k in seen if k.startswith(("GITHUB", "REDIS", "VERIFY", "DASHBOARD"))]
     assert leaked == []
     assert not any(os.environ["GITHUB_PRIVATE_KEY"][30:90] in v for v in seen.values())
