@@ -32,6 +32,9 @@ install() {  # venv dir, constraints file, extra pip arguments...
 }
 
 install .venv constraints/lock.txt
+# the lowest supported transformers: the drift set below, and tests/test_environments.py
+install .venv-lowest constraints/lowest.txt
+export MLX_VERIFY_LOWEST_PYTHON="$PWD/.venv-lowest/bin/python"
 .venv/bin/ruff check .
 if (($#)); then
   exec .venv/bin/python -m pytest "$@"
@@ -51,7 +54,6 @@ drift() {  # name, venv: the drift set there, compared with the lock's verdicts
     "artifacts/verdicts-$name.jsonl" "${DRIFT_TESTS[@]}"
 }
 
-install .venv-lowest constraints/lowest.txt
 drift lowest .venv-lowest
 
 # The newest transformers on the index, when it is newer than the lock and installs:

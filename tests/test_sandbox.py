@@ -55,6 +55,9 @@ def test_the_check_gives_the_same_results_inside_the_sandbox(tmp_path):
     (report_in,), (report_out,) = inside["reports"], outside["reports"]
     assert report_in["verdict"] == report_out["verdict"] == "pass"  # and both exited 0
     assert inside["environment"]["blas"] == outside["environment"]["blas"]
+    # the validated lock is read inside too (constraints/ is mounted read-only)
+    assert inside["environment"]["lock"] == outside["environment"]["lock"]
+    assert inside["environment"]["lock"].startswith("constraints/")
     (layers_in,), (layers_out,) = report_in["checks"], report_out["checks"]
     assert layers_in["check"] == "layers" and layers_in["verdict"] == "pass"
     assert layers_in["layers"] == layers_out["layers"]  # the same numbers, row by row

@@ -109,9 +109,15 @@ def system_paths() -> list[Path]:
     """What the check process reads: the system, the Python install, the venv, the engine
     (an editable install's source too). Read-only; nested paths are dropped."""
     import checks
+    from checks import compat, environments
 
     paths = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix),
              Path(sys.executable).resolve().parent, Path(checks.__file__).resolve().parent]
+    # the validated locks (environment.lock), and the other validated environments the
+    # check may run in for a model_type only a newer transformers knows
+    paths += [d for d in compat.lock_dirs() if d.is_dir()]
+    for python in environments.configured():
+        paths += [Path(python).parent.parent, Path(python).resolve().parent.parent]
     kept: list[Path] = []
     for path in sorted({p.resolve() for p in paths if p.exists()},
                        key=lambda p: len(p.parts)):

@@ -88,6 +88,10 @@ def scrubbed_env(work: Path) -> dict[str, str]:
         "GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*",
         **fast_blas_env(),
     })
+    # other validated environments (checks/environments.py) and where the locks are
+    for name in ("MLX_VERIFY_ENVIRONMENTS", "MLX_VERIFY_LOCK_DIR"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     for name in ("home", "tmp", "cache", "hf"):
         (scratch / name).mkdir(parents=True, exist_ok=True)
     return env
