@@ -5,8 +5,9 @@ write). Any other queue (`verify`, `verify-large`, ...) is a runner queue: it ne
 REDIS_URL and GITHUB_GIT_URL and must not be given the App key or webhook secret, and it
 refuses to start when the sandbox of workers/sandbox.py cannot be made here.
 Jobs are JSON-serialized (never pickle: whoever can write to Redis could run code on
-every worker). On macOS the spawn-based worker is used: MLX and Objective-C libraries
-are not fork-safe.
+every worker), and each worker runs only its role's job functions (workers/jobs.py).
+On macOS the spawn-based worker is used: MLX and Objective-C libraries are not
+fork-safe.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 from rq import SpawnWorker, Worker
 from rq.serializers import JSONSerializer
 
 from app.settings import SettingsError, connect_redis, load_app_settings, load_runner_settings
 
-from . import sandbox
+from . import jobs, sandbox
 from .report import REPORT_QUEUE
 
 JOB_MONITORING_INTERVAL = 15  # heartbeat period: a dead runner is noticed ~75 s later
@@ -41,8 +43,15 @@ def worker(args: argparse.Namespace) -> int:
         print(f"mlx-verify: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    worker_class = SpawnWorker if sys.platform == "darwin" else Worker
-    rq_worker = worker_class(queues, connection=connection, serializer=JSONSerializer,
-                             job_monitoring_interval=JOB_MONITORING_INTERVAL)
-    rq_worker.work(burst=bool(getattr(args, "burst", False)), with_scheduler=True)
+    make_worker(queues, connection).work(burst=bool(getattr(args, "burst", False)),
+                                         with_scheduler=True)
     return 0
+
+
+def make_worker(queues: list[str], connection: Any) -> Worker:
+    """The rq worker of these queues: JSON jobs, and only the job functions of its role
+    (workers/jobs.py): the report worker's when it takes `report`, a runner's otherwise."""
+    worker_class = SpawnWorker if sys.platform == "darwin" else Worker
+    job_class = jobs.ReportJob if REPORT_QUEUE in queues else jobs.RunnerJob
+    return worker_class(queues, connection=connection, serializer=JSONSerializer,
+                        job_class=job_class, job_monitoring_interval=JOB_MONITORING_INTERVAL)

@@ -27,7 +27,7 @@ import redis
 import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from rq import Queue, Worker
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 from tests.app import fake_github
@@ -321,8 +321,9 @@ class Env:
 
     def run_queue(self, name: str) -> None:
         """An in-process burst worker (forks a work horse per job, like production)."""
-        Worker([name], connection=self.redis, serializer=JSONSerializer).work(
-            burst=True, with_scheduler=True)
+        from workers.worker import make_worker
+
+        make_worker([name], self.redis).work(burst=True, with_scheduler=True)
 
     def drain(self, rounds: int = 6) -> None:
         """Run report and verify jobs until both queues are empty."""

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import uuid
 
-from rq import Queue, Worker
+from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -50,8 +50,9 @@ def worker_env(live, tmp_path, git_host=None) -> dict[str, str]:
 
 def run_report_queue(live) -> None:
     """An in-process burst report worker, as tests/app runs it."""
-    Worker([report.REPORT_QUEUE], connection=live.connection,
-           serializer=JSONSerializer).work(burst=True)
+    from workers.worker import make_worker
+
+    make_worker([report.REPORT_QUEUE], live.connection).work(burst=True)
 
 
 def check_processes(pid: int) -> list[int]:

@@ -1,0 +1,68 @@
+"""Workers run only their role's job functions and callbacks (workers/jobs.py).
+
+Whoever can write to a queue names the function rq imports. Each hostile job below is
+written into a real Redis the way rq itself writes jobs, then taken by the worker that
+production runs for that queue (workers.worker.make_worker); it must fail with the
+refusal, and the function it names must never run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import redis
+from rq import Callback, Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from workers.jobs import JobNotAllowed, RunnerJob
+from workers.report import REPORT_QUEUE
+from workers.worker import make_worker
+
+
+def enqueue(connection: redis.Redis, queue: str, function: str, *args: object,
+            **options: object) -> Job:
+    return Queue(queue, connection=connection, serializer=JSONSerializer).enqueue(
+        function, *args, **options)
+
+
+def refusal(job: Job) -> str:
+    job.refresh()
+    assert job.get_status() == JobStatus.FAILED, job.get_status()
+    return job.latest_result().exc_string or ""
+
+
+def test_a_report_worker_refuses_a_function_of_its_choice(redis_url: str,
+                                                          tmp_path: Path) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    marker = tmp_path / "ran"
+    job = enqueue(connection, REPORT_QUEUE, "os.system", f"touch {marker}")
+    make_worker([REPORT_QUEUE], connection).work(burst=True)
+    text = refusal(job)
+    assert "this report worker runs only its own jobs; refused the job function 'os.system'" \
+        in text
+    assert not marker.exists()
+
+
+def test_a_runner_refuses_a_report_job_and_a_hostile_callback(redis_url: str,
+                                                              tmp_path: Path) -> None:
+    connection = redis.Redis.from_url(redis_url)
+    marker = tmp_path / "ran"
+    # a report function on a runner queue: the runner must not act as the report worker
+    report_job = enqueue(connection, "verify", "workers.report.verify_finished", "x", {})
+    # the runner's own function, with a failure callback of the sender's choice
+    hostile = enqueue(connection, "verify", "workers.verify.run_verify", {"not": "a spec"},
+                      on_failure=Callback("os.system"))
+    make_worker(["verify"], connection).work(burst=True)
+    assert "refused the job function 'workers.report.verify_finished'" in refusal(report_job)
+    hostile.refresh()
+    assert hostile.get_status() == JobStatus.FAILED
+    assert not marker.exists()
+    # as the runner reads it, the callback resolves to the refusal, never to os.system
+    as_runner = RunnerJob.fetch(hostile.id, connection=connection, serializer=JSONSerializer)
+    with pytest.raises(JobNotAllowed, match="refused the callback 'os.system'"):
+        as_runner.failure_callback(as_runner, connection, None, None, None)
+    assert Job.fetch(hostile.id, connection=connection,
+                     serializer=JSONSerializer).failure_callback is os.system  # the control
