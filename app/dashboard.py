@@ -176,58 +176,9 @@ layer_chart = render.layer_chart  # shared with the standalone HTML report
 
 # ---- generic rendering of metrics/details whose shape is not known --------------------
 
-def shape(value: Any, depth: int = 0) -> dict[str, Any]:
-    """A tree the template renders without knowing the check: scalars, lists of scalars,
-    tables (lists of flat dicts), mappings. Depth- and size-capped."""
-    if depth > 4:
-        return {"kind": "scalar", "value": json.dumps(value, default=str)[:300]}
-    if isinstance(value, dict | list) and not value:
-        return {"kind": "scalar", "value": "(none)"}
-    if isinstance(value, dict):
-        items = list(value.items())[:200]
-        if items and all(isinstance(v, dict) and all(not isinstance(x, dict | list)
-                                                     for x in v.values())
-                         for _, v in items):
-            columns = list(dict.fromkeys(k for _, v in items for k in v))
-            return {"kind": "table", "columns": ["", *columns],
-                    "rows": [[str(k), *[fmt_num(v.get(c)) for c in columns]]
-                             for k, v in items]}
-        return {"kind": "map", "entries": [(str(k), shape(v, depth + 1)) for k, v in items],
-                "more": max(0, len(value) - 200)}
-    if isinstance(value, list):
-        items = value[:200]
-        if items and all(isinstance(v, dict) and all(not isinstance(x, dict | list)
-                                                     for x in v.values()) for v in items):
-            columns = list(dict.fromkeys(k for v in items for k in v))
-            return {"kind": "table", "columns": columns,
-                    "rows": [[fmt_num(v.get(c)) for c in columns] for v in items],
-                    "more": max(0, len(value) - 200)}
-        if all(not isinstance(v, dict | list) for v in items):
-            return {"kind": "list", "entries": [fmt_num(v) for v in items],
-                    "more": max(0, len(value) - 200)}
-        return {"kind": "seq", "entries": [shape(v, depth + 1) for v in items],
-                "more": max(0, len(value) - 200)}
-    text = fmt_num(value)
-    return {"kind": "scalar", "value": text[:2000]}
-
-
-def paired_lists(details: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Lists that come in pairs, mlx_X next to transformers_X (generated tokens, say),
-    as side-by-side rows; the rest of details unchanged."""
-    pairs, rest = [], dict(details)
-    for key, value in details.items():
-        other = "transformers_" + key.removeprefix("mlx_")
-        if key.startswith("mlx_") and isinstance(value, list) and \
-                isinstance(details.get(other), list):
-            theirs = details[other]
-            rows = [{"i": i, "mlx": fmt_num(value[i]) if i < len(value) else "–",
-                     "transformers": fmt_num(theirs[i]) if i < len(theirs) else "–",
-                     "same": i < len(value) and i < len(theirs) and value[i] == theirs[i]}
-                    for i in range(min(max(len(value), len(theirs)), 500))]
-            pairs.append({"name": key.removeprefix("mlx_"), "rows": rows})
-            rest.pop(key)
-            rest.pop(other)
-    return pairs, rest
+# shared with the standalone HTML report (checks/render.py)
+shape = render.shape
+paired_lists = render.paired_lists
 
 
 # ---- queue helpers ---------------------------------------------------------------------
