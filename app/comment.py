@@ -374,16 +374,43 @@ def _counts(results: Results | None, errors: dict[str, str]) -> str:
 
 
 def _annotations(results: Results | None, changed_files: list[str]) -> list[dict[str, Any]]:
-    """Annotations the engine points at code ({"path", "line", "message"} items in a
-    check's details["annotations"]), kept only on files the PR changes."""
+    """Annotations on files the PR changes: the source location of each localized
+    divergence (the MLX line calling the diverging sub-module, else the diverging module's
+    __call__), one per line with every finding there; then those the engine points at
+    code itself ({"path", "line", "message"} items in a check's details["annotations"]).
+    GitHub takes 50 per request: app.github.update_check_run sends them in batches."""
+    changed = set(changed_files)
+    at_line: dict[tuple[str, int], list[str]] = {}
+    for finding in shared.findings(results):
+        loc = finding.check.localization
+        where = (loc.mlx_call or loc.mlx_source) if loc is not None else None
+        if where is None or where.path not in changed:
+            continue
+        row = finding.row
+        at_line.setdefault((where.path, where.line), []).append(
+            f"{finding.model_type} {finding.check.check} / {finding.check.variant}: first "
+            f"divergent stage {finding.check.first_divergent_layer}"
+            + (f", rel L2 {shared.num(row.rel_l2)} (tolerance {shared.num(row.tolerance)})"
+               if row is not None else "")
+            + f"; {loc.part} {loc.module}")
     found: list[dict[str, Any]] = []
+    for (path, line), messages in at_line.items():
+        shown = messages[:20] + ([f"… and {len(messages) - 20} more"] if len(messages) > 20
+                                 else [])
+        found.append({
+            "path": path, "start_line": line, "end_line": line,
+            "annotation_level": "failure",
+            "title": f"mlx-verify: outputs part from transformers here ({len(messages)} "
+                     "finding(s))"[:250],
+            "message": "\n".join(shown)[:2000],
+        })
     for report in results.reports if results else []:
         for check in report.checks:
             for item in check.details.get("annotations") or []:
                 if not isinstance(item, dict):
                     continue
                 path, line = item.get("path"), item.get("line")
-                if path not in changed_files or not isinstance(line, int) or line < 1:
+                if path not in changed or not isinstance(line, int) or line < 1:
                     continue
                 found.append({
                     "path": path, "start_line": line, "end_line": line,
