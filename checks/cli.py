@@ -29,18 +29,33 @@ def _quiet_libraries() -> None:
 
 
 class Progress:
-    """Step messages on stderr, only when it is a terminal."""
+    """Step messages on stderr, only when it is a terminal. Transient: each message
+    replaces the last, and done() clears it, so the report that follows fits a screen."""
 
-    def __init__(self) -> None:
+    def __init__(self, transient: bool = False) -> None:
         self.enabled = sys.stderr.isatty()
+        self.transient = transient
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.start:5.1f}s] {message}", file=sys.stderr)
+        if not self.enabled:
+            return
+        line = f"[{time.perf_counter() - self.start:5.1f}s] {message}"
+        if self.transient:
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr)
+
+    def done(self) -> None:
+        if self.enabled and self.transient:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def fail(message: str) -> int:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")  # a transient progress line
     print(f"mlx-verify: error: {message}", file=sys.stderr)
     return EXIT_CANNOT_RUN
 
@@ -211,7 +226,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.full_weights and not (args.hub_models or args.checkpoints):
         return fail("--full-weights needs --hub-model or --checkpoint")
     announce_checkout(args)
-    progress = Progress()
+    progress = Progress(transient=True)
     try:
         found = [sources.from_checkpoint(p) for p in args.checkpoints]
         found += [sources.from_hub(spec, args.full_weights) for spec in args.hub_models]
@@ -229,7 +244,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if args.variants else None,
             ))
     except (engine.InputError, MlxLmError, sources.SourceError) as e:
+        progress.done()
         return fail(str(e))
+    progress.done()
     write_reports(results, args)
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
 

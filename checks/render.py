@@ -44,6 +44,28 @@ def cosine(value: float) -> str:
     return f"{value:.6f}" if math.isfinite(value) else str(value)
 
 
+# ---- control characters ------------------------------------------------------------------
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text for a terminal: control characters (an ESC would start an escape sequence)
+    shown as U+FFFD."""
+    return CONTROL.sub("\ufffd", text)
+
+
+def scrubbed(value: Any) -> Any:
+    """A dumped results tree with every string made printable."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrubbed(v) for v in value]
+    return value
+
+
 # ---- Markdown escaping -------------------------------------------------------------------
 
 def escape(text: str, limit: int = 300) -> str:

@@ -89,16 +89,20 @@ def where_text(loc: Localization | None) -> str | None:
     elif loc.mlx_source is not None:
         parts[-1] = parts[-1][:-1] + f", def :{loc.mlx_source.line})"
     if loc.hf_source is not None:
-        parts.append(f"transformers {shared.location_text(loc.hf_source)}")
+        parts.append(shared.location_text(loc.hf_source))
     return " · ".join(parts) or None
 
 
-def finding_lines(finding: shared.Finding, variants: list[str], rows: int) -> list[Text]:
+def finding_lines(finding: shared.Finding, variants: list[str], rows: int,
+                  verbose: bool = False) -> list[Text]:
     check = finding.check
     line = Text()
     line.append("✗ " if check.verdict == "fail" else "! ", style=STYLE[check.verdict])
     line.append(f"{finding.model_type} {check.check}", style="bold")
-    reach = finding.reach
+    # the reach: "default" is the config the header names; a variant by its name (-v:
+    # with its description)
+    reach = finding.reach if verbose else (
+        "default config" if check.variant == "default" else check.variant)
     if len(variants) > 1:
         reach = f"{len(variants)} configs: {', '.join(variants)}"
     line.append(f"  {reach}", style="cyan")
@@ -169,6 +173,9 @@ def every_check(results: Results, tty: bool) -> Table:
 
 
 def render(results: Results, file: IO[str], tty: bool, verbose: bool = False) -> None:
+    # every string of the results may come from untrusted code: no control characters
+    # reach the terminal (rich would pass an ESC through), and Text is never markup
+    results = Results.model_validate(shared.scrubbed(results.model_dump()))
     out = console(file, tty)
     env = results.environment
     reports = results.reports
@@ -196,7 +203,7 @@ def render(results: Results, file: IO[str], tty: bool, verbose: bool = False) ->
                   + Text(f": could not run: {report.error}"))
     shown = groups if verbose else groups[:MAX_GROUPS]
     for finding, variants, rows in shown:
-        for line in finding_lines(finding, variants, rows):
+        for line in finding_lines(finding, variants, rows, verbose):
             if tty and not verbose:  # one screen line each; piped lines are never cut
                 out.print(line, no_wrap=True, overflow="ellipsis", crop=True)
             else:
