@@ -22,6 +22,7 @@ import numpy as np
 
 from . import compare, locations
 from .mlx_side import Capture
+from .render import num
 from .schema import CheckResult, LayerRow, Localization, Part
 from .subject import Subject
 
@@ -237,8 +238,8 @@ def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: 
         relative = hf_path[len(prefix) + 1:]
         if inp is None or inp <= tolerance:
             part = classify(relative, hf.classes.get(hf_path, ""))
-            facts = [f"{relative}: inputs agree (rel_l2 {_fmt(inp)}), output differs "
-                     f"(rel_l2 {_fmt(out)})"]
+            facts = [f"{relative}: inputs agree (rel_l2 {num(inp)}), output differs "
+                     f"(rel_l2 {num(out)})"]
             found = Localization(stage=stage, module=hf_path, part=part,
                                  inputs_agree=None if inp is None else True,
                                  input_rel_l2=inp, output_rel_l2=out,
@@ -259,7 +260,7 @@ def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: 
         parent_rel = parent[len(prefix) + 1:] if parent != prefix else ""
         part = (classify(parent_rel, hf.classes.get(parent, "")) if parent_rel else "residual")
         before = _siblings(agreeing, hf_path)
-        facts = [f"input of {relative} differs (rel_l2 {_fmt(inp)})"
+        facts = [f"input of {relative} differs (rel_l2 {num(inp)})"
                  + (f" while {', '.join(p.rsplit('.', 1)[-1] for p in before)} agree"
                     if before else "")]
         if part == "attention":
@@ -297,9 +298,9 @@ def _localize_outside(row: LayerRow, part: Part, hf: Capture, mlx: Capture, path
             continue
         if out > tolerance and lead is None:
             lead = hf_path
-            facts.append(f"{hf_path}: output rel_l2 {_fmt(out)}, input rel_l2 {_fmt(inp)}")
+            facts.append(f"{hf_path}: output rel_l2 {num(out)}, input rel_l2 {num(inp)}")
     if not facts:
-        facts.append(f"{row.name} differs (rel_l2 {_fmt(row.rel_l2)}) while every paired "
+        facts.append(f"{row.name} differs (rel_l2 {num(row.rel_l2)}) while every paired "
                      "module outside the decoder layers agrees: the code between them "
                      "(embedding scale, final norm placement) differs")
     found = Localization(stage=row.name, module=lead or paths.hf_base or row.name, part=part,
@@ -341,9 +342,6 @@ def with_sources(found: Localization, hf: Capture, mlx: Capture, paths: PathMap,
         found.hf_source = locations.method_location(hf_cls, "torch")
     return found
 
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2e}"
 
 
 def run(subject: Subject) -> list[CheckResult]:
