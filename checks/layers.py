@@ -211,7 +211,11 @@ def localize(row: LayerRow, hf: Capture, mlx: Capture, paths: PathMap,
                    "logit scaling or softcapping)"],
         )
         # the root model's code applies lm_head (or the tied embedding) and the softcap
-        return with_sources(found, hf, mlx, paths, "", "lm_head")
+        found = with_sources(found, hf, mlx, paths, "", "lm_head")
+        if found.mlx_call is None:  # tied: the embedding applied as the output projection
+            found.mlx_call = locations.call_location(mlx.types.get(""), "as_linear", "mlx",
+                                                     attribute=False)
+        return found
     prefix = f"{paths.hf_layers}.{row.index}"
     return _localize_within(row.name, prefix, hf, mlx, paths, tolerance)
 

@@ -76,23 +76,44 @@ def method_location(cls: type | None, kind: str) -> SourceLocation | None:
                           function=f"{klass.__name__}.{METHOD[kind]}")
 
 
-def call_location(cls: type | None, child: str, kind: str) -> SourceLocation | None:
-    """The first line of the class's method that calls `self.<child>(` (or indexes or
-    iterates it, for a list of modules)."""
+def _find(lines: list[str], child: str, attribute: bool = True) -> int | None:
+    """Index of the first line that calls `self.<child>(` (or indexes or names it); with
+    attribute False, that calls `<anything>.<child>(`."""
+    name = re.escape(child)
+    patterns = (rf"\bself\.{name}\s*\(", rf"\bself\.{name}\s*\[", rf"\bself\.{name}\b") \
+        if attribute else (rf"\.{name}\s*\(",)
+    for pattern in patterns:
+        for i, line in enumerate(lines):
+            if re.search(pattern, line.split("#", 1)[0]):
+                return i
+    return None
+
+
+def call_location(cls: type | None, child: str, kind: str,
+                  attribute: bool = True) -> SourceLocation | None:
+    """The line that calls `self.<child>(`: in the class's __call__/forward, else in
+    another method of the class (a helper that __call__ runs), named after it."""
     if cls is None or not child:
         return None
     found = _source(cls, METHOD[kind])
     if found is None:
         return None
     klass, func, lines, start, file = found
-    name = re.escape(child)
-    for pattern in (rf"\bself\.{name}\s*\(", rf"\bself\.{name}\s*\[", rf"\bself\.{name}\b"):
-        for i, line in enumerate(lines):
-            code = line.split("#", 1)[0]
-            if re.search(pattern, code):
-                return SourceLocation(path=_relative(file, func.__module__), line=start + i,
-                                      function=f"{klass.__name__}.{METHOD[kind]}")
-    return None
+    index = _find(lines, child, attribute)
+    if index is not None:
+        return SourceLocation(path=_relative(file, func.__module__), line=start + index,
+                              function=f"{klass.__name__}.{METHOD[kind]}")
+    try:
+        class_lines, class_start = inspect.getsourcelines(klass)
+    except (OSError, TypeError):
+        return None
+    index = _find(class_lines, child, attribute)
+    if index is None:
+        return None
+    method = next((m.group(1) for line in reversed(class_lines[:index + 1])
+                   if (m := re.match(r"\s*(?:async\s+)?def\s+(\w+)", line))), "?")
+    return SourceLocation(path=_relative(file, func.__module__), line=class_start + index,
+                          function=f"{klass.__name__}.{method}")
 
 
 def library_of(cls: type | None) -> str | None:
