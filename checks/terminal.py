@@ -3,8 +3,9 @@ one line per finding with its reach (the config under test or a named variant) a
 first divergence, with the source location under it. `-v` adds every check and, for each
 finding, its facts, metrics and per-stage table.
 
-rich draws it: colour and the terminal's width on a TTY; piped, plain ASCII text with
-no escape codes. Numbers and tables come from checks/render.py like every other report.
+rich draws it: colour and the terminal's width on a TTY; piped, plain text with no
+escape codes and ASCII table rules. Numbers and tables come from checks/render.py like
+every other report.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def console(file: IO[str], tty: bool) -> Console:
     if tty:
         return Console(file=file, force_terminal=True, highlight=False)
     # piped: no escape codes, and lines as long as the facts need
-    width = int(os.environ.get("COLUMNS") or 160)
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() else 160
     return Console(file=file, force_terminal=False, no_color=True, highlight=False,
                    width=max(width, 80), emoji=False)
 
@@ -53,8 +55,8 @@ def matrix_table(results: Results, tty: bool) -> Table:
             table.add_row(Text(report.model_type), _verdict(report.verdict),
                           *[Text("–", style="dim")] * max(len(names) - 1, 0))
             continue
-        table.add_row(Text(report.model_type), *[_verdict(c.verdict, c.bad, c.total)
-                                           for c in shared.matrix(report, names)])
+        table.add_row(Text(report.model_type),
+                      *[_verdict(c.verdict, c.bad, c.total) for c in shared.matrix(report, names)])
     return table
 
 
