@@ -33,7 +33,7 @@ def console(file: IO[str], tty: bool) -> Console:
     columns = os.environ.get("COLUMNS", "")
     width = int(columns) if columns.isdigit() else 160
     return Console(file=file, force_terminal=False, no_color=True, highlight=False,
-                   width=max(width, 80), emoji=False)
+                   width=max(width, 80), emoji=False, soft_wrap=True)
 
 
 def _verdict(verdict: str | None, bad: int = 0, total: int = 0) -> Text:
@@ -209,7 +209,7 @@ def render(results: Results, file: IO[str], tty: bool, verbose: bool = False) ->
             if tty and not verbose:  # one screen line each; piped lines are never cut
                 out.print(line, no_wrap=True, overflow="ellipsis", crop=True)
             else:
-                out.print(line, soft_wrap=not tty)
+                out.print(line)
     if len(shown) < len(groups):
         out.print(Text(f"… and {len(groups) - len(shown)} more (-v for all)", style="dim"))
     if verbose:
