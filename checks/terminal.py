@@ -79,20 +79,27 @@ def _groups(results: Results) -> list[tuple[shared.Finding, list[str], int]]:
 
 
 def where_text(loc: Localization | None) -> str | None:
-    """The source locations on one line: the MLX call, the MLX method, transformers."""
+    """The source lines on one line, file:line first (the function after it, cut first on
+    a narrow terminal): the MLX call, the MLX method when it is another function, then
+    transformers. -v shows all three in full."""
     if loc is None:
         return None
-    parts = []
-    if loc.mlx_call is not None:
-        parts.append(f"at {loc.mlx_call.path}:{loc.mlx_call.line} ({loc.mlx_call.function})")
+    shown = [loc.mlx_call] if loc.mlx_call is not None else []
     if loc.mlx_source is not None and (loc.mlx_call is None or
                                        loc.mlx_source.function != loc.mlx_call.function):
-        parts.append(f"in {shared.location_text(loc.mlx_source)}")
-    elif loc.mlx_source is not None:
-        parts[-1] = parts[-1][:-1] + f", def :{loc.mlx_source.line})"
+        shown.append(loc.mlx_source)
     if loc.hf_source is not None:
-        parts.append(shared.location_text(loc.hf_source))
-    return " · ".join(parts) or None
+        shown.append(loc.hf_source)
+    return " · ".join(f"{w.path}:{w.line} {w.function}" for w in shown) or None
+
+
+def divergence(finding: shared.Finding) -> str:
+    """The first divergence, most telling first: where, then by how much."""
+    check, row, loc = finding.check, finding.row, finding.check.localization
+    text = f"diverges at {check.first_divergent_layer or loc.stage}, {loc.part} {loc.module}"
+    if row is not None:
+        text += f", rel L2 {shared.num(row.rel_l2)} > {shared.num(row.tolerance)}"
+    return text
 
 
 def finding_lines(finding: shared.Finding, variants: list[str], rows: int,
@@ -110,7 +117,7 @@ def finding_lines(finding: shared.Finding, variants: list[str], rows: int,
     line.append(f"  {reach}", style="cyan")
     line.append(": ")
     loc = check.localization
-    line.append(shared.divergence_text(finding) if loc is not None else check.summary)
+    line.append(divergence(finding) if loc is not None else check.summary)
     if rows > len(variants):
         line.append(f" ({rows} rows)", style="dim")
     lines = [line]

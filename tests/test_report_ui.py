@@ -93,10 +93,11 @@ def test_terminal_report_piped_is_plain_and_short(run: Run) -> None:
     finding = next(i for i, line in enumerate(lines) if line.startswith("✗ llama layers"))
     assert "llama layers  default config: " in lines[finding]
     assert "config: transformers default config" in text  # what "default" is
-    assert "first divergent stage layers.0" in lines[finding]
-    assert "mlp model.layers.0.mlp" in lines[finding]
+    assert "diverges at layers.0, mlp model.layers.0.mlp, rel L2 " in lines[finding]
     loc = run.layers().localization
-    assert f"at mlx_lm/models/llama.py:{loc.mlx_call.line} (MLP.__call__" in lines[finding + 1]
+    assert lines[finding + 1].split() == [
+        f"mlx_lm/models/llama.py:{loc.mlx_call.line}", "MLP.__call__", "·",
+        f"transformers/models/llama/modeling_llama.py:{loc.hf_source.line}", "LlamaMLP.forward"]
     verbose = subprocess.run([str(MLX_VERIFY), "report", str(run.json_path), "-v"],
                              capture_output=True, text=True, timeout=120).stdout
     assert "Every check" in verbose and "layers.0" in verbose and "NO first" in verbose
@@ -138,7 +139,7 @@ def test_report_subcommand_renders_saved_results(run: Run, tmp_path: Path) -> No
     v1.write_text(json.dumps(old))
     shown = subprocess.run([str(MLX_VERIFY), "report", str(v1)], capture_output=True,
                            text=True, timeout=120)
-    assert shown.returncode == 1 and "first divergent stage layers.0" in shown.stdout
+    assert shown.returncode == 1 and "diverges at layers.0, mlp" in shown.stdout
 
 
 @pytest.mark.parametrize("content,expected", [
