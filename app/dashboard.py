@@ -179,6 +179,7 @@ layer_chart = render.layer_chart  # shared with the standalone HTML report
 # shared with the standalone HTML report (checks/render.py)
 shape = render.shape
 paired_lists = render.paired_lists
+source_locations = render.sources
 
 
 # ---- queue helpers ---------------------------------------------------------------------
@@ -237,6 +238,7 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                              undefined=jinja2.StrictUndefined)
     env.filters.update(num=fmt_num, age=fmt_age, time=fmt_time, urlquote=quote)
     env.globals.update(duration=fmt_duration, prefix=PREFIX, shape=shape, paired=paired_lists,
+                       sources=source_locations,
                        section_titles=SECTION_TITLES)
     router = APIRouter(prefix=PREFIX)
 
