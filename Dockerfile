@@ -8,11 +8,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends git libopenblas
 RUN useradd --create-home verify
 WORKDIR /opt/mlx-verify
 COPY pyproject.toml README.md ./
+COPY constraints ./constraints
 COPY checks ./checks
 COPY app ./app
 COPY workers ./workers
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir -c constraints/lock.txt .
 USER verify
-ENV MLX_VERIFY_CACHE=/home/verify/.cache/mlx-verify HF_HUB_OFFLINE=1
+ENV MLX_VERIFY_CACHE=/home/verify/.cache/mlx-verify HF_HUB_OFFLINE=1 \
+    MLX_VERIFY_LOCK_DIR=/opt/mlx-verify/constraints
 ENTRYPOINT ["mlx-verify"]
 CMD ["check", "llama"]

@@ -437,18 +437,23 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                       now=time.time())
 
     @router.get("/matrix", response_class=HTMLResponse)
-    def matrix_page(request: Request, sweep: str = "") -> Response:
+    def matrix_page(request: Request, sweep: str = "", compare: str = "") -> Response:
         if (denied := gate(request)) is not None:
             return denied
         sweeps = store.list_sweeps(connection)
         chosen = next((s for s in sweeps if s["id"] == sweep), sweeps[0] if sweeps else None)
-        matrix, checks, changes, previous = {}, [], [], None
+        matrix, checks, changes, previous, other_environments = {}, [], [], None, []
         if chosen is not None:
             matrix = store.sweep_matrix(connection, chosen)
             checks = sorted({c for row in matrix.values() for c in row["checks"]})
             index = sweeps.index(chosen)
-            if index + 1 < len(sweeps):
-                previous = sweeps[index + 1]
+            # the same mlx-lm tree swept under another environment (a newer transformers)
+            other_environments = [s for s in sweeps if s["id"] != chosen["id"]
+                                  and s["mlx_lm"] == chosen["mlx_lm"]
+                                  and s["transformers"] != chosen["transformers"]]
+            previous = next((s for s in sweeps if s["id"] == compare and s is not chosen),
+                            sweeps[index + 1] if index + 1 < len(sweeps) else None)
+            if previous is not None:
                 before = store.sweep_matrix(connection, previous)
                 for model_type in sorted(set(matrix) | set(before)):
                     old = before.get(model_type, {"checks": {}, "run": None})
@@ -460,7 +465,8 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                                             "before": a or "absent", "after": b or "absent",
                                             "before_run": old["run"], "after_run": new["run"]})
         return render(request, "matrix.html", sweeps=sweeps, chosen=chosen, matrix=matrix,
-                      checks=checks, changes=changes, previous=previous)
+                      checks=checks, changes=changes, previous=previous,
+                      other_environments=other_environments)
 
     # -- login --
 

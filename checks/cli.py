@@ -13,7 +13,6 @@ import importlib.metadata
 import os
 import sys
 import time
-import warnings
 from typing import Any
 
 EXIT_PASS, EXIT_FINDING, EXIT_CANNOT_RUN = 0, 1, 2
@@ -21,11 +20,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _quiet_libraries() -> None:
-    # Library chatter (progress bars, deprecation notes) would bury the report.
+    # Progress bars would bury the report. Warnings are not silenced: those raised during
+    # a check go into its results (engine.run_check), the others to stderr.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
 
 
 class Progress:
@@ -225,6 +224,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         return fail("--config, --hub-model and --checkpoint go with a single MODEL_TYPE")
     if args.full_weights and not (args.hub_models or args.checkpoints):
         return fail("--full-weights needs --hub-model or --checkpoint")
+    moved = run_in_environment_that_knows(args.model_types, args.argv)
+    if moved is not None:
+        return moved
     announce_checkout(args)
     progress = Progress(transient=True)
     try:
@@ -249,6 +251,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     progress.done()
     write_reports(results, args)
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
+
+
+def run_in_environment_that_knows(model_types: list[str], argv: list[str]) -> int | None:
+    """None when this environment's transformers knows every model_type; else exit 2
+    naming the release that has it, or the same command run in another validated
+    environment that knows them (checks/environments.py)."""
+    import transformers
+
+    from . import compat, environments
+
+    unknown = [t for t in model_types if t not in compat.hf_known_model_types()]
+    if not unknown:
+        return None
+    if os.environ.get(environments.CHOSEN_FLAG):
+        return fail(f"transformers {transformers.__version__} in the chosen environment has "
+                    f"no model_type {', '.join(unknown)}")
+    chosen, line = environments.choose(unknown, transformers.__version__)
+    if chosen is None:
+        return fail(line)
+    print(f"mlx-verify: {line}", file=sys.stderr, flush=True)
+    env = {**os.environ, environments.CHOSEN_FLAG: chosen.python}
+    os.execve(chosen.python, [chosen.python, "-m", "checks.cli", *argv], env)
+    return None  # not reached
 
 
 def announce_checkout(args: argparse.Namespace) -> None:
@@ -345,7 +370,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list, "sweep": cmd_sweep,
                                 "report": cmd_report,
                                 "serve": cmd_serve, "worker": cmd_worker}

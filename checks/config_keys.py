@@ -58,6 +58,9 @@ def perturb(key: str, value: Any) -> Any | None:
     if isinstance(value, float):
         if "eps" in key:
             return 0.05
+        if "partial" in key and 0 < value <= 1:
+            # a share of the head's dims: more than all of them is no checkpoint's config
+            return 0.5 if value != 0.5 else 0.25
         return value * 2.0 if value != 0 else 0.5
     if isinstance(value, int):
         if "window" in key or "chunk" in key:
@@ -112,12 +115,27 @@ def run(subject: Subject) -> list[CheckResult]:
     try:
         for index, (key, config) in enumerate(candidates(subject.config)):
             checkpoint = _checkpoint_with(config, subject.checkpoint, work / str(index))
+            refusal = transformers_refuses(checkpoint)
+            if refusal is not None:
+                # transformers' own config validation refuses the value: no checkpoint
+                # can carry it, so there is nothing to hold MLX to (the refusal is kept)
+                rows.append({"key": key, "status": "not applicable",
+                             "reason": f"transformers' config class refuses the value: "
+                                       f"{refusal}"})
+                continue
             try:
                 hf_model = hf_side.load(checkpoint, dtype=subject.dtype)
                 hf_out = hf_side.plain_forward(hf_model, ids)
-            except Exception as e:
+            except hf_side.WeightsMismatch as e:
+                # a size, not a setting: the value asks for weights the checkpoint lacks
                 rows.append({"key": key, "status": "not applicable",
-                             "reason": f"transformers rejects it: {type(e).__name__}"})
+                             "reason": f"changes the weights transformers expects ({e})"[:300]})
+                continue
+            except Exception as e:
+                # transformers accepts the config and then fails: not measured
+                rows.append({"key": key, "status": "error",
+                             "reason": f"transformers accepts the value but cannot run it: "
+                                       f"{mlx_side.describe_import_error(e)}"})
                 continue
             mlx_model, _, _ = mlx_side.load(checkpoint)
             if mlx_model is None:
@@ -139,16 +157,26 @@ def run(subject: Subject) -> list[CheckResult]:
             rows.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    tried = [r for r in rows if r["status"] not in ("not applicable",)]
-    result = subject.result("config", verdict="fail" if problems else "pass", summary="")
+    tried = [r for r in rows if r["status"] not in ("not applicable", "error")]
+    errors = [r for r in rows if r["status"] == "error"]
+    verdict = "fail" if problems else "error" if errors else "pass" if tried else "skip"
+    result = subject.result("config", verdict=verdict, summary="")
     counts = {s: sum(r["status"] == s for r in rows) for s in
               ("honoured", "no effect", "ignored by MLX", "read differently", "used only by MLX",
                "hard-coded by MLX", "not applicable")}
     result.metrics = {"keys_tried": len(tried), **{k.replace(" ", "_"): v
                                                     for k, v in counts.items()}}
     result.details = {"keys": rows, "problems": problems}
+    result.metrics["errors"] = len(errors)
     if problems:
         result.summary = f"{len(problems)} key(s) not honoured by MLX; first: {problems[0]}"
+    elif errors:
+        result.summary = (f"{len(errors)} perturbed key(s) not measured; first: "
+                          f"{errors[0]['key']}: {errors[0]['reason']}")
+    elif not tried:
+        result.summary = (f"measured nothing: 0 of {len(rows)} candidate keys could be tried"
+                          + (f" (first: {rows[0]['key']}: {rows[0]['reason']})" if rows else
+                             ": the config has no key of the kinds perturbed"))
     else:
         hard_coded = [r["key"] for r in rows if r["status"] == "hard-coded by MLX"]
         result.summary = (f"{counts['honoured']} of {len(tried)} perturbed keys change the "
@@ -156,6 +184,18 @@ def run(subject: Subject) -> list[CheckResult]:
                           + (f"; hard-coded by MLX: {', '.join(hard_coded)}"
                              if hard_coded else ""))
     return [result]
+
+
+def transformers_refuses(checkpoint: Path) -> str | None:
+    """transformers' config class rejecting the config.json (its own validation), or
+    None when it accepts it."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(checkpoint)
+    except Exception as e:
+        return mlx_side.describe_import_error(e)
+    return None
 
 
 def judge_key(key: str, config: dict[str, Any], declared: set[str], hf_base: Any, mlx_base: Any,

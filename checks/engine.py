@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import platform
+import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import sources, synth
+from . import compat, sources, synth
 from .mlx_side import MlxLmError, MlxLmInfo, blas_library
 from .schema import CheckResult, Environment, ModelReport, Variant, combine_verdicts
 from .sources import Source
@@ -45,6 +49,7 @@ def environment(mlx_lm: MlxLmInfo) -> Environment:
         mlx_lm_git_sha=mlx_lm.git_sha,
         mlx_verify=__version__,
         blas=blas_library(),
+        lock=compat.lock_in_use(),
     )
 
 
@@ -108,7 +113,11 @@ def all_variants(model_type: str, source: dict[str, Any], from_file: bool,
         legacy = synth.to_legacy_format(default.config)
         other = legacy if synth.legacy_is_lossless(default.config, legacy) else None
     else:
-        other = variants.to_rope_parameters_format(default.config)
+        try:
+            other = variants.to_rope_parameters_format(default.config)
+        except Exception as e:
+            raise InputError(f"transformers cannot write {model_type}'s config in its own "
+                             f"format: {synth._one_line(e)}") from e
     found = [default, *variants.bug_finding_variants(model_type, default, other)]
     if names is None:
         return found
@@ -283,18 +292,51 @@ def run_check(check: str, subject: Subject) -> list[CheckResult]:
     from . import mlx_side
 
     start = time.perf_counter()
-    try:
-        results = importlib.import_module(CHECK_MODULES[check]).run(subject)
-    except MlxLmError:
-        raise
-    except Exception as e:
-        results = [subject.result(check, verdict="error",
-                                  summary=f"{check} failed to run: "
-                                          f"{mlx_side.describe_import_error(e)}")]
+    # Library warnings are part of the measurement's record, not noise to hide: a
+    # deprecation is how a release announces the change that would move a verdict.
+    with warnings.catch_warnings(record=True) as caught, library_log() as logged:
+        warnings.simplefilter("always")
+        try:
+            results = importlib.import_module(CHECK_MODULES[check]).run(subject)
+        except MlxLmError:
+            raise
+        except compat.DriverError as e:
+            results = [subject.result(check, verdict="error", summary=str(e))]
+        except Exception as e:
+            results = [subject.result(check, verdict="error",
+                                      summary=f"{check} failed to run: "
+                                              f"{mlx_side.describe_import_error(e)}")]
+    seen = list(dict.fromkeys(
+        [f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
+         f" ({Path(w.filename).name}:{w.lineno})" for w in caught] + logged))
     for result in results:
         if not result.duration_s:
             result.duration_s = time.perf_counter() - start
+        if seen:
+            result.details["warnings"] = seen[:20]
     return results
+
+
+@contextmanager
+def library_log() -> Iterator[list[str]]:
+    """transformers' logged warnings during a check, taken from its stderr handler into a
+    list (the results keep them)."""
+    logger = logging.getLogger("transformers")
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()).splitlines()[0]
+            records.append(f"transformers log: {text[:200]}")
+
+    handlers, level = list(logger.handlers), logger.level
+    keep = Keep(logging.WARNING)
+    logger.handlers = [keep]
+    logger.setLevel(logging.WARNING)
+    try:
+        yield records
+    finally:
+        logger.handlers, logger.level = handlers, level
 
 
 def _weights_failure(variant: str, weights: Any, start: float) -> CheckResult:
@@ -329,13 +371,15 @@ def command_line() -> str:
 def shared_model_types() -> list[tuple[str, str]]:
     """(model_type, mlx_lm module) for every model_type both libraries know."""
     import mlx_lm
-    from mlx_lm.utils import MODEL_REMAPPING
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from . import compat
 
     models_dir = Path(mlx_lm.__file__).parent / "models"
     files = {p.stem for p in models_dir.glob("*.py") if not p.stem.startswith("_")}
-    mlx_types = {t: t for t in files} | {k: v for k, v in MODEL_REMAPPING.items() if v in files}
-    return sorted((t, mlx_types[t]) for t in mlx_types if t in CONFIG_MAPPING_NAMES)
+    remapped = compat.mlx_remapping()
+    mlx_types = {t: t for t in files} | {k: v for k, v in remapped.items() if v in files}
+    known = compat.hf_known_model_types()
+    return sorted((t, mlx_types[t]) for t in mlx_types if t in known)
 
 
 def probe(model_type: str) -> str:

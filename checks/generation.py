@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, layers
+from . import compare, compat, layers
 from .schema import CheckResult
 from .subject import Subject
 
@@ -77,9 +77,7 @@ def mlx_decode(model: Any, prompt: np.ndarray, steps: int,
     """Prompt pass, then one token at a time with the model's own caches; greedy
     unless `forced` gives the tokens to feed."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
+    cache = compat.mlx_make_prompt_cache(model)
     logits = model(mx.array(prompt), cache=cache).astype(mx.float32)
     prompt_logits = np.array(logits[0])
     steps_out = [prompt_logits[-1]]
@@ -92,25 +90,19 @@ def mlx_decode(model: Any, prompt: np.ndarray, steps: int,
     return Decode(prompt_logits, np.stack(steps_out), tokens, _mlx_cache_types(cache))
 
 
-def _hf_cache_keyword(model: Any) -> str:
-    # Mamba-style models take `cache_params`, the others `past_key_values`.
-    params = inspect.signature(model.forward).parameters
-    return "past_key_values" if "past_key_values" in params else "cache_params"
-
-
 def hf_decode(model: Any, prompt: np.ndarray, forced: list[int]) -> Decode:
     """transformers' incremental decoding with its own cache, fed `forced` tokens."""
     import torch
 
-    keyword = _hf_cache_keyword(model)
+    keyword = compat.hf_cache_keyword(model)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
-        cache = getattr(out, keyword)
+        cache = compat.hf_returned_cache(out, keyword)
         prompt_logits = out.logits[0].float().numpy().copy()
         steps_out = [prompt_logits[-1]]
         for token in forced:
             out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
-            cache = getattr(out, keyword)
+            cache = compat.hf_returned_cache(out, keyword)
             steps_out.append(out.logits[0, -1].float().numpy().copy())
     logits = np.stack(steps_out)
     return Decode(prompt_logits, logits, [int(t) for t in logits.argmax(-1)],
@@ -184,6 +176,14 @@ def run(subject: Subject) -> list[CheckResult]:
                 _error(subject, "kv-cache", "transformers incremental decoding", e),
                 batch_result(subject)]
     sequence = np.concatenate([prompt, np.array([mlx_run.tokens[:-1]], dtype=prompt.dtype)], 1)
+    # The reference proves itself first: transformers' incremental decoding must equal its
+    # own full forward over the same tokens, or the driver is not decoding what it means
+    # to (transformers 5.24 renamed the cache keyword; an unknown one is swallowed).
+    problem = reference_decoding_problem(subject, hf_run, sequence)
+    if problem is not None:
+        failed = [subject.result(CHECK, verdict="error", summary=f"{part}: {problem}",
+                                 details={"part": part}) for part in ("greedy", "kv-cache")]
+        return [*failed, batch_result(subject)]
     full = mlx_side.plain_forward(subject.mlx_model, sequence)[0]
     results = [greedy_result(subject, mlx_run, hf_run),
                kv_result(subject, mlx_run, hf_run, full)]
@@ -191,6 +191,25 @@ def run(subject: Subject) -> list[CheckResult]:
         result.duration_s = time.perf_counter() - start
     results.append(batch_result(subject))
     return results
+
+
+def reference_decoding_problem(subject: Subject, hf_run: Decode,
+                               sequence: np.ndarray) -> str | None:
+    """Why transformers' incremental decoding cannot serve as the reference, or None."""
+    from . import hf_side
+
+    full = hf_side.plain_forward(subject.hf_model, sequence)[0]
+    prompt_len = subject.ids.shape[1]
+    tol = KV_TOLERANCE[subject.dtype]
+    steps = [_rel(hf_run.step_logits[k], full[prompt_len - 1 + k])
+             for k in range(len(hf_run.step_logits))]
+    worst = int(np.argmax(steps))
+    if steps[worst] <= tol:
+        return None
+    return (f"reference driver: transformers {compat.library_version('transformers')} "
+            f"incremental decoding ({compat.hf_cache_keyword(subject.hf_model)}=...) differs "
+            f"from its own full forward at step {worst} (rel_l2 {steps[worst]:.2e} > "
+            f"{tol:.0e}): MLX not judged")
 
 
 def greedy_result(subject: Subject, mlx_run: Decode, hf_run: Decode) -> CheckResult:
@@ -323,9 +342,7 @@ def _localize_step(subject: Subject, result: CheckResult, mlx_run: Decode, k: in
 def _mlx_capture_step(model: Any, prompt: np.ndarray, tokens: list[int], k: int,
                       mlx_side: Any) -> Any:
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
+    cache = compat.mlx_make_prompt_cache(model)
     if k == 0:
         return mlx_side.forward(model, prompt, cache=cache)
     model(mx.array(prompt), cache=cache)
@@ -338,28 +355,26 @@ def _hf_capture_step(model: Any, prompt: np.ndarray, tokens: list[int], k: int,
                      hf_side: Any) -> Any:
     import torch
 
-    keyword = _hf_cache_keyword(model)
+    keyword = compat.hf_cache_keyword(model)
     if k == 0:
         return hf_side.forward(model, prompt)
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
-        cache = getattr(out, keyword)
+        cache = compat.hf_returned_cache(out, keyword)
         for token in tokens[: k - 1]:
             out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
-            cache = getattr(out, keyword)
+            cache = compat.hf_returned_cache(out, keyword)
     # hf_side.forward passes use_cache=False; the cache given is still read and updated.
     return hf_side.forward(model, np.array([[tokens[k - 1]]]), **{keyword: cache})
 
 
 def batch_result(subject: Subject) -> CheckResult:
     """BatchGenerator on prompts of different lengths vs single-prompt greedy runs."""
-    from mlx_lm.models.cache import make_prompt_cache
-
     start = time.perf_counter()
     dtype = subject.dtype
     prompts = [subject.ids[0, a:b].tolist() for a, b in BATCH_SLICES]
     details: dict[str, Any] = {"part": "batch", "prompt_lengths": [len(p) for p in prompts]}
-    caches = make_prompt_cache(subject.mlx_model)
+    caches = compat.mlx_make_prompt_cache(subject.mlx_model)
     cant = sorted({type(c).__name__ for c in caches if not hasattr(c, "merge")})
     if cant:
         return subject.result(CHECK, verdict="skip", details=details,
@@ -367,7 +382,7 @@ def batch_result(subject: Subject) -> CheckResult:
                               summary=f"batch: mlx-lm cannot batch {', '.join(cant)} "
                                       "(no merge): not supported for this model")
     try:
-        batched = _batch_generate(subject.mlx_model, prompts, BATCH_STEPS)
+        batched = compat.mlx_batch_generate(subject.mlx_model, prompts, BATCH_STEPS)
     except Exception as e:
         from .mlx_side import describe_import_error
 
@@ -376,10 +391,18 @@ def batch_result(subject: Subject) -> CheckResult:
             return subject.result(CHECK, verdict="skip", details=details,
                                   duration_s=time.perf_counter() - start,
                                   summary=f"batch: {backend_limitation(e)}")
-        return subject.result(CHECK, verdict="skip", details=details,
+        if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
+            # our driver failed: nothing was measured
+            return subject.result(CHECK, verdict="error", details=details,
+                                  duration_s=time.perf_counter() - start,
+                                  summary=f"batch: {e}" if isinstance(e, compat.DriverError)
+                                  else f"batch: the driver raised {describe_import_error(e)}")
+        # mlx-lm's own batch path crashes on this model: a finding on the MLX side
+        return subject.result(CHECK, verdict="fail", details=details,
                               duration_s=time.perf_counter() - start,
-                              summary="batch: mlx-lm batch generation does not run for this "
-                                      f"model: {describe_import_error(e)}")
+                              first_divergent_layer="step 0",
+                              summary="batch: mlx-lm's BatchGenerator raises on this model: "
+                                      f"{describe_import_error(e)}")
     ignores_padding = _state_ignores_padding(subject.mlx_model, caches)
     tol, bound = BATCH_TOLERANCE[dtype], TIE_BOUND[dtype]
     worst = 0.0
@@ -442,6 +465,18 @@ def batch_result(subject: Subject) -> CheckResult:
                           summary=f"batch: {failure}; in the {stage}")
 
 
+def raised_in_mlx_lm(e: BaseException) -> bool:
+    """Whether the exception was raised inside mlx-lm's code (a finding) rather than ours."""
+    from pathlib import Path
+
+    tb = e.__traceback__
+    while tb is not None:
+        if "mlx_lm" in Path(tb.tb_frame.f_code.co_filename).parts:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _state_ignores_padding(model: Any, caches: list[Any]) -> str | None:
     """The model file's name when it keeps a recurrent state (ArraysCache) but its
     source never asks the cache for a padding mask or lengths."""
@@ -466,23 +501,3 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return (x - np.log(np.exp(x).sum(-1, keepdims=True))).astype(np.float32)
-
-
-def _batch_generate(model: Any, prompts: list[list[int]],
-                    steps: int) -> list[tuple[list[int], list[np.ndarray]]]:
-    """mlx-lm's BatchGenerator, greedy, no stop tokens: tokens and log-probs per prompt."""
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator
-
-    gen = BatchGenerator(model, max_tokens=steps, prefill_batch_size=len(prompts),
-                         completion_batch_size=len(prompts))
-    try:
-        uids = gen.insert(prompts, [steps] * len(prompts))
-        out: dict[int, tuple[list[int], list[np.ndarray]]] = {u: ([], []) for u in uids}
-        while responses := gen.next_generated():
-            for r in responses:
-                out[r.uid][0].append(int(r.token))
-                out[r.uid][1].append(np.array(r.logprobs.astype(mx.float32)))
-    finally:
-        gen.close()
-    return [out[u] for u in uids]

@@ -11,15 +11,11 @@ from .mlx_side import Capture
 
 
 def load(checkpoint: Path, dtype: str = "float32") -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
+    from .compat import hf_load_causal_lm
 
     # eager attention: the plainest reading of the modeling code, and the only one
     # that implements softcapping and sinks for every model
-    model, info = AutoModelForCausalLM.from_pretrained(
-        checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager",
-        output_loading_info=True,
-    )
+    model, info = hf_load_causal_lm(checkpoint, dtype)
     problems = [f"{kind}: {', '.join(map(str, names))}" for kind, names in info.items()
                 if names and kind in ("missing_keys", "mismatched_keys")]
     if problems:

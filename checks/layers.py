@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, locations
+from . import compare, compat, locations
 from .mlx_side import Capture
 from .render import num
 from .schema import CheckResult, LayerRow, Localization, Part
@@ -243,7 +243,10 @@ def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: 
         if inp is None or inp <= tolerance:
             part = classify(relative, hf.classes.get(hf_path, ""))
             facts = [f"{relative}: inputs agree (rel_l2 {num(inp)}), output differs "
-                     f"(rel_l2 {num(out)})"]
+                     f"(rel_l2 {num(out)})" if inp is not None else
+                     f"{relative}: the first sub-module whose output differs (rel_l2 "
+                     f"{num(out)}); its input was not captured on both sides, so whether "
+                     "its own code or the code before it differs is not measured"]
             found = Localization(stage=stage, module=hf_path, part=part,
                                  inputs_agree=None if inp is None else True,
                                  input_rel_l2=inp, output_rel_l2=out,
@@ -347,13 +350,33 @@ def with_sources(found: Localization, hf: Capture, mlx: Capture, paths: PathMap,
     return found
 
 
-
 def run(subject: Subject) -> list[CheckResult]:
     from . import hf_side, mlx_side
 
     hf = hf_side.forward(subject.hf_model, subject.ids)
     mlx = mlx_side.forward(subject.mlx_model, subject.ids)
-    return [judge(hf, mlx, subject.config, subject.dtype, subject.variant.name, "layers")]
+    result = judge(hf, mlx, subject.config, subject.dtype, subject.variant.name, "layers")
+    # The captures must not change what they capture: the same forward without hooks
+    # (transformers) or without patched classes (MLX) gives the same logits.
+    plain = {"transformers": hf_side.plain_forward(subject.hf_model, subject.ids),
+             "mlx": mlx_side.plain_forward(subject.mlx_model, subject.ids)}
+    for library, captured in (("transformers", hf.logits), ("mlx", mlx.logits)):
+        moved = compare.rel_l2(captured, plain[library])
+        result.metrics[f"capture_effect_{library}_rel_l2"] = moved
+        if moved is None or moved > CAPTURE_TOLERANCE:
+            side = "reference driver" if library == "transformers" else "MLX driver"
+            result.verdict = "error"
+            result.summary = (f"{side}: {library} {compat.library_version(library)}: logits "
+                              f"with every module captured differ from a plain forward "
+                              f"(rel_l2 {num(moved)} > {CAPTURE_TOLERANCE:.0e}): the capture "
+                              "changes the model")
+            break
+    return [result]
+
+
+# Hooks and patched classes only copy tensors: the same kernels on the same inputs give
+# the same logits (measured 0.0 on every clean port).
+CAPTURE_TOLERANCE = 1e-6
 
 
 def judge(hf: Capture, mlx: Capture, config: dict[str, Any], dtype: str, variant: str,
@@ -373,7 +396,10 @@ def judge(hf: Capture, mlx: Capture, config: dict[str, Any], dtype: str, variant
         "top1_agreement": float(np.mean(hf.logits.argmax(-1) == mlx.logits.argmax(-1))),
     }
     failing = [r for r in rows if not r.ok]
-    if problem is not None and not failing:
+    if not rows:
+        result.verdict = "error"
+        result.summary = f"measured nothing: no stage compared ({problem or 'no outputs'})"
+    elif problem is not None and not failing:
         result.verdict = "error"
         result.summary = f"cannot pair the two models: {problem}"
     elif failing:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, layers, synth
+from . import compare, compat, layers, synth
 from .mlx_side import Capture
 from .schema import CheckResult
 from .subject import Subject
@@ -100,7 +100,6 @@ def per_position_rel_l2(candidate: np.ndarray, reference: np.ndarray) -> np.ndar
 
 def run(subject: Subject) -> list[CheckResult]:
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
     from . import hf_side, mlx_side
 
@@ -113,7 +112,7 @@ def run(subject: Subject) -> list[CheckResult]:
     ids = synth.token_ids(vocab, length, subject.seed + 1)
 
     hf = hf_side.forward(subject.hf_model, ids)
-    cache = make_prompt_cache(subject.mlx_model)
+    cache = compat.mlx_make_prompt_cache(subject.mlx_model)
     try:
         mlx = mlx_side.forward(subject.mlx_model, ids, cache=cache)
     except RuntimeError as e:
@@ -204,7 +203,6 @@ def run(subject: Subject) -> list[CheckResult]:
 
 def _probe(subject: Subject, vocab: int, tokens: int) -> float:
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
     from . import hf_side
 
@@ -212,7 +210,8 @@ def _probe(subject: Subject, vocab: int, tokens: int) -> float:
     start = time.perf_counter()
     hf_side.plain_forward(subject.hf_model, ids)
     # the same path as the measured run: some ports are slower with a cache
-    logits = subject.mlx_model(mx.array(ids), cache=make_prompt_cache(subject.mlx_model))
+    cache = compat.mlx_make_prompt_cache(subject.mlx_model)
+    logits = subject.mlx_model(mx.array(ids), cache=cache)
     mx.eval(logits)
     return time.perf_counter() - start
 

@@ -148,10 +148,12 @@ def model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
     """(Model, ModelArgs) of the mlx_lm.models file mlx-lm picks for a config (remapping
     applied). Every failure to import it is an MlxLmError, SystemExit included: some
     model files call sys.exit when an optional package is missing."""
-    from mlx_lm.utils import _get_classes
+    from .compat import DriverError, mlx_model_classes
 
     try:
-        return _get_classes(config)
+        return mlx_model_classes(config)
+    except DriverError:
+        raise
     except ValueError as e:
         raise MlxLmError(f"mlx-lm has no model for this config: {e}") from e
     except (Exception, SystemExit) as e:
@@ -166,9 +168,10 @@ def load(checkpoint: Path) -> tuple[Any, dict[str, Any], WeightsReport]:
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import load_config, load_model
 
-    config = load_config(checkpoint)
+    from .compat import mlx_load_config, mlx_load_model
+
+    config = mlx_load_config(checkpoint)
     model_class, args_class = model_classes(config)
 
     weights: dict[str, Any] = {}
@@ -192,7 +195,7 @@ def load(checkpoint: Path) -> tuple[Any, dict[str, Any], WeightsReport]:
     )
     if report.missing or report.unexpected or report.mismatched:
         return None, config, report
-    model, config = load_model(checkpoint, strict=True)
+    model, config = mlx_load_model(checkpoint, strict=True)
     return model, config, report
 
 

@@ -23,7 +23,6 @@ bounds are calibrated on that (docs/tolerances.md).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import shutil
 import tempfile
@@ -34,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes, layers
+from . import compat, dtypes, layers
+from .generation import raised_in_mlx_lm
 from .schema import CheckResult
 from .subject import Subject
 
@@ -61,35 +61,36 @@ STAGE_BOUND = {4: 1.2, 8: 0.5}  # rel L2 of each stage's hidden states
 FIDELITY_BOUND = 1e-4
 
 
-class _NoTokenizer:
-    """The tiny checkpoints have no tokenizer; convert only saves it."""
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A real word-level tokenizer over the tiny vocabulary: mlx_lm.convert loads and
+    saves the checkpoint's tokenizer, and runs unpatched when there is one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    def save_pretrained(self, path: Any) -> None:
-        pass
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0",
+                            eos_token=f"t{vocab_size - 1}").save_pretrained(directory)
 
 
-def convert(source: Path, target: Path, bits: int) -> str:
-    """mlx_lm.convert.convert with quantization, the tokenizer stubbed out; returns its log."""
-    from mlx_lm.utils import load_model
+def convert(source: Path, target: Path, bits: int, vocab_size: int) -> str:
+    """mlx_lm.convert.convert with quantization, as a user runs it, on a copy of `source`
+    given a tokenizer; returns what it printed."""
+    import os
 
-    # `mlx_lm.convert` is also the name of a function re-exported by the package
-    convert_module = importlib.import_module("mlx_lm.convert")
+    from . import compat
 
-    def load_without_tokenizer(path: str, **kwargs: Any) -> tuple[Any, Any, dict[str, Any]]:
-        model, config = load_model(Path(path), lazy=kwargs.get("lazy", False),
-                                   trust_remote_code=kwargs.get("trust_remote_code", False))
-        return model, _NoTokenizer(), config
-
-    original = convert_module.load
-    convert_module.load = load_without_tokenizer
+    given = target.with_name(target.name + "-source")
+    given.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.is_file() and not (given / file.name).exists():
+            os.symlink(file.resolve(), given / file.name)
+    write_tokenizer(given, vocab_size)
     log = io.StringIO()
-    try:
-        # convert prints progress: keep stdout clean for `--json -`
-        with contextlib.redirect_stdout(log):
-            convert_module.convert(hf_path=str(source), mlx_path=str(target), quantize=True,
-                                   q_group_size=GROUP_SIZE, q_bits=bits)
-    finally:
-        convert_module.load = original
+    # convert prints progress: keep stdout clean for `--json -`
+    with contextlib.redirect_stdout(log):
+        compat.mlx_convert_quantized(given, target, bits, GROUP_SIZE)
     return log.getvalue()
 
 
@@ -189,8 +190,6 @@ def _stage_rows(ref: Any, cand: Any, config: dict[str, Any], bound: float) -> li
 def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: Any,
                ref_capture: Any, workdir: Path) -> CheckResult:
     """One bit width; `want` is the dtype convert leaves the model in."""
-    from mlx_lm.utils import load_model
-
     from . import mlx_side
 
     start = time.perf_counter()
@@ -200,9 +199,9 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
                       "stage_bound": STAGE_BOUND[bits]}
     target = workdir / f"q{bits}"
     try:
-        log = convert(source, target, bits)
+        log = convert(source, target, bits, _vocab_size(subject))
     except Exception as e:
-        if not _raised_in_mlx_lm(e):
+        if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
             raise
         result.verdict = "fail"
         result.first_divergent_layer = "load"
@@ -211,8 +210,10 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
         return _done(result, start)
     result.details["convert_log"] = log.strip().splitlines()[-4:]
     try:
-        model, config = load_model(target, strict=True)
+        model, config = compat.mlx_load_model(target, strict=True)
     except Exception as e:
+        if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
+            raise
         # convert worked, so the model's code cannot load its own output: sanitize is not
         # idempotent, or the saved config does not rebuild the same quantized layers
         result.verdict = "fail"
@@ -240,7 +241,7 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
             calls, logits_dtype = dtypes.trace(model, subject.ids)
             capture = mlx_side.forward(model, subject.ids)
     except Exception as e:
-        if not _raised_in_mlx_lm(e):
+        if not raised_in_mlx_lm(e):
             raise
         # e.g. a tied lm_head computed from `embed_tokens.weight` (packed after quantization)
         # instead of `embed_tokens.as_linear`
@@ -325,14 +326,8 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
     return _done(result, start)
 
 
-def _raised_in_mlx_lm(e: BaseException) -> bool:
-    """Whether the exception comes from mlx-lm's code (a finding) rather than from ours."""
-    tb = e.__traceback__
-    while tb is not None:
-        if "mlx_lm" in Path(tb.tb_frame.f_code.co_filename).parts:
-            return True
-        tb = tb.tb_next
-    return False
+def _vocab_size(subject: Subject) -> int:
+    return int(subject.hf_model.config.get_text_config().vocab_size)
 
 
 def _done(result: CheckResult, start: float) -> CheckResult:

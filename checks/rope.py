@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import hf_side, layers, mlx_side
+from . import compare, compat, hf_side, layers, mlx_side, synth
 from .schema import CheckResult
 from .subject import Subject
 
@@ -70,12 +70,10 @@ class OffsetCache:
 
     def make_mask(self, N: int, return_array: bool = False,  # noqa: N803 (mlx-lm's name)
                   window_size: int | None = None) -> Any:
-        from mlx_lm.models.base import create_causal_mask
-
         if N == 1:
             return None
         if return_array or (window_size and N > window_size):
-            return create_causal_mask(N, window_size=window_size)
+            return compat.mlx_causal_mask(N, window_size=window_size)
         return "causal"
 
     def is_trimmable(self) -> bool:
@@ -91,25 +89,34 @@ class OffsetCache:
 
 def offset_caches(model: Any, offset: int) -> list[Any] | None:
     """The model's own caches with every attention KV cache replaced by an OffsetCache;
-    None when the model has no attention caches (pure SSM: no positions)."""
-    from mlx_lm.models import cache as cache_module
-
-    attention_types = tuple(getattr(cache_module, name) for name in
-                            ("KVCache", "RotatingKVCache", "ChunkedKVCache")
-                            if hasattr(cache_module, name))
+    None when the model has no attention caches (pure SSM: no positions). A cache class
+    the driver does not know raises DriverError: left in place it would sit at offset 0
+    and the far positions would silently be near ones."""
     replaced = 0
 
     def swap(item: Any) -> Any:
         nonlocal replaced
-        if isinstance(item, attention_types):
+        role = compat.cache_role(item)
+        if role == "attention":
             replaced += 1
             return OffsetCache(offset)
-        if isinstance(item, cache_module.CacheList):
-            item.caches = [swap(c) for c in item.caches]
+        if role == "container":
+            item.caches = [swap(c) for c in compat.cache_children(item)]
         return item
 
-    caches = [swap(c) for c in cache_module.make_prompt_cache(model)]
+    caches = [swap(c) for c in compat.mlx_make_prompt_cache(model)]
     return caches if replaced else None
+
+
+def only_attention_caches(model: Any) -> bool:
+    """Every cache of the model is an attention cache (no recurrent state)."""
+    def roles(item: Any) -> list[str]:
+        role = compat.cache_role(item)
+        if role == "container":
+            return [r for c in compat.cache_children(item) for r in roles(c)]
+        return [role]
+
+    return all(r == "attention" for c in compat.mlx_make_prompt_cache(model) for r in roles(c))
 
 
 # --- (a) the rotation each side applies -------------------------------------------------
@@ -145,15 +152,20 @@ def describe_rotation(matrix: np.ndarray) -> dict[str, Any]:
 
 
 def describe_cos_sin(cos: np.ndarray, sin: np.ndarray) -> dict[str, Any]:
-    """The same description from transformers' (cos, sin) vectors at one position."""
-    rotated = cos.shape[-1]
-    half = rotated // 2
+    """The same description from transformers' cos and sin vectors at one position.
+
+    Full-width vectors repeat each angle twice (the repeat says the layout); a vector
+    whose angles are all distinct holds one entry per rotated pair (GPT-J hands its
+    layers half-width vectors and pairs the dims inside its attention): then the layout
+    is not in the vectors, and is reported as such."""
+    width = cos.shape[-1]
+    half = width // 2
     if np.allclose(cos[:half], cos[half:]) and np.allclose(sin[:half], sin[half:]):
-        layout, angles_cos, angles_sin = "half-split", cos[:half], sin[:half]
+        rotated, layout, angles_cos, angles_sin = width, "half-split", cos[:half], sin[:half]
     elif np.allclose(cos[0::2], cos[1::2]) and np.allclose(sin[0::2], sin[1::2]):
-        layout, angles_cos, angles_sin = "interleaved", cos[0::2], sin[0::2]
+        rotated, layout, angles_cos, angles_sin = width, "interleaved", cos[0::2], sin[0::2]
     else:
-        layout, angles_cos, angles_sin = "other", cos[:half], sin[:half]
+        rotated, layout, angles_cos, angles_sin = 2 * width, "not in the vectors", cos, sin
     return {"rotated_dims": rotated, "layout": layout,
             "freqs": [abs(math.atan2(s, c)) for c, s in zip(angles_cos, angles_sin, strict=True)],
             "scale": float(np.mean(np.hypot(angles_cos, angles_sin)))}
@@ -166,11 +178,15 @@ def effective_base(freqs: list[float], rotated_dims: int) -> float | None:
     return (freqs[0] / freqs[1]) ** (rotated_dims / 2)
 
 
-def mlx_rotations(model: Any, head_dim: int) -> dict[int, dict[str, Any]]:
-    """Per decoder layer, the rotation its first RoPE module applies at position 1."""
+def mlx_rotations(model: Any, head_dim: int) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Per decoder layer, the rotation its first RoPE module applies at position 1; and
+    per layer, why it could not be measured (the module raised)."""
     import mlx.core as mx
 
+    from .mlx_side import describe_import_error
+
     out: dict[int, dict[str, Any]] = {}
+    unmeasured: dict[int, str] = {}
     for index, layer in enumerate(getattr(model, "layers", [])):
         rope = next((m for _, m in layer.named_modules() if "rope" in type(m).__name__.lower()),
                     None)
@@ -180,23 +196,27 @@ def mlx_rotations(model: Any, head_dim: int) -> dict[int, dict[str, Any]]:
         eye = mx.eye(dims).reshape(dims, 1, 1, dims)  # batch of one-hot vectors
         try:
             rotated = rope(eye, offset=1)
-        except Exception:
+            matrix = np.array(rotated.astype(mx.float32)).reshape(dims, dims).T
+        except Exception as e:  # e.g. a partial-rotary module that wants its own width
+            unmeasured[index] = f"{type(rope).__name__}(one-hot x {dims}) raised " \
+                                f"{describe_import_error(e)}"
             continue
-        matrix = np.array(rotated.astype(mx.float32)).reshape(dims, dims).T
         out[index] = {"module": type(rope).__name__, **describe_rotation(matrix)}
-    return out
+    return out, unmeasured
 
 
 def hf_rotations(model: Any, config: dict[str, Any], vocab: int) -> dict[int, dict[str, Any]]:
-    """Per decoder layer, the (cos, sin) transformers hands its attention at position 1."""
+    """Per decoder layer, the cos and sin transformers hands its attention at position 1,
+    told apart by their values at position 0 (compat.hf_cos_sin)."""
     import torch
 
+    compat.hf_forward_takes(model, "position_ids")
     n_layers = layers.layer_count(config) or 0
     paths = [p for p, _ in model.named_modules()]
     container = layers.find_layer_list(paths, n_layers)
     if container is None:
         return {}
-    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    seen: dict[int, tuple[Any, Any]] = {}
     handles = []
     for index in range(n_layers):
         layer = model.get_submodule(f"{container}.{index}")
@@ -206,19 +226,27 @@ def hf_rotations(model: Any, config: dict[str, Any], vocab: int) -> dict[int, di
             if isinstance(pe, dict):  # some models pass one entry per layer type
                 pe = next(iter(pe.values()), None)
             if isinstance(pe, (tuple, list)) and len(pe) == 2 and index not in seen:
-                seen[index] = (pe[0].detach().float().numpy().reshape(-1),
-                               pe[1].detach().float().numpy().reshape(-1))
+                seen[index] = (pe[0].detach().float().numpy(), pe[1].detach().float().numpy())
 
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    token = min(5, vocab - 1)
     try:
         with torch.no_grad():
-            model(input_ids=torch.tensor([[min(5, vocab - 1)]]),
-                  position_ids=torch.tensor([[1]]), use_cache=False)
+            model(input_ids=torch.tensor([[token, token]]),
+                  position_ids=torch.tensor([[0, 1]]), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return {i: {"module": "position_embeddings", **describe_cos_sin(c, s)}
-            for i, (c, s) in seen.items()}
+    out = {}
+    for index, pair in seen.items():
+        rows = [x.reshape(-1, x.shape[-1]) for x in pair]
+        if any(r.shape[0] != 2 for r in rows):
+            raise compat.DriverError("transformers", "rotary tensors of one row per position "
+                                     "(2 positions given)",
+                                     f"shapes {[tuple(x.shape) for x in pair]}")
+        cos, sin = compat.hf_cos_sin((rows[0][1], rows[1][1]), (rows[0][0], rows[1][0]))
+        out[index] = {"module": "position_embeddings", **describe_cos_sin(cos, sin)}
+    return out
 
 
 def _head_dim(config: dict[str, Any]) -> int:
@@ -232,13 +260,20 @@ def _head_dim(config: dict[str, Any]) -> int:
 def compare_rotations(subject: Subject) -> CheckResult:
     config = subject.config
     head_dim = _head_dim(layers.decoder_config(config))
-    mlx_side_rot = mlx_rotations(subject.mlx_model, head_dim)
-    hf_side_rot = hf_rotations(subject.hf_model, config, int(subject.ids.max()) + 1)
+    mlx_side_rot, unmeasured = mlx_rotations(subject.mlx_model, head_dim)
     result = subject.result("rope", verdict="pass", summary="")
     result.metrics["check_part"] = "rotation"
-    if not mlx_side_rot and not hf_side_rot:
+    if not compat.hf_forward_has(subject.hf_model, "position_ids") and not mlx_side_rot \
+            and not unmeasured:
         result.verdict = "skip"
-        result.summary = "no RoPE on either side"
+        result.summary = ("measured nothing: no positions on either side (transformers' "
+                          "forward takes no position_ids, no RoPE module in the MLX layers)")
+        return result
+    hf_side_rot = hf_rotations(subject.hf_model, config, int(subject.ids.max()) + 1)
+    if not mlx_side_rot and not hf_side_rot and not unmeasured:
+        result.verdict = "skip"
+        result.summary = ("measured nothing: no RoPE module in the MLX layers and no rotary "
+                          "tensors handed to the transformers layers")
         return result
     problems: list[str] = []
     per_layer = {}
@@ -246,6 +281,8 @@ def compare_rotations(subject: Subject) -> CheckResult:
         m, h = mlx_side_rot.get(index), hf_side_rot.get(index)
         per_layer[index] = {"mlx": m, "transformers": h}
         if m is None or h is None:
+            if m is None and index in unmeasured:
+                continue  # not measured: said below, never a finding
             if h is not None and h["rotated_dims"]:
                 problems.append(f"layer {index}: transformers rotates {h['rotated_dims']} "
                                 "dims, MLX applies no RoPE module")
@@ -253,7 +290,7 @@ def compare_rotations(subject: Subject) -> CheckResult:
         if m["rotated_dims"] != h["rotated_dims"]:
             problems.append(f"layer {index}: MLX rotates {m['rotated_dims']} dims, "
                             f"transformers {h['rotated_dims']}")
-        if m["layout"] != h["layout"]:
+        if m["layout"] != h["layout"] and "not in the vectors" not in (m["layout"], h["layout"]):
             problems.append(f"layer {index}: MLX layout {m['layout']}, transformers {h['layout']}")
         n = min(len(m["freqs"]), len(h["freqs"]))
         if n:
@@ -280,7 +317,15 @@ def compare_rotations(subject: Subject) -> CheckResult:
     if problems:
         result.verdict = "fail"
         result.summary = f"{problems[0]}; {result.summary}"
-    result.details = {"problems": problems, "facts": f"{fact(m, 'MLX')}; {fact(h, 'transformers')}",
+    elif unmeasured:
+        # our driver could not apply the port's RoPE module: the rotation is not measured
+        first_unmeasured = min(unmeasured)
+        result.verdict = "error"
+        result.summary = (f"MLX driver: rotation of layer {first_unmeasured} not measured: "
+                          f"{unmeasured[first_unmeasured]}")
+    result.details = {"problems": problems,
+                      "unmeasured": {str(i): t for i, t in unmeasured.items()},
+                      "facts": f"{fact(m, 'MLX')}; {fact(h, 'transformers')}",
                       "per_layer": {
         str(i): {side: (None if v is None or isinstance(v, float) else
                         {k: x for k, x in v.items() if k != "freqs"} |
@@ -302,7 +347,17 @@ def far_parity(subject: Subject) -> list[CheckResult]:
     positions = far_positions(layers.decoder_config(config), FAR_TOKENS)
     if not positions:
         return [subject.result("rope", verdict="skip",
-                               summary="no max_position_embeddings to place the prompt in",
+                               summary="measured nothing: no max_position_embeddings to "
+                                       "place the prompt in",
+                               metrics={"check_part": "far-positions"})]
+    if offset_caches(subject.mlx_model, 0) is None:
+        return [subject.result("rope", verdict="skip",
+                               summary="measured nothing: no attention caches, so no positions",
+                               metrics={"check_part": "far-positions"})]
+    compat.hf_forward_takes(subject.hf_model, "position_ids")
+    self_check = reference_far_problem(subject, ids)
+    if self_check.startswith("reference driver"):
+        return [subject.result("rope", verdict="error", summary=self_check,
                                metrics={"check_part": "far-positions"})]
     results = []
     for position in positions:
@@ -320,13 +375,58 @@ def far_parity(subject: Subject) -> list[CheckResult]:
         result = layers.judge(hf, mlx, config, subject.dtype, subject.variant.name, "rope")
         result.summary = f"positions {position}..{position + ids.shape[1] - 1}: {result.summary}"
         result.metrics.update({"check_part": "far-positions", "position": position})
+        result.details["reference_self_check"] = self_check
         results.append(result)
     return results
 
 
+# A small offset for the reference's own check: a real prefix of this many tokens.
+SELF_CHECK_OFFSET = 24
+
+
+def reference_far_problem(subject: Subject, ids: np.ndarray) -> str:
+    """transformers' side of the stand-in (position_ids, no prefix) against the same
+    tokens after a real prefix it may not attend to (attention_mask 0): the two must
+    agree, or transformers is not reading position_ids as the stand-in assumes. Returns
+    the fact measured, or a 'reference driver: ...' problem."""
+    import torch
+
+    if not only_attention_caches(subject.mlx_model):
+        return ("reference self-check not run: recurrent layers read a masked prefix into "
+                "their state, so a real prefix is no stand-in for them")
+    model = subject.hf_model
+    compat.hf_forward_takes(model, "attention_mask")
+    n = ids.shape[1]
+    prefix = synth.token_ids(int(ids.max()) + 1, SELF_CHECK_OFFSET, subject.seed + 3)
+    full_ids = np.concatenate([prefix, ids], axis=1)
+    with torch.no_grad():
+        stand_in = model(input_ids=torch.from_numpy(ids), use_cache=False,
+                         position_ids=torch.arange(SELF_CHECK_OFFSET, SELF_CHECK_OFFSET + n)[None])
+        real = model(input_ids=torch.from_numpy(full_ids), use_cache=False,
+                     attention_mask=torch.tensor([[0] * SELF_CHECK_OFFSET + [1] * n]),
+                     position_ids=torch.arange(SELF_CHECK_OFFSET + n)[None])
+    rel = compare.rel_l2(stand_in.logits.float().numpy(), real.logits[:, -n:].float().numpy())
+    tol = compare.LAYER_TOLERANCE[subject.dtype]
+    if rel is None or rel > tol:
+        return (f"reference driver: transformers {compat.library_version('transformers')} at "
+                f"positions {SELF_CHECK_OFFSET}..{SELF_CHECK_OFFSET + n - 1} from position_ids "
+                f"alone differs from the same tokens after a masked {SELF_CHECK_OFFSET}-token "
+                f"prefix (logits rel_l2 {rel:.2e} > {tol:.0e}): far positions not judged")
+    return (f"reference self-check: position_ids alone equal a masked {SELF_CHECK_OFFSET}-token "
+            f"prefix in transformers (logits rel_l2 {rel:.1e} <= {tol:.0e})")
+
+
 def run(subject: Subject) -> list[CheckResult]:
-    rotation = compare_rotations(subject)
-    far = far_parity(subject)
+    try:
+        rotation = compare_rotations(subject)
+    except compat.DriverError as e:
+        rotation = subject.result("rope", verdict="error", summary=str(e),
+                                  metrics={"check_part": "rotation"})
+    try:
+        far = far_parity(subject)
+    except compat.DriverError as e:
+        far = [subject.result("rope", verdict="error", summary=str(e),
+                              metrics={"check_part": "far-positions"})]
     if rotation.verdict == "fail" and far and all(r.verdict == "pass" for r in far):
         # The transformers side is read off the cos/sin it hands each layer, which is not
         # always the rotation it applies: deepseek_v3 permutes q and k for rope_interleave,

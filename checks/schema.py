@@ -115,6 +115,8 @@ class Environment(Strict):
     mlx_lm_git_sha: str | None = None
     mlx_verify: str
     blas: str | None = None  # the BLAS MLX's CPU matmuls ran on (Linux), when known
+    # the validated lock (constraints/*.txt) the installed versions match, or what differs
+    lock: str | None = None
 
 
 class ModelReport(Strict):

@@ -12,9 +12,7 @@ softcaps and routing to matter.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from . import compat
 
 SYNTH_VERSION = 1  # bump when the checkpoint recipe changes: it is part of the cache key
 
@@ -79,7 +79,7 @@ def default_config(model_type: str) -> dict[str, Any]:
     except ValueError as e:
         raise SynthError(f"transformers has no config for model_type {model_type!r}") from e
     # what save_pretrained writes: the keys that differ from PreTrainedConfig's defaults
-    out = config.to_diff_dict()
+    out = compat.hf_config_diff_dict(config)
     out.pop("transformers_version", None)
     out["model_type"] = model_type
     if not out.get("architectures"):
@@ -90,10 +90,9 @@ def default_config(model_type: str) -> dict[str, Any]:
 
 
 def _causal_lm_class(model_type: str) -> str | None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from .compat import hf_causal_lm_class_name
 
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    return name if isinstance(name, str) else None
+    return hf_causal_lm_class_name(model_type)
 
 
 # Legacy names of RoPE keys that transformers 5 still reads (it pops them while
@@ -256,18 +255,15 @@ def port_reads_rope_parameters_only(config: dict[str, Any]) -> bool:
 
 
 def _config_class(model_type: str) -> Any:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from .compat import hf_config_class
 
-    try:
-        return CONFIG_MAPPING[model_type]
-    except KeyError:
-        return None
+    return hf_config_class(model_type)
 
 
 def _declared_fields(config_class: Any) -> set[str]:
-    if dataclasses.is_dataclass(config_class):
-        return {f.name for f in dataclasses.fields(config_class)}
-    return set(inspect.signature(config_class.__init__).parameters)
+    from .compat import hf_config_fields
+
+    return hf_config_fields(config_class)
 
 
 def _mlx_fields(config: dict[str, Any]) -> set[str]:

@@ -21,10 +21,10 @@ Which variants an architecture gets:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import inspect
 from typing import Any
 
+from . import compat
 from .schema import Variant
 
 ALT_THETA = 500000.0
@@ -44,19 +44,16 @@ def mlx_args_fields(config: dict[str, Any]) -> set[str]:
         _, args_class = model_classes(config)
     except MlxLmError:
         return set()
-    if dataclasses.is_dataclass(args_class):
-        return {f.name for f in dataclasses.fields(args_class)}
-    return set(inspect.signature(args_class).parameters)
+    return compat.mlx_args_fields(args_class)
 
 
 def transformers_names_longrope(model_type: str) -> bool:
+    """transformers' config module of this architecture mentions longrope (phi3 and
+    kin): only those are given a longrope variant."""
     from transformers import AutoConfig
 
-    try:
-        config_class = type(AutoConfig.for_model(model_type))
-        return "longrope" in inspect.getsource(inspect.getmodule(config_class))
-    except Exception:
-        return False
+    config_class = type(AutoConfig.for_model(model_type))
+    return "longrope" in inspect.getsource(inspect.getmodule(config_class))
 
 
 def _rope_base(config: dict[str, Any]) -> tuple[str, float] | None:
@@ -217,10 +214,8 @@ def to_rope_parameters_format(config: dict[str, Any]) -> dict[str, Any] | None:
 
     data = copy.deepcopy(config)
     model_type = data.pop("model_type")
-    try:
-        out = AutoConfig.for_model(model_type, **data).to_diff_dict()
-    except Exception:
-        return None
+    # an exception here is transformers refusing its own default config: it propagates
+    out = compat.hf_config_diff_dict(AutoConfig.for_model(model_type, **data))
     out.pop("transformers_version", None)
     out["model_type"] = model_type
     if config.get("architectures"):

@@ -16,7 +16,7 @@ mkdir -p "$WORK_DIR" "$LOG_DIR"
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q .
+"$VENV/bin/pip" install -q -c constraints/lock.txt .  # the validated lock
 
 PLIST="$HOME/Library/LaunchAgents/org.mlx-verify.runner.plist"
 mkdir -p "$(dirname "$PLIST")"

@@ -66,7 +66,34 @@ def run_cli(args: list[str], cache_dir: Path, json_path: Path | None = None) -> 
     results = None
     if json_path is not None and json_path.is_file():
         results = json.loads(json_path.read_text())
+        log_verdicts(results)
     return CliRun(full, proc.returncode, proc.stdout, proc.stderr, results)
+
+
+def log_verdicts(results: dict[str, Any]) -> None:
+    """Append every check row's verdict to MLX_VERIFY_VERDICT_LOG, keyed by the test that
+    ran it: scripts/compare_verdicts.py compares two environments' logs row by row."""
+    log = os.environ.get("MLX_VERIFY_VERDICT_LOG")
+    if not log:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+    lines = []
+    for report in results.get("reports", []):
+        counts: dict[str, int] = {}
+        for check in report["checks"]:
+            part = check["metrics"].get("check_part") or check["details"].get("part") \
+                or check["metrics"].get("bits") or ""
+            key = f"{test} {report['model_type']} {check['check']} {check['variant']} {part}"
+            counts[key] = counts.get(key, 0) + 1
+            localization = check.get("localization") or {}
+            lines.append(json.dumps({
+                "key": f"{key} #{counts[key]}",
+                "transformers": results["environment"]["transformers"],
+                "verdict": check["verdict"],
+                "first_divergent_layer": check.get("first_divergent_layer"),
+                "part": localization.get("part"), "module": localization.get("module")}))
+    with open(log, "a") as out:
+        out.write("".join(line + "\n" for line in lines))
 
 
 @dataclass(frozen=True)

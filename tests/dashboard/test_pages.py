@@ -353,3 +353,27 @@ def test_queue_page_shows_a_live_runner(page, live):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(20)
+
+
+def test_matrix_compares_one_tree_under_two_environments(page, live, real_results, tmp_path):
+    """The nightly sweep of one mlx-lm tree under a second environment (the newest
+    transformers): the matrix links the two and lists every verdict that differs."""
+    out = tmp_path / "sweep-newest"
+    out.mkdir()
+    (out / "llama.json").write_text(real_results["clean"].model_dump_json())
+    fingerprint = {"mlx_lm": "0.32.2 /main-today", "transformers": "5.24.0",
+                   "options": ["--checks", "layers", "--variants", "default"]}
+    (out / "sweep.json").write_text(json.dumps({"fingerprint": fingerprint, "rows": {
+        "llama": {"model_type": "llama", "exit": 0, "seconds": 20.0,
+                  "verdict": real_results["clean"].verdict}}}))
+    newest = store.import_sweep_dir(live.connection, out)
+    page.goto(f"{live.url}/matrix?sweep={quote(live.ids['sweep-bugged'])}")
+    link = page.locator("#other-environments").get_by_role("link")
+    assert link.count() == 1 and "transformers 5.24.0" in link.inner_text()
+    link.click()
+    assert f"compare={newest}" in page.url
+    changes = page.locator("#changes tbody tr")
+    assert changes.count() == 1
+    assert re.sub(r"\s+", " ", changes.first.inner_text()).strip() == "llama layers pass fail"
+    assert "transformers 5.24.0" in page.locator("main").inner_text()
+    screenshot(page, "matrix-two-environments")
