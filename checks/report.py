@@ -44,7 +44,8 @@ def environment_lines(results: Results) -> list[str]:
         f"- mlx {escape(env.mlx)} ({escape(env.mlx_device)}{blas}), torch {escape(env.torch)}, "
         f"transformers {escape(env.transformers)}, python {escape(env.python)}, "
         f"{escape(env.platform)}",
-        f"- mlx-verify {escape(env.mlx_verify)}, results schema v{results.schema_version}",
+        f"- mlx-verify {escape(env.mlx_verify)}, results schema v{results.schema_version}"
+        + (f"; lock {escape(env.lock)}" if env.lock else ""),
     ]
 
 

@@ -195,7 +195,8 @@ def render(results: Results, file: IO[str], tty: bool, verbose: bool = False) ->
     out.print(head)
     sha = f" @ {env.mlx_lm_git_sha[:12]}" if env.mlx_lm_git_sha else ""
     out.print(Text(f"mlx-lm {env.mlx_lm_version}{sha} from {env.mlx_lm_path}; transformers "
-                   f"{env.transformers}, mlx {env.mlx} ({env.mlx_device}), torch {env.torch}",
+                   f"{env.transformers}, mlx {env.mlx} ({env.mlx_device}), torch {env.torch}"
+                   + (f"; lock {env.lock}" if env.lock else ""),
                    style="dim"))
     sources = sorted({f"{r.source}, {r.dtype}, seed {r.seed}" for r in reports})
     if sources:
