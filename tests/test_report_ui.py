@@ -24,8 +24,6 @@ from tests.conftest import MLX_VERIFY, Edit, copy_mlx_lm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "artifacts" / "screenshots"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 BUGGY_LINE = "return self.down_proj(nn.gelu(self.gate_proj(x)) * self.up_proj(x))"
 GELU_BUG = Edit("models/llama.py",
                 "return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))", BUGGY_LINE)
@@ -158,38 +156,34 @@ def test_report_subcommand_bad_input_is_one_line(tmp_path: Path, content: str | 
     assert not (tmp_path / "x").exists()
 
 
-def test_html_report_in_chromium(run: Run) -> None:
-    from playwright.sync_api import sync_playwright
-
+def test_html_report_in_chromium(run: Run, browser) -> None:
     layers = run.layers()
     loc = layers.localization
     requests: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium",
-                                             headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(run.html.as_uri())
-            assert page.title().startswith("mlx-verify: fail")
-            matrix = page.locator("#matrix tbody tr")
-            assert matrix.count() == 1
-            assert matrix.first.inner_text().split() == ["llama", "fail", "1/1"]
-            finding = page.locator("#findings tbody tr")
-            assert finding.count() == 1
-            text = finding.first.inner_text()
-            assert "default (transformers default config)" in text
-            assert "first divergent stage layers.0" in text and "model.layers.0.mlp" in text
-            assert f"mlx_lm/models/llama.py:{loc.mlx_call.line}" in text
-            assert f"transformers/models/llama/modeling_llama.py:{loc.hf_source.line}" in text
-            chart = page.locator("svg.layer-chart").first
-            assert chart.is_visible()
-            assert chart.locator("circle").count() == len(layers.layers)
-            assert chart.locator("circle.bad").count() == sum(not r.ok for r in layers.layers)
-            assert page.locator("table.layers tr.regressed td").first.inner_text() == "layers.0"
-            assert "mlx-verify check llama" in page.locator("#reproduce").inner_text()
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "html-report.png"), full_page=True)
-        finally:
-            browser.close()
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(run.html.as_uri())
+        assert page.title().startswith("mlx-verify: fail")
+        matrix = page.locator("#matrix tbody tr")
+        assert matrix.count() == 1
+        assert matrix.first.inner_text().split() == ["llama", "fail", "1/1"]
+        finding = page.locator("#findings tbody tr")
+        assert finding.count() == 1
+        text = finding.first.inner_text()
+        assert "default (transformers default config)" in text
+        assert "first divergent stage layers.0" in text and "model.layers.0.mlp" in text
+        assert f"mlx_lm/models/llama.py:{loc.mlx_call.line}" in text
+        assert f"transformers/models/llama/modeling_llama.py:{loc.hf_source.line}" in text
+        chart = page.locator("svg.layer-chart").first
+        assert chart.is_visible()
+        assert chart.locator("circle").count() == len(layers.layers)
+        assert chart.locator("circle.bad").count() == sum(not r.ok for r in layers.layers)
+        assert page.locator("table.layers tr.regressed td").first.inner_text() == "layers.0"
+        assert "mlx-verify check llama" in page.locator("#reproduce").inner_text()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "html-report.png"), full_page=True)
+    finally:
+        context.close()
     assert requests == [run.html.as_uri()]  # self-contained: nothing else is fetched
