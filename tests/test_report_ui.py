@@ -187,3 +187,24 @@ def test_html_report_in_chromium(run: Run, browser) -> None:
     finally:
         context.close()
     assert requests == [run.html.as_uri()]  # self-contained: nothing else is fetched
+
+
+def test_html_report_keeps_untrusted_text_inert(run: Run, browser, tmp_path: Path) -> None:
+    from checks import html
+
+    hostile = '<script>document.title="owned"</script><img src=x onerror="document.title=1">'
+    results = run.results.model_copy(deep=True)
+    check = results.reports[0].checks[0]
+    check.summary = hostile
+    check.localization.facts = [hostile]
+    page_file = tmp_path / "hostile.html"
+    page_file.write_text(html.render(results))
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(page_file.as_uri())
+        assert page.title().startswith("mlx-verify: fail")
+        assert page.locator("script").count() == 0 and page.locator("main img").count() == 0
+        assert hostile in page.locator("details.check").first.inner_text()
+    finally:
+        context.close()
