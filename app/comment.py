@@ -19,9 +19,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from checks.report import VERDICT_MARK, escape
-from checks.report import code as _inline_code
-from checks.schema import CheckResult, Results, combine_verdicts
+from checks import render as shared
+from checks.render import VERDICT_MARK, code, escape
+from checks.schema import CheckResult, Results, SourceLocation, combine_verdicts
 
 MARKER = "<!-- mlx-verify:sticky -->"
 COMMENT_LIMIT = 65_536
@@ -117,11 +117,6 @@ class Rendered:
     annotations: list[dict[str, Any]]
 
 
-def code(text: str, limit: int = 200) -> str:
-    """Untrusted text as inline code; a pipe would still split a table cell."""
-    return _inline_code(text.replace("|", "¦"), limit)
-
-
 def _label(text: str) -> str:
     """A chart label: letters, digits and . _ - only, short."""
     return re.sub(r"[^A-Za-z0-9_.\-]", "", text)[:24] or "?"
@@ -156,142 +151,41 @@ def layer_chart(model_type: str, check: CheckResult) -> list[str]:
     ]
 
 
-def _num(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return escape(str(value))
-    if isinstance(value, float):
-        return f"{value:.3g}" if math.isfinite(value) else escape(str(value))
-    if isinstance(value, int):
-        return str(value)
-    return escape(str(value), 120)
-
-
 def verdict_matrix(results: Results | None, errors: dict[str, str],
                    skipped: list[str]) -> list[str]:
-    """One row per model_type, one column per check: the verdict over all variants and
-    runs of that check, with the count of non-passing ones."""
-    reports = results.reports if results else []
-    names = list(dict.fromkeys(c.check for r in reports for c in r.checks))
-    lines = ["| model_type | " + " | ".join(escape(n, 32) for n in names) + " |",
-             "|---|" + "---|" * len(names)]
-    if not names:
-        lines = ["| model_type | verdict |", "|---|---|"]
-    for report in reports:
-        cells = []
-        for name in names:
-            verdicts = [c.verdict for c in report.checks if c.check == name]
-            if not verdicts:
-                cells.append("–")
-                continue
-            bad = sum(v in ("fail", "error") for v in verdicts)
-            mark = VERDICT_MARK[combine_verdicts(verdicts)]
-            cells.append(f"{mark} {bad}/{len(verdicts)}" if bad else mark)
-        if report.error or not names:
-            cells = [VERDICT_MARK[report.verdict]] + ["–"] * (len(names) - 1)
-        lines.append(f"| {code(report.model_type, 64)} | " + " | ".join(cells) + " |")
-    for model_type in errors:
-        cells = [f"{VERDICT_MARK['error']} could not run"] + ["–"] * (len(names) - 1)
-        lines.append(f"| {code(model_type, 64)} | " + " | ".join(cells) + " |")
-    for model_type in skipped:
-        cells = [f"{VERDICT_MARK['skip']} not in transformers"] + ["–"] * (len(names) - 1)
-        lines.append(f"| {code(model_type, 64)} | " + " | ".join(cells) + " |")
-    return lines
+    return shared.md_matrix(results, errors, skipped)
 
 
 def verdict_rows(results: Results | None, errors: dict[str, str], skipped: list[str],
                  summary_limit: int, only_findings: bool = False,
                  baseline: Baseline | None = None) -> list[str]:
     """The verdict table; with a baseline, a "vs base" column marks each failing row."""
-    def base(model_type: str, verdict: str, check: str = "", variant: str = "") -> str:
-        if baseline is None:
-            return ""
-        if verdict not in ("fail", "error"):
-            return " – |"
-        return f" {baseline.marker(model_type, check, variant)} |"
-
-    lines = ["| model_type | variant | check | verdict | summary |", "|---|---|---|---|---|"]
+    marker = None
     if baseline is not None:
-        lines = ["| model_type | variant | check | verdict | vs base | summary |",
-                 "|---|---|---|---|---|---|"]
-    for report in results.reports if results else []:
-        if report.error:
-            lines.append(f"| {code(report.model_type, 64)} | – | – | {VERDICT_MARK['error']} |"
-                         f"{base(report.model_type, 'error')} "
-                         f"{escape(report.error, summary_limit)} |")
-        for check in report.checks:
-            if only_findings and check.verdict in ("pass", "skip"):
-                continue
-            lines.append(f"| {code(report.model_type, 64)} | {escape(check.variant, 64)} | "
-                         f"{escape(check.check, 64)} | {VERDICT_MARK[check.verdict]} |"
-                         f"{base(report.model_type, check.verdict, check.check, check.variant)} "
-                         f"{escape(check.summary, summary_limit)} |")
-    for model_type, line in errors.items():
-        new = " **new** |" if baseline is not None else ""  # nothing to compare
-        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['error']} |{new} "
-                     f"could not run: {escape(line, summary_limit)} |")
-    for model_type in [] if only_findings else skipped:
-        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} |"
-                     f"{' – |' if baseline is not None else ''} "
-                     "not a transformers model_type |")
-    return lines
+        def marker(model_type: str, verdict: str, check: str, variant: str) -> str:
+            if verdict not in ("fail", "error"):
+                return "–"
+            return baseline.marker(model_type, check, variant)
+    return shared.md_verdict_rows(results, summary_limit, only_findings, errors, skipped,
+                                  marker)
 
 
-def first_divergences(results: Results | None) -> list[str]:
-    lines = []
-    for report in results.reports if results else []:
-        for check in report.checks:
-            if check.verdict != "fail" or not check.first_divergent_layer:
-                continue
-            row = next((r for r in check.layers if r.name == check.first_divergent_layer), None)
-            text = (f"- {code(report.model_type, 64)} {escape(check.check, 64)} / "
-                    f"{escape(check.variant, 64)}: first divergent stage "
-                    f"**{escape(check.first_divergent_layer, 64)}**")
-            if row is not None:
-                text += (f", rel L2 {_num(row.rel_l2)} (tolerance {_num(row.tolerance)}), "
-                         f"cosine {_num(row.cosine)}, max abs {_num(row.max_abs)}")
-            if check.localization is not None:
-                loc = check.localization
-                text += f"; part **{escape(loc.part, 32)}**, module {code(loc.module, 120)}"
-            lines.append(text)
-    return lines
+def linker(repo: str, sha: str) -> shared.Linker:
+    """Source locations link to the PR's blob at the head SHA."""
+    def link(where: SourceLocation) -> str | None:
+        return shared.blob_url(repo, sha, where)
+    return link
 
 
-def check_details(model_type: str, check: CheckResult, chart: bool) -> list[str]:
+def check_details(model_type: str, check: CheckResult, chart: bool,
+                  link: shared.Linker | None = None) -> list[str]:
     """Everything about one check: facts, metrics, weights, chart and layer table."""
-    lines = [f"#### {escape(model_type, 64)} / {escape(check.check, 64)} / "
-             f"{escape(check.variant, 64)}: {VERDICT_MARK[check.verdict]}", ""]
-    if check.localization is not None:
-        for fact in check.localization.facts[:20]:
-            lines.append(f"- {escape(fact)}")
-    if check.weights is not None:
-        for label, names in (("missing", check.weights.missing),
-                             ("unexpected", check.weights.unexpected),
-                             ("mis-shaped", check.weights.mismatched)):
-            if names:
-                shown = ", ".join(code(n, 120) for n in names[:10])
-                more = f" (+{len(names) - 10} more)" if len(names) > 10 else ""
-                lines.append(f"- {label} weights ({len(names)}): {shown}{more}")
-    metrics = [(k, v) for k, v in check.metrics.items() if v is not None][:40]
-    if metrics:
-        lines.append("- " + ", ".join(f"{escape(k, 48)} {_num(v)}" for k, v in metrics))
-    if check.layers:
-        lines.append("")
-        if chart:
-            lines.extend(layer_chart(model_type, check))
-        lines.extend(["", "| stage | type | rel L2 | cosine | max abs | tolerance | ok |",
-                      "|---|---|---|---|---|---|---|"])
-        for row in check.layers[:200]:
-            mark = "✅" if row.ok else "❌"
-            if row.name == check.first_divergent_layer:
-                mark += " first"
-            lines.append(f"| {escape(row.name, 48)} | {escape(row.layer_type or '', 32)} | "
-                         f"{_num(row.rel_l2)} | {_num(row.cosine)} | {_num(row.max_abs)} | "
-                         f"{_num(row.tolerance)} | {mark} |")
-    lines.append("")
-    return lines
+    return shared.md_check_details(model_type, check,
+                                   layer_chart(model_type, check) if chart else None, link)
 
 
-def detail_sections(results: Results | None) -> list[list[str]]:
+def detail_sections(results: Results | None,
+                    link: shared.Linker | None = None) -> list[list[str]]:
     """One collapsed section per model_type; failing checks first within it."""
     sections = []
     for report in results.reports if results else []:
@@ -308,7 +202,7 @@ def detail_sections(results: Results | None) -> list[list[str]]:
         # readable; every check keeps its layer table.
         charted = next((c for c in ordered if c.layers), None)
         for check in ordered:
-            lines.extend(check_details(report.model_type, check, check is charted))
+            lines.extend(check_details(report.model_type, check, check is charted, link))
         lines.extend(["</details>", ""])
         sections.append(lines)
     return sections
@@ -438,7 +332,8 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
                               baseline=baseline)
     if len(findings) > 2:
         head.extend(["**Findings**", ""] + findings + [""])
-    divergences = first_divergences(results)
+    link = linker(repo, sha)
+    divergences = shared.md_first_divergences(results, link)
     if len(divergences) > MAX_DIVERGENCE_LINES:
         more = len(divergences) - MAX_DIVERGENCE_LINES
         divergences = divergences[:MAX_DIVERGENCE_LINES] + [f"- … and {more} more"]
@@ -461,7 +356,7 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
     every_row = ["<details><summary>every check</summary>", ""] + \
         _verdict_table(results, errors, skipped, COMMENT_LIMIT // 4, baseline=baseline) + \
         ["", "</details>", ""]
-    sections = [every_row] + detail_sections(results)
+    sections = [every_row] + detail_sections(results, link)
     comment = _fit(head, sections, tail, COMMENT_LIMIT)
     summary_lines = head[1:]  # the marker means nothing in a Check Run
     summary = _fit(summary_lines, [], [], CHECK_OUTPUT_LIMIT)
@@ -479,16 +374,43 @@ def _counts(results: Results | None, errors: dict[str, str]) -> str:
 
 
 def _annotations(results: Results | None, changed_files: list[str]) -> list[dict[str, Any]]:
-    """Annotations the engine points at code ({"path", "line", "message"} items in a
-    check's details["annotations"]), kept only on files the PR changes."""
+    """Annotations on files the PR changes: the source location of each localized
+    divergence (the MLX line calling the diverging sub-module, else the diverging module's
+    __call__), one per line with every finding there; then those the engine points at
+    code itself ({"path", "line", "message"} items in a check's details["annotations"]).
+    GitHub takes 50 per request: app.github.update_check_run sends them in batches."""
+    changed = set(changed_files)
+    at_line: dict[tuple[str, int], list[str]] = {}
+    for finding in shared.findings(results):
+        loc = finding.check.localization
+        where = (loc.mlx_call or loc.mlx_source) if loc is not None else None
+        if where is None or where.path not in changed:
+            continue
+        row = finding.row
+        at_line.setdefault((where.path, where.line), []).append(
+            f"{finding.model_type} {finding.check.check} / {finding.check.variant}: first "
+            f"divergent stage {finding.check.first_divergent_layer}"
+            + (f", rel L2 {shared.num(row.rel_l2)} (tolerance {shared.num(row.tolerance)})"
+               if row is not None else "")
+            + f"; {loc.part} {loc.module}")
     found: list[dict[str, Any]] = []
+    for (path, line), messages in at_line.items():
+        shown = messages[:20] + ([f"… and {len(messages) - 20} more"] if len(messages) > 20
+                                 else [])
+        found.append({
+            "path": path, "start_line": line, "end_line": line,
+            "annotation_level": "failure",
+            "title": f"mlx-verify: outputs part from transformers here ({len(messages)} "
+                     "finding(s))"[:250],
+            "message": "\n".join(shown)[:2000],
+        })
     for report in results.reports if results else []:
         for check in report.checks:
             for item in check.details.get("annotations") or []:
                 if not isinstance(item, dict):
                     continue
                 path, line = item.get("path"), item.get("line")
-                if path not in changed_files or not isinstance(line, int) or line < 1:
+                if path not in changed or not isinstance(line, int) or line < 1:
                     continue
                 found.append({
                     "path": path, "start_line": line, "end_line": line,

@@ -44,8 +44,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
+from checks import render
 from checks import report as markdown
-from checks.schema import CheckResult
 
 from . import store
 from .settings import AppSettings, SettingsError, secret
@@ -164,15 +164,8 @@ def read_session(secret: str | None, cookie: str | None) -> dict[str, Any]:
 
 # ---- formatting helpers (Jinja filters) ---------------------------------------------------
 
-def fmt_num(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "–" if value is None else str(value).lower()
-    if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
-            return str(value)
-        return "0" if value == 0 else f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 \
-            else f"{value:.2e}"
-    return str(value)
+# one number format for every report (checks/render.py)
+fmt_num = render.num
 
 
 def fmt_age(ts: float | None, now: float | None = None) -> str:
@@ -199,98 +192,15 @@ def fmt_duration(start: float | None, end: float | None) -> str:
 
 # ---- the per-layer chart ---------------------------------------------------------------
 
-CHART_W, CHART_H = 720, 260
-MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 64, 16, 16, 64
-FLOOR = 1e-12  # rel_l2 of exactly 0 is drawn at the floor (log scale)
-
-
-def layer_chart(check: CheckResult) -> dict[str, Any]:
-    """Coordinates for the inline SVG: one point per stage, log10 y axis."""
-    rows = check.layers
-    values = [max(r.rel_l2, FLOOR) if math.isfinite(r.rel_l2) else 1e6 for r in rows]
-    tols = [max(r.tolerance, FLOOR) for r in rows]
-    logs = [math.log10(v) for v in values + tols]
-    low, high = math.floor(min(logs)) - 1, math.ceil(max(logs)) + 1
-    plot_w, plot_h = CHART_W - MARGIN_L - MARGIN_R, CHART_H - MARGIN_T - MARGIN_B
-
-    def x(i: int) -> float:
-        return MARGIN_L + (plot_w * (i + 0.5) / max(len(rows), 1))
-
-    def y(v: float) -> float:
-        return MARGIN_T + plot_h * (high - math.log10(v)) / (high - low)
-
-    step = max(1, (high - low) // 6)
-    ticks = [{"y": round(y(10.0 ** e), 1), "label": f"1e{e}"}
-             for e in range(low, high + 1, step)]
-    every = max(1, math.ceil(len(rows) / 24))  # at most ~24 x labels
-    points = [{"x": round(x(i), 1), "y": round(y(v), 1), "name": r.name, "ok": r.ok,
-               "rel_l2": r.rel_l2, "tolerance": r.tolerance, "label": i % every == 0,
-               "first": r.name == check.first_divergent_layer}
-              for i, (r, v) in enumerate(zip(rows, values, strict=True))]
-    tolerance = " ".join(f"{round(x(i), 1)},{round(y(t), 1)}" for i, t in enumerate(tols))
-    if len(rows) == 1:  # a single point: draw the tolerance across the plot
-        tolerance = f"{MARGIN_L},{round(y(tols[0]), 1)} {CHART_W - MARGIN_R},{round(y(tols[0]), 1)}"
-    first = next((p for p in points if p["first"]), None)
-    return {"w": CHART_W, "h": CHART_H, "left": MARGIN_L, "right": CHART_W - MARGIN_R,
-            "top": MARGIN_T, "bottom": CHART_H - MARGIN_B, "points": points,
-            "line": " ".join(f"{p['x']},{p['y']}" for p in points), "tolerance": tolerance,
-            "ticks": ticks, "first": first}
+layer_chart = render.layer_chart  # shared with the standalone HTML report
 
 
 # ---- generic rendering of metrics/details whose shape is not known --------------------
 
-def shape(value: Any, depth: int = 0) -> dict[str, Any]:
-    """A tree the template renders without knowing the check: scalars, lists of scalars,
-    tables (lists of flat dicts), mappings. Depth- and size-capped."""
-    if depth > 4:
-        return {"kind": "scalar", "value": json.dumps(value, default=str)[:300]}
-    if isinstance(value, dict | list) and not value:
-        return {"kind": "scalar", "value": "(none)"}
-    if isinstance(value, dict):
-        items = list(value.items())[:200]
-        if items and all(isinstance(v, dict) and all(not isinstance(x, dict | list)
-                                                     for x in v.values())
-                         for _, v in items):
-            columns = list(dict.fromkeys(k for _, v in items for k in v))
-            return {"kind": "table", "columns": ["", *columns],
-                    "rows": [[str(k), *[fmt_num(v.get(c)) for c in columns]]
-                             for k, v in items]}
-        return {"kind": "map", "entries": [(str(k), shape(v, depth + 1)) for k, v in items],
-                "more": max(0, len(value) - 200)}
-    if isinstance(value, list):
-        items = value[:200]
-        if items and all(isinstance(v, dict) and all(not isinstance(x, dict | list)
-                                                     for x in v.values()) for v in items):
-            columns = list(dict.fromkeys(k for v in items for k in v))
-            return {"kind": "table", "columns": columns,
-                    "rows": [[fmt_num(v.get(c)) for c in columns] for v in items],
-                    "more": max(0, len(value) - 200)}
-        if all(not isinstance(v, dict | list) for v in items):
-            return {"kind": "list", "entries": [fmt_num(v) for v in items],
-                    "more": max(0, len(value) - 200)}
-        return {"kind": "seq", "entries": [shape(v, depth + 1) for v in items],
-                "more": max(0, len(value) - 200)}
-    text = fmt_num(value)
-    return {"kind": "scalar", "value": text[:2000]}
-
-
-def paired_lists(details: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Lists that come in pairs, mlx_X next to transformers_X (generated tokens, say),
-    as side-by-side rows; the rest of details unchanged."""
-    pairs, rest = [], dict(details)
-    for key, value in details.items():
-        other = "transformers_" + key.removeprefix("mlx_")
-        if key.startswith("mlx_") and isinstance(value, list) and \
-                isinstance(details.get(other), list):
-            theirs = details[other]
-            rows = [{"i": i, "mlx": fmt_num(value[i]) if i < len(value) else "–",
-                     "transformers": fmt_num(theirs[i]) if i < len(theirs) else "–",
-                     "same": i < len(value) and i < len(theirs) and value[i] == theirs[i]}
-                    for i in range(min(max(len(value), len(theirs)), 500))]
-            pairs.append({"name": key.removeprefix("mlx_"), "rows": rows})
-            rest.pop(key)
-            rest.pop(other)
-    return pairs, rest
+# shared with the standalone HTML report (checks/render.py)
+shape = render.shape
+paired_lists = render.paired_lists
+source_locations = render.sources
 
 
 # ---- queue helpers ---------------------------------------------------------------------
@@ -349,6 +259,7 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                              undefined=jinja2.StrictUndefined)
     env.filters.update(num=fmt_num, age=fmt_age, time=fmt_time, urlquote=quote)
     env.globals.update(duration=fmt_duration, prefix=PREFIX, shape=shape, paired=paired_lists,
+                       sources=source_locations,
                        section_titles=SECTION_TITLES)
     router = APIRouter(prefix=PREFIX)
 

@@ -28,18 +28,33 @@ def _quiet_libraries() -> None:
 
 
 class Progress:
-    """Step messages on stderr, only when it is a terminal."""
+    """Step messages on stderr, only when it is a terminal. Transient: each message
+    replaces the last, and done() clears it, so the report that follows fits a screen."""
 
-    def __init__(self) -> None:
+    def __init__(self, transient: bool = False) -> None:
         self.enabled = sys.stderr.isatty()
+        self.transient = transient
         self.start = time.perf_counter()
 
     def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.start:5.1f}s] {message}", file=sys.stderr)
+        if not self.enabled:
+            return
+        line = f"[{time.perf_counter() - self.start:5.1f}s] {message}"
+        if self.transient:
+            sys.stderr.write("\r\x1b[K" + line)
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr)
+
+    def done(self) -> None:
+        if self.enabled and self.transient:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def fail(message: str) -> int:
+    if sys.stderr.isatty():
+        sys.stderr.write("\r\x1b[K")  # a transient progress line
     print(f"mlx-verify: error: {message}", file=sys.stderr)
     return EXIT_CANNOT_RUN
 
@@ -89,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--json", metavar="FILE", help="write the results JSON (- for stdout)")
     check.add_argument("--markdown", metavar="FILE",
-                       help="write the Markdown report (- for stdout; the default when "
-                            "neither --json nor --markdown is given)")
+                       help="write the Markdown report, the PR comment's format (- for stdout)")
+    check.add_argument("--html", metavar="FILE",
+                       help="write a standalone HTML report (one file, works offline)")
+    check.add_argument("-v", "--verbose", action="store_true",
+                       help="terminal report: every check, and facts and per-stage tables "
+                            "of each finding")
 
     sweep = sub.add_parser("sweep", help="check every model_type both libraries have")
     sweep.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH")
@@ -117,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="queue to work on: report, verify, verify-large, ... (repeatable)")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
 
+    report = sub.add_parser("report", help="render saved results (a --json file)")
+    report.add_argument("results", metavar="RESULTS.json")
+    report.add_argument("--html", metavar="FILE", help="write the standalone HTML report")
+    report.add_argument("--markdown", metavar="FILE", help="write the Markdown report (- for "
+                                                           "stdout)")
+    report.add_argument("-v", "--verbose", action="store_true")
+
     listing = sub.add_parser("list", help="model_types present in both libraries")
     listing.add_argument("model_types", nargs="*", metavar="MODEL_TYPE",
                          help="only these (default: all)")
@@ -134,8 +160,55 @@ def _write(target: str, text: str) -> None:
             f.write(text)
 
 
+def checkout_here() -> str | None:
+    """"." when the working directory is an mlx-lm checkout (it holds mlx_lm/__init__.py):
+    a contributor checks the code in front of them."""
+    return "." if os.path.isfile(os.path.join("mlx_lm", "__init__.py")) else None
+
+
+def write_reports(results: Any, args: argparse.Namespace) -> None:
+    """--json, --markdown, --html as asked; and the terminal report on stdout (colour on a
+    TTY, plain text piped) unless another report goes there or --json is asked for."""
+    if getattr(args, "json", None):
+        _write(args.json, results.model_dump_json(indent=2))
+    if args.markdown:
+        from . import report
+
+        _write(args.markdown, report.render(results))
+    if args.html:
+        from . import html
+
+        _write(args.html, html.render(results))
+    to_stdout = "-" in (getattr(args, "json", None), args.markdown, args.html)
+    if not (to_stdout or getattr(args, "json", None)):
+        from . import terminal
+
+        terminal.render(results, sys.stdout, sys.stdout.isatty(), args.verbose)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .schema import Results
+
+    try:
+        with open(args.results) as f:
+            results = Results.model_validate_json(f.read())
+    except OSError as e:
+        return fail(f"{args.results}: cannot read: {e.strerror or e}")
+    except UnicodeDecodeError:
+        return fail(f"{args.results}: not a text file")
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return fail(f"{args.results}: not mlx-verify results ({e.error_count()} problem(s); "
+                    f"first: {where or 'top level'}: {first.get('msg', 'invalid')})")
+    write_reports(results, args)
+    return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import engine, report, sources
+    from . import engine, sources
     from .mlx_side import MlxLmError, use_mlx_lm
     from .schema import Results
 
@@ -154,7 +227,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     moved = run_in_environment_that_knows(args.model_types, args.argv)
     if moved is not None:
         return moved
-    progress = Progress()
+    announce_checkout(args)
+    progress = Progress(transient=True)
     try:
         found = [sources.from_checkpoint(p) for p in args.checkpoints]
         found += [sources.from_hub(spec, args.full_weights) for spec in args.hub_models]
@@ -172,11 +246,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 if args.variants else None,
             ))
     except (engine.InputError, MlxLmError, sources.SourceError) as e:
+        progress.done()
         return fail(str(e))
-    if args.json:
-        _write(args.json, results.model_dump_json(indent=2))
-    if args.markdown or not args.json:
-        _write(args.markdown or "-", report.render(results))
+    progress.done()
+    write_reports(results, args)
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
 
 
@@ -203,10 +276,19 @@ def run_in_environment_that_knows(model_types: list[str], argv: list[str]) -> in
     return None  # not reached
 
 
+def announce_checkout(args: argparse.Namespace) -> None:
+    """Without --mlx-lm, inside an mlx-lm checkout: check ./mlx_lm, and say so."""
+    if args.mlx_lm is None and checkout_here() is not None:
+        args.mlx_lm = checkout_here()
+        print(f"mlx-verify: checking ./mlx_lm (this directory, {os.getcwd()}, is an mlx-lm "
+              "checkout; --mlx-lm PATH checks another)", file=sys.stderr)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from . import engine
     from .mlx_side import MlxLmError, use_mlx_lm
 
+    announce_checkout(args)
     try:
         use_mlx_lm(args.mlx_lm)
     except MlxLmError as e:
@@ -239,6 +321,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from . import sweep as sweeping
     from .mlx_side import MlxLmError, use_mlx_lm
 
+    announce_checkout(args)  # before the options the sweep's processes get
     try:
         info = use_mlx_lm(args.mlx_lm)
     except MlxLmError as e:
@@ -291,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     handlers: dict[str, Any] = {"check": cmd_check, "list": cmd_list, "sweep": cmd_sweep,
+                                "report": cmd_report,
                                 "serve": cmd_serve, "worker": cmd_worker}
     try:
         return handlers[args.command](args)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import compare, layers, mlx_side
+from .render import num
 from .schema import CheckResult
 from .subject import Subject
 
@@ -515,7 +516,7 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
                           f"{dtype}; max rel_l2 vs transformers float32 "
                           f"{parity.metrics['max_rel_l2']:.2e} <= "
                           f"{result.metrics['tolerance_rel_l2']:.1e} (transformers {dtype}: "
-                          f"{_fmt(result.metrics['hf_half_max_rel_l2'])}); checkpoint "
+                          f"{num(result.metrics['hf_half_max_rel_l2'])}); checkpoint "
                           f"dtype {inference.dtype} from {inference.source}")
     result.duration_s = time.perf_counter() - start
     return result
@@ -559,9 +560,6 @@ def _device() -> str:
 def _stage_dtype(stages: list[Stage], name: str) -> str | None:
     return next((d for n, _, d in stages if n == name), None)
 
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2e}"
 
 
 def run(subject: Subject) -> list[CheckResult]:

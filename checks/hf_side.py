@@ -77,6 +77,7 @@ def forward(model: Any, ids: np.ndarray, **kwargs: Any) -> Capture:
         return hook
 
     for path, module in model.named_modules():
+        capture.types[path] = type(module)
         if not path:
             continue
         capture.classes[path] = type(module).__name__

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, compat
+from . import compare, compat, locations
 from .mlx_side import Capture
+from .render import num
 from .schema import CheckResult, LayerRow, Localization, Part
 from .subject import Subject
 
@@ -203,12 +204,18 @@ def localize(row: LayerRow, hf: Capture, mlx: Capture, paths: PathMap,
     if row.name == "final_norm":
         return _localize_outside(row, "final_norm", hf, mlx, paths, tolerance)
     if row.name == "logits":
-        return Localization(
+        found = Localization(
             stage="logits", module="lm_head", part="lm_head", inputs_agree=True,
             output_rel_l2=row.rel_l2,
             facts=["final hidden states agree; logits differ (lm_head, tying, "
                    "logit scaling or softcapping)"],
         )
+        # the root model's code applies lm_head (or the tied embedding) and the softcap
+        found = with_sources(found, hf, mlx, paths, "", "lm_head")
+        if found.mlx_call is None:  # tied: the embedding applied as the output projection
+            found.mlx_call = locations.call_location(mlx.types.get(""), "as_linear", "mlx",
+                                                     attribute=False)
+        return found
     prefix = f"{paths.hf_layers}.{row.index}"
     return _localize_within(row.name, prefix, hf, mlx, paths, tolerance)
 
@@ -235,15 +242,16 @@ def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: 
         relative = hf_path[len(prefix) + 1:]
         if inp is None or inp <= tolerance:
             part = classify(relative, hf.classes.get(hf_path, ""))
-            facts = [f"{relative}: inputs agree (rel_l2 {_fmt(inp)}), output differs "
-                     f"(rel_l2 {_fmt(out)})" if inp is not None else
+            facts = [f"{relative}: inputs agree (rel_l2 {num(inp)}), output differs "
+                     f"(rel_l2 {num(out)})" if inp is not None else
                      f"{relative}: the first sub-module whose output differs (rel_l2 "
-                     f"{_fmt(out)}); its input was not captured on both sides, so whether "
+                     f"{num(out)}); its input was not captured on both sides, so whether "
                      "its own code or the code before it differs is not measured"]
-            return Localization(stage=stage, module=hf_path, part=part,
-                                inputs_agree=None if inp is None else True,
-                                input_rel_l2=inp, output_rel_l2=out,
-                                agreeing_before=_siblings(agreeing, hf_path), facts=facts)
+            found = Localization(stage=stage, module=hf_path, part=part,
+                                 inputs_agree=None if inp is None else True,
+                                 input_rel_l2=inp, output_rel_l2=out,
+                                 agreeing_before=_siblings(agreeing, hf_path), facts=facts)
+            return with_sources(found, hf, mlx, paths, hf_path, None)
         # The input already differs. Climb to the outermost enclosing module whose input
         # differs too: the code that runs before it, in its parent, is at fault.
         while True:
@@ -259,21 +267,23 @@ def _localize_within(stage: str, prefix: str, hf: Capture, mlx: Capture, paths: 
         parent_rel = parent[len(prefix) + 1:] if parent != prefix else ""
         part = (classify(parent_rel, hf.classes.get(parent, "")) if parent_rel else "residual")
         before = _siblings(agreeing, hf_path)
-        facts = [f"input of {relative} differs (rel_l2 {_fmt(inp)})"
+        facts = [f"input of {relative} differs (rel_l2 {num(inp)})"
                  + (f" while {', '.join(p.rsplit('.', 1)[-1] for p in before)} agree"
                     if before else "")]
         if part == "attention":
             facts.append("between the projections: RoPE, attention scale, mask, softmax, "
                          "softcap or sinks")
-        return Localization(stage=stage, module=parent, part=part, inputs_agree=False,
-                            input_rel_l2=inp, output_rel_l2=out, agreeing_before=before,
-                            facts=facts)
-    return Localization(
+        found = Localization(stage=stage, module=parent, part=part, inputs_agree=False,
+                             input_rel_l2=inp, output_rel_l2=out, agreeing_before=before,
+                             facts=facts)
+        return with_sources(found, hf, mlx, paths, parent, hf_path)
+    found = Localization(
         stage=stage, module=prefix, part="residual", inputs_agree=True,
         agreeing_before=agreeing[-6:],
         facts=[f"all {len(agreeing)} paired sub-modules agree; the layer's own code "
                "(residual adds, scaling, ordering) differs"],
     )
+    return with_sources(found, hf, mlx, paths, prefix, None)
 
 
 def _siblings(agreeing: list[str], hf_path: str) -> list[str]:
@@ -295,17 +305,49 @@ def _localize_outside(row: LayerRow, part: Part, hf: Capture, mlx: Capture, path
             continue
         if out > tolerance and lead is None:
             lead = hf_path
-            facts.append(f"{hf_path}: output rel_l2 {_fmt(out)}, input rel_l2 {_fmt(inp)}")
+            facts.append(f"{hf_path}: output rel_l2 {num(out)}, input rel_l2 {num(inp)}")
     if not facts:
-        facts.append(f"{row.name} differs (rel_l2 {_fmt(row.rel_l2)}) while every paired "
+        facts.append(f"{row.name} differs (rel_l2 {num(row.rel_l2)}) while every paired "
                      "module outside the decoder layers agrees: the code between them "
                      "(embedding scale, final norm placement) differs")
-    return Localization(stage=row.name, module=lead or paths.hf_base or row.name, part=part,
-                        inputs_agree=None, output_rel_l2=row.rel_l2, facts=facts)
+    found = Localization(stage=row.name, module=lead or paths.hf_base or row.name, part=part,
+                         inputs_agree=None, output_rel_l2=row.rel_l2, facts=facts)
+    return with_sources(found, hf, mlx, paths, lead if lead is not None else paths.hf_base,
+                        None)
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2e}"
+def _direct_child(parent: str, path: str) -> str:
+    """The name under `parent` on the way to `path` ("mlp" for parent "l.0", "l.0.mlp.up")."""
+    rest = path[len(parent) + 1:] if parent else path
+    return rest.split(".", 1)[0]
+
+
+def with_sources(found: Localization, hf: Capture, mlx: Capture, paths: PathMap,
+                 module: str, called: str | None) -> Localization:
+    """Source locations of a localization: `module` (a transformers path, "" for the root)
+    is the code at fault; `called` is its sub-module whose input differs, or None when
+    the module's own output differs (then its call in its parent is given)."""
+    mlx_module = paths.to_mlx(module) if module else ""
+    mlx_cls = mlx.types.get(mlx_module)
+    hf_cls = hf.types.get(module)
+    if locations.library_of(mlx_cls) == "mlx":
+        found.mlx_source = locations.method_location(mlx_cls, "mlx")
+        if called is not None:
+            child = _direct_child(mlx_module, paths.to_mlx(called))
+            owner = mlx_cls
+        else:  # the call of the module itself, in the nearest parent that is a module
+            parent, child = mlx_module.rpartition(".")[0], mlx_module.rpartition(".")[2]
+            while parent and parent not in mlx.types:
+                parent, child = parent.rpartition(".")[0], parent.rpartition(".")[2]
+            while child.isdigit() and parent:  # an item of a list: the list's name
+                parent, child = parent.rpartition(".")[0], parent.rpartition(".")[2]
+            owner = mlx.types.get(parent) if mlx_module else None
+        found.mlx_call = locations.call_location(owner, child, "mlx")
+        if found.mlx_call is not None and found.mlx_source is None:
+            found.mlx_source = locations.method_location(owner, "mlx")
+    if locations.library_of(hf_cls) == "torch":  # not when both sides are MLX (quantize)
+        found.hf_source = locations.method_location(hf_cls, "torch")
+    return found
 
 
 def run(subject: Subject) -> list[CheckResult]:
@@ -329,7 +371,7 @@ def run(subject: Subject) -> list[CheckResult]:
             result.verdict = "error"
             result.summary = (f"{side}: {library} {compat.library_version(library)}: logits "
                               f"with every module captured differ from a plain forward "
-                              f"(rel_l2 {_fmt(moved)} > {CAPTURE_TOLERANCE:.0e}): the capture "
+                              f"(rel_l2 {num(moved)} > {CAPTURE_TOLERANCE:.0e}): the capture "
                               "changes the model")
             break
     return [result]

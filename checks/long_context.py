@@ -88,7 +88,7 @@ def tail(capture: Capture, length: int, n: int) -> Capture:
         inputs={k: _tail_array(v, length, n) for k, v in capture.inputs.items()},
         outputs={k: _tail_array(v, length, n) for k, v in capture.outputs.items()},
         order=list(capture.order), classes=dict(capture.classes),
-        logits=_tail_array(capture.logits, length, n),
+        logits=_tail_array(capture.logits, length, n), types=dict(capture.types),
     )
 
 

@@ -208,6 +208,8 @@ class Capture:
     order: list[str] = field(default_factory=list)  # completion order (children first)
     classes: dict[str, str] = field(default_factory=dict)
     logits: np.ndarray | None = None
+    # path ("" for the root) -> module class: where its source sits (checks.locations)
+    types: dict[str, type] = field(default_factory=dict)
 
 
 def _first_array(value: Any) -> Any:
@@ -262,6 +264,7 @@ def patched_calls(model: Any, make_wrapper: Callable[[Any, dict[int, str]], Any]
 def recording(model: Any, capture: Capture) -> Iterator[None]:
     """Record every module's first call: its first array input and output."""
     for path, module in model.named_modules():
+        capture.types[path] = type(module)
         if path:
             capture.classes[path] = type(module).__name__
 

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
+# v2: Localization carries source locations (optional: v1 results still read).
+SCHEMA_VERSION = 2
 
 Verdict = Literal["pass", "fail", "error", "skip"]
 # What kind of code a divergence was localized to.
@@ -41,6 +42,14 @@ class LayerRow(Strict):
     ok: bool
 
 
+class SourceLocation(Strict):
+    """A line of Python source: where the code of a module sits."""
+
+    path: str  # relative to the directory holding its top package: "mlx_lm/models/llama.py"
+    line: int
+    function: str  # qualified name, e.g. "Attention.__call__"
+
+
 class Localization(Strict):
     """Where inside the first divergent stage the outputs part ways."""
 
@@ -53,6 +62,13 @@ class Localization(Strict):
     # Modules of the same stage that agree before the divergence, in call order.
     agreeing_before: list[str] = Field(default_factory=list)
     facts: list[str] = Field(default_factory=list)
+    # Source locations (v2). mlx_source: the diverging MLX module's __call__. mlx_call: the
+    # line that calls the diverging sub-module: inside mlx_source when the sub-module's
+    # input differs (the code before the call is at fault), else in the parent's __call__.
+    # hf_source: the forward of the matching transformers module.
+    mlx_source: SourceLocation | None = None
+    mlx_call: SourceLocation | None = None
+    hf_source: SourceLocation | None = None
 
 
 class WeightsReport(Strict):

@@ -126,3 +126,21 @@ def copy_mlx_lm(root: Path, edits: list[Edit]) -> Path:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One checkpoint cache for the whole session: each tiny checkpoint is built once."""
     return tmp_path_factory.mktemp("mlx-verify-cache")
+
+
+# Debian's Chromium, headless, with nothing that reaches the network on its own
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One Chromium for the session: Playwright's sync API runs one driver loop per
+    thread, so the dashboard and report tests share it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
+                                              headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

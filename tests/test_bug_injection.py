@@ -320,6 +320,10 @@ def test_injected_bug_is_found_and_localized(batches: BatchRunner, bug: Injected
     assert localization["stage"] == bug.stage
     assert localization["part"] == bug.part, check["summary"]
     assert localization["module"] == bug.module, check["summary"]
+    # the source lines: the MLX line calling the diverging code is in the edited file
+    assert localization["mlx_call"]["path"] == "mlx_lm/" + bug.edits[0].file, localization
+    assert localization["mlx_source"]["path"].startswith(("mlx_lm/", "mlx/")), localization
+    assert localization["hf_source"]["path"].startswith("transformers/models/"), localization
     rows = check["layers"]
     divergent = next(r for r in rows if r["name"] == bug.stage)
     assert not divergent["ok"]

@@ -7,7 +7,15 @@ import pytest
 
 from app.commands import CommandError, find_command_line, parse
 from app.comment import COMMENT_LIMIT, render
-from checks.schema import CheckResult, Environment, LayerRow, Localization, ModelReport, Results
+from checks.schema import (
+    CheckResult,
+    Environment,
+    LayerRow,
+    Localization,
+    ModelReport,
+    Results,
+    SourceLocation,
+)
 
 ENV = Environment(python="3.11", platform="Linux", machine="x86_64", mlx="0.32",
                   mlx_device="cpu", torch="2.13", transformers="5.23",
@@ -144,3 +152,66 @@ def test_baseline_marks_each_failing_row_and_only_new_findings_fail():
     clean = _results({"llama": [_check("default", "pass")]})
     out = rendered({**outcome, "results": clean, "base_status": "skipped", "base_results": None})
     assert out.conclusion == "success" and "vs base" not in out.comment
+
+
+def located(model_types: list[str], lines: list[int]) -> dict:
+    """Results whose layers findings carry source locations, one MLX call line each."""
+    data = Results.model_validate(results(model_types))
+    for report, line in zip(data.reports, lines, strict=True):
+        loc = report.checks[0].localization
+        loc.mlx_source = SourceLocation(path="mlx_lm/models/llama.py", line=74,
+                                        function="Attention.__call__")
+        loc.mlx_call = SourceLocation(path="mlx_lm/models/llama.py", line=line,
+                                      function="Attention.__call__")
+        loc.hf_source = SourceLocation(path="transformers/models/llama/modeling_llama.py",
+                                       line=233, function="LlamaAttention.forward")
+    return data.model_dump(mode="json")
+
+
+def test_source_locations_link_to_the_head_blob_and_annotate_changed_files():
+    outcome = {"status": "done", "results": located(["llama", "mistral"], [102, 102]),
+               "model_types": ["llama", "mistral"]}
+    sha = "ab" * 20
+    out = render(outcome, repo="ml-explore/mlx-lm", number=7, sha=sha, request={}, history=[],
+                 dashboard_url=None, changed_files=["mlx_lm/models/llama.py"])
+    blob = f"https://github.com/ml-explore/mlx-lm/blob/{sha}/mlx_lm/models/llama.py"
+    assert f"[`mlx_lm/models/llama.py:102`]({blob}#L102)" in out.comment
+    assert f"({blob}#L74)" in out.comment
+    # transformers is not the PR's repository: named, not linked
+    assert "`transformers/models/llama/modeling_llama.py:233`" in out.comment
+    assert "blob/" + sha + "/transformers" not in out.comment
+    # one annotation per line, listing both findings there
+    assert [(a["path"], a["start_line"]) for a in out.annotations] == \
+        [("mlx_lm/models/llama.py", 102)]
+    message = out.annotations[0]["message"]
+    assert "llama layers / default" in message and "mistral layers / default" in message
+    assert out.annotations[0]["annotation_level"] == "failure"
+    untouched = render(outcome, repo="ml-explore/mlx-lm", number=7, sha=sha, request={},
+                       history=[], dashboard_url=None, changed_files=["mlx_lm/models/qwen2.py"])
+    assert untouched.annotations == []
+
+
+def test_more_than_fifty_annotations_go_in_batches_of_fifty(github_fake):
+    """120 located findings on 120 lines: 120 annotations, sent to (fake) GitHub's REST
+    API 50 per request."""
+    from githubkit import GitHub
+
+    from app import github
+
+    types = [f"model_{i}" for i in range(120)]
+    out = render({"status": "done", "results": located(types, list(range(1, 121))),
+                  "model_types": types}, repo="o/r", number=7, sha="a" * 40, request={},
+                 history=[], dashboard_url=None, changed_files=["mlx_lm/models/llama.py"])
+    assert len(out.annotations) == 120
+    token = "ghs_annotations_test"
+    github_fake.tokens.add(token)
+    with GitHub(token, base_url=github_fake.url) as gh:
+        run_id = github.create_check_run(gh, "o", "r", name="mlx-verify", head_sha="a" * 40)
+        github.update_check_run(gh, "o", "r", run_id, status="completed",
+                                conclusion=out.conclusion,
+                                output={"title": out.title, "summary": out.summary,
+                                        "annotations": out.annotations})
+    sent = [body["output"]["annotations"] for method, path, body in github_fake.writes
+            if method == "PATCH" and path == f"/repos/o/r/check-runs/{run_id}"]
+    assert [len(batch) for batch in sent] == [50, 50, 20]
+    assert [a["start_line"] for batch in sent for a in batch] == list(range(1, 121))

@@ -46,8 +46,6 @@ BASE_SHA = "0" * 40
 SHA_GOOD, SHA_BAD = "1" * 40, "2" * 40  # two pushes of PR 7: a regression between them
 SHA_OTHER = "3" * 40  # PR 8, whose title is hostile HTML
 HOSTILE_TITLE = '<img src=x onerror="document.title=1"> @everyone #1'
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking"]
 GELU_BUG = Edit("models/llama.py",
                 "return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))",
                 "return self.down_proj(nn.gelu(self.gate_proj(x)) * self.up_proj(x))")
@@ -215,17 +213,6 @@ def live(dash_redis, fake, app_key, real_results, tmp_path_factory) -> Live:
     yield Live(f"http://127.0.0.1:{port}/dashboard", settings, dash_redis, fake, real_results,
                ids)
     server.stop()
-
-
-@pytest.fixture(scope="session")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium",
-                                              args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -127,6 +127,15 @@ def test_chart_has_one_point_per_stage(page, live):
     screenshot(page, "run-chart-passing")
 
 
+def test_run_page_shows_the_source_lines_of_a_localized_divergence(page, live):
+    loc = layers_check(live.results["bugged"]).localization
+    page.goto(f"{live.url}/runs/{live.ids['bad']}")
+    shown = [li.inner_text() for li in page.locator("li.source").all()]
+    assert shown == [f"{label}: {w.path}:{w.line} ({w.function})" for label, w in (
+        ("MLX", loc.mlx_source), ("MLX call", loc.mlx_call), ("transformers", loc.hf_source))]
+    assert loc.mlx_call.path == "mlx_lm/models/llama.py"
+
+
 def test_links_lead_where_they_say(page, live):
     page.goto(f"{live.url}/")
     page.get_by_role("link", name="#7", exact=True).click()
