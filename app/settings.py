@@ -87,7 +87,7 @@ def _url(name: str, default: str | None, schemes: tuple[str, ...]) -> str:
     return value.rstrip("/")
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
+def int_setting(name: str, default: int, minimum: int = 1) -> int:
     value = _env(name)
     if value is None:
         return default
@@ -120,8 +120,8 @@ def load_runner_settings() -> RunnerSettings:
         redis_url=redis_url(),
         git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
         work_dir=work_dir,
-        timeout_s=_int("VERIFY_TIMEOUT", 1800),
-        memory_mb=_int("VERIFY_MEMORY_MB", 16384, minimum=512),
+        timeout_s=int_setting("VERIFY_TIMEOUT", 1800),
+        memory_mb=int_setting("VERIFY_MEMORY_MB", 16384, minimum=512),
     )
 
 
@@ -136,9 +136,9 @@ class StoreLimits:
 
 
 def load_store_limits() -> StoreLimits:
-    return StoreLimits(max_bytes=_int("STORE_MAX_MB", 1024) * 1024 * 1024,
-                       results_max_bytes=_int("STORE_RESULTS_MAX_KB", 2048) * 1024,
-                       ttl_s=_int("STORE_TTL_DAYS", 90) * 86400)
+    return StoreLimits(max_bytes=int_setting("STORE_MAX_MB", 1024) * 1024 * 1024,
+                       results_max_bytes=int_setting("STORE_RESULTS_MAX_KB", 2048) * 1024,
+                       ttl_s=int_setting("STORE_TTL_DAYS", 90) * 86400)
 
 
 def _private_key() -> str:
@@ -180,7 +180,7 @@ def load_app_settings() -> AppSettings:
         git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
         dashboard_url=_url("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,
         auto_model_types=tuple(t.strip() for t in auto.split(",") if t.strip()) if auto else None,
-        max_model_types=_int("VERIFY_MAX_MODEL_TYPES", 24),
+        max_model_types=int_setting("VERIFY_MAX_MODEL_TYPES", 24),
         auto_checks=tuple(c.strip() for c in (_env("VERIFY_CHECKS") or "").split(",")
                           if c.strip()),
         baseline=_flag("VERIFY_BASELINE", True),

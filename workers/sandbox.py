@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.settings import SettingsError
+from app.settings import SettingsError, int_setting
 
 # Read-only from /etc: the dynamic linker's cache, the BLAS alternatives symlinks
 # (libblas.so.3 points into /etc/alternatives), users and groups, the time zone.
@@ -75,28 +75,15 @@ class SandboxSettings:
     uid: int  # VERIFY_SANDBOX_UID: the uid a root runner's sandbox runs as
 
 
-def _int(name: str, default: int, minimum: int) -> int:
-    value = (os.environ.get(name) or "").strip()
-    if not value:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise SettingsError(f"{name} is not an integer: {value!r}") from None
-    if number < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}")
-    return number
-
-
 def load_sandbox_settings() -> SandboxSettings:
     enabled = (os.environ.get("VERIFY_SANDBOX") or "1").strip()
     if enabled not in ("0", "1"):
         raise SettingsError(f"VERIFY_SANDBOX must be 0 or 1, not {enabled!r}")
     return SandboxSettings(
         enabled=enabled == "1",
-        max_processes=_int("VERIFY_MAX_PROCESSES", 1024, minimum=16),
-        disk_mb=_int("VERIFY_DISK_MB", 4096, minimum=64),
-        uid=_int("VERIFY_SANDBOX_UID", 65534, minimum=1),
+        max_processes=int_setting("VERIFY_MAX_PROCESSES", 1024, minimum=16),
+        disk_mb=int_setting("VERIFY_DISK_MB", 4096, minimum=64),
+        uid=int_setting("VERIFY_SANDBOX_UID", 65534, minimum=1),
     )
 
 
