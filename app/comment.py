@@ -233,7 +233,8 @@ def environment_lines(results: Results | None) -> list[str]:
             f"({escape(env.mlx_device, 40)}{blas}), torch {escape(env.torch, 40)}, transformers "
             f"{escape(env.transformers, 40)}, python {escape(env.python, 40)}, "
             f"{escape(env.platform, 80)}; mlx-verify {escape(env.mlx_verify, 40)}, results "
-            f"schema v{results.schema_version}"]
+            f"schema v{results.schema_version}"
+            + (f"; lock {escape(env.lock, 120)}" if env.lock else "")]
 
 
 def _fit(head: list[str], optional: list[list[str]], tail: list[str], limit: int) -> str:

@@ -215,3 +215,13 @@ def test_more_than_fifty_annotations_go_in_batches_of_fifty(github_fake):
             if method == "PATCH" and path == f"/repos/o/r/check-runs/{run_id}"]
     assert [len(batch) for batch in sent] == [50, 50, 20]
     assert [a["start_line"] for batch in sent for a in batch] == list(range(1, 121))
+
+
+def test_the_environment_line_names_the_lock_the_run_matched():
+    locked = results(["llama"])
+    locked["environment"]["lock"] = "constraints/lock.txt (sha256 6f5ed10a)"
+    body = rendered({"status": "done", "results": locked, "model_types": ["llama"]}).comment
+    assert "; lock constraints/lock.txt \\(sha256 6f5ed10a\\)" in body  # Markdown-escaped
+    unlocked = rendered({"status": "done", "results": results(["llama"]),
+                         "model_types": ["llama"]}).comment
+    assert "; lock" not in unlocked
