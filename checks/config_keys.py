@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import compare, hf_side, mlx_side
+from . import compare, compat, hf_side, locations, mlx_side
 from .schema import CheckResult
 from .subject import Subject
 from .variants import mlx_args_fields
@@ -109,6 +109,7 @@ def run(subject: Subject) -> list[CheckResult]:
     hf_base = hf_side.plain_forward(subject.hf_model, ids)
     mlx_base = mlx_side.plain_forward(subject.mlx_model, ids)
     declared = mlx_args_fields(subject.config)
+    args_class = compat.mlx_model_classes(subject.config)[1]
     rows: list[dict[str, Any]] = []
     problems: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="mlx-verify-config-"))
@@ -148,7 +149,7 @@ def run(subject: Subject) -> list[CheckResult]:
                 mlx_model.set_dtype(getattr(mx, subject.dtype))
             mlx_out = mlx_side.plain_forward(mlx_model, ids)
             row = judge_key(key, config, declared, hf_base, mlx_base, hf_out, mlx_out,
-                            tolerance)
+                            tolerance, args_class)
             if row["status"] in ("ignored by MLX", "read differently", "used only by MLX"):
                 if row["declared_by_mlx_model_args"] or any(w in key for w in VARYING_WORDS):
                     problems.append(row["fact"])
@@ -199,7 +200,8 @@ def transformers_refuses(checkpoint: Path) -> str | None:
 
 
 def judge_key(key: str, config: dict[str, Any], declared: set[str], hf_base: Any, mlx_base: Any,
-              hf_out: Any, mlx_out: Any, tolerance: float) -> dict[str, Any]:
+              hf_out: Any, mlx_out: Any, tolerance: float,
+              args_class: Any = None) -> dict[str, Any]:
     """How MLX follows transformers when one key changes.
 
     When the unperturbed models already disagree (e.g. a config format MLX misreads),
@@ -213,8 +215,12 @@ def judge_key(key: str, config: dict[str, Any], declared: set[str], hf_base: Any
         "mlx_moved": mlx_moved, "rel_l2_after": parity,
         "declared_by_mlx_model_args": key.split(".")[0] in declared,
     }
-    why = ("declared by ModelArgs but unused" if row["declared_by_mlx_model_args"]
-           else "ModelArgs has no such field: from_dict drops it")
+    field = key.split(".")[0]
+    where = locations.field_location(args_class, field)
+    row["mlx_field"] = where.model_dump() if where is not None else None
+    at = f" at {where.path}:{where.line}" if where is not None else ""
+    why = (f"declared by ModelArgs{at} but unused" if row["declared_by_mlx_model_args"]
+           else f"ModelArgs{at} has no field {field}: from_dict drops it")
     if hf_moved > tolerance and mlx_moved <= tolerance:
         row["status"] = "ignored by MLX"
         row["fact"] = f"{key}: transformers' logits move {hf_moved:.2e}, MLX's do not ({why})"

@@ -131,3 +131,26 @@ def library_of(cls: type | None) -> str | None:
 
 def is_transformers(cls: type | None) -> bool:
     return cls is not None and cls.__module__.split(".")[0] == "transformers"
+
+
+def field_location(args_class: type | None, field: str) -> SourceLocation | None:
+    """The line that declares `field` in a ModelArgs class (`field: type = ...`), or the
+    class's own line when it declares no such field (from_dict then drops the key)."""
+    if args_class is None:
+        return None
+    try:
+        lines, start = inspect.getsourcelines(args_class)
+        file = inspect.getsourcefile(args_class)
+    except (OSError, TypeError):
+        return None
+    if file is None:
+        return None
+    path = _relative(file, args_class.__module__)
+    pattern = re.compile(rf"^\s+{re.escape(field)}\s*:")
+    index = next((i for i, line in enumerate(lines) if pattern.match(line)), None)
+    if index is None:
+        offset = next((i for i, line in enumerate(lines) if line.lstrip().startswith("class ")),
+                      0)
+        return SourceLocation(path=path, line=start + offset, function=args_class.__name__)
+    return SourceLocation(path=path, line=start + index,
+                          function=f"{args_class.__name__}.{field}")

@@ -304,6 +304,23 @@ def md_layer_table(check: CheckResult, limit: int = 200) -> list[str]:
     return lines
 
 
+def config_fields(check: CheckResult) -> list[tuple[str, SourceLocation]]:
+    """(key, where its ModelArgs declares it, or the class that lacks it) for each config
+    key the `config` check found MLX not to honour."""
+    if check.check != "config":
+        return []
+    out = []
+    for row in check.details.get("keys", []):
+        if isinstance(row, dict) and row.get("fact") and row.get("key") in \
+                {p.split(":", 1)[0] for p in check.details.get("problems", [])}:
+            try:
+                where = SourceLocation.model_validate(row.get("mlx_field"))
+            except ValueError:
+                continue
+            out.append((str(row["key"]), where))
+    return out[:20]
+
+
 def md_check_details(model_type: str, check: CheckResult, chart: list[str] | None = None,
                      link: Linker | None = None) -> list[str]:
     """Everything about one check: localization and its sources, facts, weights, metrics,
@@ -319,6 +336,8 @@ def md_check_details(model_type: str, check: CheckResult, chart: list[str] | Non
             lines.append(f"  - {label}: {md_location(where, link)}")
         for fact in loc.facts[:20]:
             lines.append(f"- {escape(fact)}")
+    for key, where in config_fields(check):
+        lines.append(f"- config key {code(key, 80)}: ModelArgs {md_location(where, link)}")
     if check.weights is not None:
         for label, names in (("missing", check.weights.missing),
                              ("unexpected", check.weights.unexpected),

@@ -71,10 +71,12 @@ def test_released_findings_are_reported(released_findings: CliRun) -> None:
     assert released_findings.returncode == 1
     gemma2 = checks_of(released_findings, "gemma2", "config")[0]
     assert gemma2["verdict"] == "fail" and "sliding_window" in gemma2["summary"]
-    assert "ModelArgs has no such field" in gemma2["summary"]
+    assert "ModelArgs at mlx_lm/models/gemma2.py:" in gemma2["summary"]
+    assert "has no field sliding_window: from_dict drops it" in gemma2["summary"]
     mistral = checks_of(released_findings, "mistral", "config")[0]
     assert mistral["verdict"] == "fail" and "sliding_window" in mistral["summary"]
-    assert "declared by ModelArgs but unused" in mistral["summary"]
+    assert "declared by ModelArgs at mlx_lm/models/llama.py:" in mistral["summary"]
+    assert "but unused" in mistral["summary"]
     tied = checks_of(released_findings, "gemma2", "weights")[0]
     assert tied["verdict"] == "fail" and "lm_head.weight" in tied["summary"]
     # transformers 5 writes the RoPE base under rope_parameters; llama.py reads rope_theta

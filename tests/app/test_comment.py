@@ -225,3 +225,32 @@ def test_the_environment_line_names_the_lock_the_run_matched():
     unlocked = rendered({"status": "done", "results": results(["llama"]),
                          "model_types": ["llama"]}).comment
     assert "; lock" not in unlocked
+
+
+def test_a_config_finding_links_the_model_args_field():
+    """The config check's finding names where ModelArgs declares the key (or the class
+    that lacks it), linked to the PR's blob like the other source locations."""
+    from checks.schema import CheckResult, ModelReport, Results
+
+    fact = ("sliding_window: transformers' logits move 8.43e-02, MLX's do not (ModelArgs at "
+            "mlx_lm/models/gemma2.py:13 has no field sliding_window: from_dict drops it)")
+    check = CheckResult(check="config", variant="default", verdict="fail",
+                        summary=f"1 key(s) not honoured by MLX; first: {fact}",
+                        details={"problems": [fact], "keys": [
+                            {"key": "sliding_window", "status": "ignored by MLX", "fact": fact,
+                             "mlx_field": {"path": "mlx_lm/models/gemma2.py", "line": 13,
+                                           "function": "ModelArgs"}},
+                            {"key": "rms_norm_eps", "status": "honoured",
+                             "mlx_field": None}]})
+    report = ModelReport(model_type="gemma2", source="default", seed=0, dtype="float32",
+                         verdict="fail", checks=[check])
+    outcome = {"status": "done", "model_types": ["gemma2"],
+               "results": Results(command="mlx-verify check gemma2", environment=ENV,
+                                  reports=[report]).model_dump(mode="json")}
+    sha = "cd" * 20
+    body = render(outcome, repo="ml-explore/mlx-lm", number=7, sha=sha, request={}, history=[],
+                  dashboard_url=None, changed_files=[]).comment
+    blob = f"https://github.com/ml-explore/mlx-lm/blob/{sha}/mlx_lm/models/gemma2.py#L13"
+    assert f"config key `sliding_window`: ModelArgs [`mlx_lm/models/gemma2.py:13`]({blob})" \
+        in body
+    assert "config key `rms_norm_eps`" not in body  # honoured: not a finding
