@@ -206,7 +206,7 @@ source_locations = render.sources
 # ---- queue helpers ---------------------------------------------------------------------
 
 def queue_names(connection: redis.Redis) -> list[str]:
-    from workers import report
+    from . import report
 
     names = {report.REPORT_QUEUE, report.VERIFY_QUEUE}
     names |= {raw.decode() for raw in connection.smembers(report.VERIFY_QUEUES_KEY)}
@@ -214,7 +214,7 @@ def queue_names(connection: redis.Redis) -> list[str]:
 
 
 def memory_class(queues: list[str]) -> str:
-    from workers import report
+    from . import report
 
     if report.LARGE_VERIFY_QUEUE in queues:
         return "large"
@@ -228,7 +228,8 @@ def job_repository(connection: redis.Redis, job: Job) -> str | None:
     args = list(job.args or [])
     if job.func_name == "workers.verify.run_verify" and args and isinstance(args[0], dict):
         return args[0].get("repo")
-    if job.func_name == "workers.report.handle_event" and len(args) >= 3:
+    if job.func_name in ("app.report.handle_event", "workers.report.handle_event") \
+            and len(args) >= 3:
         return ((args[2] or {}).get("repository") or {}).get("full_name")
     if args and isinstance(args[0], str):
         repo = connection.hget(f"mlxv:job:{args[0]}", "repo")
@@ -648,9 +649,7 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
                        link=f"{PREFIX}/runs/{quote(job_id)}")
 
     def rerun_run(run: store.Run, login_name: str) -> tuple[str, str]:
-        from workers import report
-
-        from . import github
+        from . import github, report
         from .commands import VerifyRequest
 
         assert settings is not None and run.repository and run.head_sha and run.pr is not None

@@ -1,29 +1,24 @@
-"""Settings from the environment, checked at start-up.
+"""The App's settings from the environment, checked at start-up: the key, the webhook
+secret, the store's bounds (the parsers and the runner's settings: workers/settings.py).
 
 A missing or invalid setting stops start-up with one line naming it (SettingsError).
-The runner (verify queues) reads only what it needs: REDIS_URL and GITHUB_GIT_URL, so a
-runner machine never needs, and should never have, the App key or webhook secret.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
-
-class SettingsError(Exception):
-    """One line naming the setting that is missing or invalid."""
-
-
-@dataclass(frozen=True)
-class RunnerSettings:
-    redis_url: str
-    git_url: str  # clone URLs are {git_url}/{owner}/{repo}.git
-    work_dir: str  # parent of the per-job work dirs
-    timeout_s: int  # wall time of one `mlx-verify check` run
-    memory_mb: int  # address-space limit of that run (Linux; advisory on macOS)
+from workers.settings import (  # noqa: F401 (SettingsError, connect_redis: app's imports)
+    SettingsError,
+    connect_redis,
+    env_value,
+    flag_setting,
+    int_setting,
+    redis_url,
+    required,
+    url_setting,
+)
 
 
 @dataclass(frozen=True)
@@ -45,18 +40,6 @@ class AppSettings:
     baseline: bool = True
 
 
-def _env(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value.strip() if value and value.strip() else None
-
-
-def _required(name: str) -> str:
-    value = _env(name)
-    if value is None:
-        raise SettingsError(f"{name} is not set")
-    return value
-
-
 # Values from examples and templates that must never reach production.
 PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "secret",
                 "password", "your-secret", "example", "xxx", "todo", "test")
@@ -66,7 +49,7 @@ WEBHOOK_SECRET_MIN_CHARS = 16
 def secret(name: str, minimum: int, value: str | None = None) -> str:
     """A secret setting: set, not a placeholder, at least `minimum` characters. The
     error names the setting, never the value."""
-    value = _required(name) if value is None else value
+    value = required(name) if value is None else value
     lowered = value.lower()
     if lowered in PLACEHOLDERS or any(p in lowered for p in PLACEHOLDERS[:5]) or \
             len(set(value)) == 1:
@@ -75,54 +58,6 @@ def secret(name: str, minimum: int, value: str | None = None) -> str:
     if len(value) < minimum:
         raise SettingsError(f"{name} must be at least {minimum} characters")
     return value
-
-
-def _url(name: str, default: str | None, schemes: tuple[str, ...]) -> str:
-    value = _env(name) or default
-    if value is None:
-        raise SettingsError(f"{name} is not set")
-    parsed = urlparse(value)
-    if parsed.scheme not in schemes or (parsed.scheme != "file" and not parsed.netloc):
-        raise SettingsError(f"{name} is not a {'/'.join(schemes)} URL: {value!r}")
-    return value.rstrip("/")
-
-
-def int_setting(name: str, default: int, minimum: int = 1) -> int:
-    value = _env(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise SettingsError(f"{name} is not an integer: {value!r}") from None
-    if number < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}")
-    return number
-
-
-def _flag(name: str, default: bool) -> bool:
-    value = _env(name)
-    if value is None:
-        return default
-    if value not in ("0", "1"):
-        raise SettingsError(f"{name} must be 0 or 1, not {value!r}")
-    return value == "1"
-
-
-def redis_url() -> str:
-    return _url("REDIS_URL", None, ("redis", "rediss", "unix"))
-
-
-def load_runner_settings() -> RunnerSettings:
-    work_dir = _env("VERIFY_WORK_DIR") or os.path.join(
-        os.environ.get("TMPDIR", "/tmp"), "mlx-verify-jobs")
-    return RunnerSettings(
-        redis_url=redis_url(),
-        git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
-        work_dir=work_dir,
-        timeout_s=int_setting("VERIFY_TIMEOUT", 1800),
-        memory_mb=int_setting("VERIFY_MEMORY_MB", 16384, minimum=512),
-    )
 
 
 @dataclass(frozen=True)
@@ -142,7 +77,7 @@ def load_store_limits() -> StoreLimits:
 
 
 def _private_key() -> str:
-    path = _env("GITHUB_PRIVATE_KEY_PATH")
+    path = env_value("GITHUB_PRIVATE_KEY_PATH")
     if path is not None:
         try:
             key = Path(path).read_text()
@@ -152,7 +87,7 @@ def _private_key() -> str:
         name = "GITHUB_PRIVATE_KEY_PATH"
     else:
         # A key pasted into an env file often has literal "\n" for its line breaks.
-        key = _required("GITHUB_PRIVATE_KEY").replace("\\n", "\n")
+        key = required("GITHUB_PRIVATE_KEY").replace("\\n", "\n")
         name = "GITHUB_PRIVATE_KEY"
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -165,35 +100,23 @@ def _private_key() -> str:
 
 
 def load_app_settings() -> AppSettings:
-    app_id = _required("GITHUB_APP_ID")
+    app_id = required("GITHUB_APP_ID")
     if not app_id.isdigit():
         raise SettingsError(f"GITHUB_APP_ID is not a number: {app_id!r}")
-    auto = _env("VERIFY_MODEL_TYPES")
-    dashboard = _env("DASHBOARD_URL")
+    auto = env_value("VERIFY_MODEL_TYPES")
+    dashboard = env_value("DASHBOARD_URL")
     load_store_limits()  # a bad STORE_* value stops start-up too
     return AppSettings(
         redis_url=redis_url(),
         app_id=int(app_id),
         private_key=_private_key(),
         webhook_secret=secret("GITHUB_WEBHOOK_SECRET", WEBHOOK_SECRET_MIN_CHARS),
-        api_url=_url("GITHUB_API_URL", "https://api.github.com", ("https", "http")),
-        git_url=_url("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
-        dashboard_url=_url("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,
+        api_url=url_setting("GITHUB_API_URL", "https://api.github.com", ("https", "http")),
+        git_url=url_setting("GITHUB_GIT_URL", "https://github.com", ("https", "http", "file")),
+        dashboard_url=url_setting("DASHBOARD_URL", None, ("https", "http")) if dashboard else None,
         auto_model_types=tuple(t.strip() for t in auto.split(",") if t.strip()) if auto else None,
         max_model_types=int_setting("VERIFY_MAX_MODEL_TYPES", 24),
-        auto_checks=tuple(c.strip() for c in (_env("VERIFY_CHECKS") or "").split(",")
+        auto_checks=tuple(c.strip() for c in (env_value("VERIFY_CHECKS") or "").split(",")
                           if c.strip()),
-        baseline=_flag("VERIFY_BASELINE", True),
+        baseline=flag_setting("VERIFY_BASELINE", True),
     )
-
-
-def connect_redis(url: str):
-    """A Redis client that has answered a PING; SettingsError naming REDIS_URL otherwise."""
-    import redis
-
-    try:
-        client = redis.Redis.from_url(url)
-        client.ping()
-    except (redis.RedisError, ValueError) as e:
-        raise SettingsError(f"REDIS_URL: cannot connect ({str(e).splitlines()[0]})") from None
-    return client

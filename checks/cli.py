@@ -66,8 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from workers.worker import worker
-
+    # the report worker holds the App key (app/), runners must not import it (workers/)
+    queues = args.queue if isinstance(args.queue, list) else [args.queue]
+    if "report" in queues:
+        from app.worker import worker
+    else:
+        from workers.worker import worker
     return worker(args)
 
 

@@ -153,7 +153,7 @@ def test_without_bubblewrap_the_runner_refuses_to_run_pr_code(tmp_path, monkeypa
     work, env = job_dir(tmp_path)
     src = work / "src"
     src.mkdir()
-    from app.settings import RunnerSettings
+    from workers.settings import RunnerSettings
 
     settings = RunnerSettings(redis_url="redis://127.0.0.1:1/0", git_url="file:///x",
                               work_dir=str(tmp_path), timeout_s=60, memory_mb=4096)

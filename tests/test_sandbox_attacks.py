@@ -40,7 +40,7 @@ ATTACK_EXIT = 3
 RUNNER = """
 import json, sys
 from pathlib import Path
-from app.settings import load_runner_settings
+from workers.settings import load_runner_settings
 from workers import verify
 work, src = Path(sys.argv[1]), Path(sys.argv[2])
 # an open connection, as an rq work horse holds to Redis, even marked inheritable

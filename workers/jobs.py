@@ -12,15 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from rq.job import Job
+from rq.utils import import_attribute
 
-# What the server and runners enqueue (app/server.py, workers/report.py, workers/verify.py).
+REPORT_QUEUE = "report"  # beside the server: the only worker that holds the App key
+# What the server and runners enqueue (app/server.py, app/report.py, workers/verify.py).
 RUNNER_FUNCTIONS = frozenset({"workers.verify.run_verify"})
 RUNNER_CALLBACKS = frozenset({"workers.verify.on_verify_failure"})
 REPORT_FUNCTIONS = frozenset({
-    "workers.report.handle_event", "workers.report.verify_started",
-    "workers.report.verify_finished", "workers.report.verify_requeued",
-    "workers.report.verify_failed",
+    "app.report.handle_event", "app.report.verify_started", "app.report.verify_finished",
+    "app.report.verify_requeued", "app.report.verify_failed",
 })
+# The report job lived in workers/ until 2026-12 (it holds the App key, so it moved to
+# app/): jobs queued under the old paths still run, as the same functions.
+RENAMED = {f"workers.report.{name.rsplit('.', 1)[1]}": name for name in REPORT_FUNCTIONS}
 REPORT_CALLBACKS: frozenset[str] = frozenset()
 
 
@@ -40,12 +44,14 @@ class AllowlistedJob(Job):
     role = "no"
     functions: frozenset[str] = frozenset()
     callbacks: frozenset[str] = frozenset()
+    renamed: dict[str, str] = {}
 
     @property
     def func(self) -> Any:
-        if self.instance is not None or self.func_name not in self.functions:
+        name = self.renamed.get(self.func_name or "", self.func_name)
+        if self.instance is not None or name not in self.functions:
             return _refuse("the job function", self.func_name, self.role)
-        return super().func
+        return import_attribute(name)
 
     def _callback(self, name: str | None, resolve: Any) -> Any:
         if name and name not in self.callbacks:
@@ -75,3 +81,4 @@ class ReportJob(AllowlistedJob):
     role = "report"
     functions = REPORT_FUNCTIONS
     callbacks = REPORT_CALLBACKS
+    renamed = RENAMED

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from app.settings import SettingsError, int_setting
+from .settings import SettingsError, int_setting
 
 # Read-only from /etc: the dynamic linker's cache, the BLAS alternatives symlinks
 # (libblas.so.3 points into /etc/alternatives), users and groups, the time zone.

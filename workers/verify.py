@@ -2,7 +2,7 @@
 
 One job checks one PR head SHA:
 1. fetch the base repository's `pull/N/head` into a fresh per-job work dir;
-2. plan the model_types from the changed files on that tree (app.planning, no import);
+2. plan the model_types from the changed files on that tree (workers/planning.py, no import);
 3. run `mlx-verify check` on it in the sandbox (workers/sandbox.py: no network, its own
    PID namespace, read-only system and tree, a scrubbed environment with no tokens, no
    Redis URL and no App settings, its own HOME and caches on a size-limited tmpfs),
@@ -39,12 +39,11 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
-from app import planning
-from app.settings import RunnerSettings, load_runner_settings
 from checks.mlx_side import fast_blas_env
-from workers import sandbox
+from workers import planning, sandbox
+from workers.jobs import REPORT_QUEUE
+from workers.settings import RunnerSettings, load_runner_settings
 
-REPORT_QUEUE = "report"
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
 STDERR_TAIL_BYTES = 4096
 OUTPUT_FILE_MAX_BYTES = 512 * 1024 * 1024  # RLIMIT_FSIZE of the check process
@@ -63,7 +62,7 @@ def report(connection, function: str, *args: Any) -> None:
     from rq import Retry
 
     Queue(REPORT_QUEUE, connection=connection, serializer=JSONSerializer).enqueue(
-        f"workers.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
+        f"app.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
         job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400)
 
 

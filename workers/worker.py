@@ -1,9 +1,9 @@
-"""`mlx-verify worker --queue NAME [--queue NAME ...] [--burst]`: an rq worker.
+"""`mlx-verify worker --queue NAME [--queue NAME ...] [--burst]`: a runner's rq worker.
 
-Queue `report` runs beside the server and needs the App settings (it does every GitHub
-write). Any other queue (`verify`, `verify-large`, ...) is a runner queue: it needs only
-REDIS_URL and GITHUB_GIT_URL and must not be given the App key or webhook secret, and it
-refuses to start when the sandbox of workers/sandbox.py cannot be made here.
+A runner queue (`verify`, `verify-large`, ...) needs only REDIS_URL and GITHUB_GIT_URL
+and must not be given the App key or webhook secret; the worker refuses to start when
+the sandbox of workers/sandbox.py cannot be made here. (Queue `report` runs beside the
+server with the App settings: app/worker.py.)
 Jobs are JSON-serialized (never pickle: whoever can write to Redis could run code on
 every worker), and each worker runs only its role's job functions (workers/jobs.py).
 On macOS the spawn-based worker is used: MLX and Objective-C libraries are not
@@ -20,10 +20,9 @@ from typing import Any
 from rq import SpawnWorker, Worker
 from rq.serializers import JSONSerializer
 
-from app.settings import SettingsError, connect_redis, load_app_settings, load_runner_settings
-
 from . import jobs, sandbox
-from .report import REPORT_QUEUE
+from .jobs import REPORT_QUEUE
+from .settings import SettingsError, connect_redis, load_runner_settings
 
 JOB_MONITORING_INTERVAL = 15  # heartbeat period: a dead runner is noticed ~75 s later
 
@@ -31,13 +30,14 @@ JOB_MONITORING_INTERVAL = 15  # heartbeat period: a dead runner is noticed ~75 s
 def worker(args: argparse.Namespace) -> int:
     """Run a worker until stopped (or until the queues are empty with --burst)."""
     queues = args.queue if isinstance(args.queue, list) else [args.queue]
+    if REPORT_QUEUE in queues:
+        print("mlx-verify: error: the report queue runs beside the server, not on a runner",
+              file=sys.stderr)
+        return 2
     try:
-        if REPORT_QUEUE in queues:
-            url = load_app_settings().redis_url
-        else:
-            url = load_runner_settings().redis_url
-            # A runner that cannot sandbox PR code does not start (fail closed).
-            sandbox.probe(sandbox.load_sandbox_settings())
+        url = load_runner_settings().redis_url
+        # A runner that cannot sandbox PR code does not start (fail closed).
+        sandbox.probe(sandbox.load_sandbox_settings())
         connection = connect_redis(url)
     except (SettingsError, sandbox.SandboxUnavailable) as e:
         print(f"mlx-verify: error: {e}", file=sys.stderr)

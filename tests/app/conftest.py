@@ -283,7 +283,7 @@ def server(app_env):
 @pytest.fixture
 def env(server, app_env, github_fake, git_host, redis_url):
     """A clean slate for one test: empty Redis, empty fake GitHub."""
-    from workers import report
+    from app import report
 
     connection = redis.Redis.from_url(redis_url)
     connection.flushdb()

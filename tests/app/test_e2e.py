@@ -15,7 +15,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import planning, store
+from app import store
 from tests.app.conftest import (
     REPO,
     descendants,
@@ -23,6 +23,7 @@ from tests.app.conftest import (
     start_worker_process,
     wait_until,
 )
+from workers import planning
 
 LLAMA = "mlx_lm/models/llama.py"
 HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # a harmless edit")

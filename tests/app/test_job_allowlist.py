@@ -17,8 +17,7 @@ from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from workers.jobs import JobNotAllowed, RunnerJob
-from workers.report import REPORT_QUEUE
+from workers.jobs import REPORT_QUEUE, JobNotAllowed, RunnerJob
 from workers.worker import make_worker
 
 
@@ -51,12 +50,12 @@ def test_a_runner_refuses_a_report_job_and_a_hostile_callback(redis_url: str,
     connection = redis.Redis.from_url(redis_url)
     marker = tmp_path / "ran"
     # a report function on a runner queue: the runner must not act as the report worker
-    report_job = enqueue(connection, "verify", "workers.report.verify_finished", "x", {})
+    report_job = enqueue(connection, "verify", "app.report.verify_finished", "x", {})
     # the runner's own function, with a failure callback of the sender's choice
     hostile = enqueue(connection, "verify", "workers.verify.run_verify", {"not": "a spec"},
                       on_failure=Callback("os.system"))
     make_worker(["verify"], connection).work(burst=True)
-    assert "refused the job function 'workers.report.verify_finished'" in refusal(report_job)
+    assert "refused the job function 'app.report.verify_finished'" in refusal(report_job)
     hostile.refresh()
     assert hostile.get_status() == JobStatus.FAILED
     assert not marker.exists()
@@ -66,3 +65,19 @@ def test_a_runner_refuses_a_report_job_and_a_hostile_callback(redis_url: str,
         as_runner.failure_callback(as_runner, connection, None, None, None)
     assert Job.fetch(hostile.id, connection=connection,
                      serializer=JSONSerializer).failure_callback is os.system  # the control
+
+
+def test_report_jobs_queued_under_their_old_paths_still_run(redis_url: str) -> None:
+    """The report job moved from workers/ to app/ (it holds the App key): a job queued
+    before the move names workers.report.*, and resolves to the same function."""
+    from app import report
+    from workers.jobs import ReportJob
+
+    connection = redis.Redis.from_url(redis_url)
+    old = enqueue(connection, "report-old-paths", "workers.report.verify_started", "nope")
+    as_report_worker = ReportJob.fetch(old.id, connection=connection,
+                                       serializer=JSONSerializer)
+    assert as_report_worker.func is report.verify_started
+    as_runner = RunnerJob.fetch(old.id, connection=connection, serializer=JSONSerializer)
+    with pytest.raises(JobNotAllowed, match="workers.report.verify_started"):
+        as_runner.func("nope")

@@ -145,7 +145,7 @@ class Live:
 
 
 def run_id(number: int, sha: str) -> str:
-    from workers import report
+    from app import report
 
     return report.verify_job_id(REPO, number, sha, REQUEST)
 

@@ -15,7 +15,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import github, store
+from app import github, report, store
 from app.commands import VerifyRequest
 from tests.app import fake_github
 from tests.app.conftest import (
@@ -24,7 +24,6 @@ from tests.app.conftest import (
     wait_until,
     webhook_payload,
 )
-from workers import report
 
 from .conftest import MAINTAINER, REPO, screenshot, sign_in
 
@@ -132,7 +131,7 @@ def test_retry_runs_a_failed_report_job_again(page, live, monkeypatch, tmp_path)
                               base="0" * 40)
     report_queue = Queue(report.REPORT_QUEUE, connection=live.connection,
                          serializer=JSONSerializer)
-    job = report_queue.enqueue("workers.report.handle_event", "pull_request",
+    job = report_queue.enqueue("app.report.handle_event", "pull_request",
                                str(uuid.uuid4()), payload, job_id=f"event-{uuid.uuid4()}",
                                failure_ttl=3600)
     run_report_queue(live)

@@ -11,8 +11,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import store
-from workers import report
+from app import report, store
 
 from .conftest import (
     HOSTILE_TITLE,

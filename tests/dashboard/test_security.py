@@ -115,11 +115,10 @@ def test_a_cancel_that_github_fails_can_be_completed_by_cancelling_again(db, fak
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from app import github, store
+    from app import github, report, store
     from app.commands import VerifyRequest
     from app.settings import AppSettings
     from tests.app import fake_github
-    from workers import report
 
     from .conftest import REPO
 

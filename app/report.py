@@ -36,11 +36,12 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app import comment, github, planning, store
+from app import comment, github, store
 from app.commands import USAGE, Command, CommandError, VerifyRequest, find_command_line, parse
 from app.settings import AppSettings, connect_redis, load_app_settings
+from workers import planning
+from workers.jobs import REPORT_QUEUE  # noqa: F401 (the queue this job runs on; callers read it here)
 
-REPORT_QUEUE = "report"
 VERIFY_QUEUE = "verify"
 LARGE_VERIFY_QUEUE = "verify-large"  # runners with the memory for real checkpoints
 VERIFY_QUEUES_KEY = "mlxv:verify-queues"
