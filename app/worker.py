@@ -7,11 +7,10 @@ the report job's functions (workers/jobs.py ReportJob); runners use workers/work
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from workers.jobs import REPORT_QUEUE
-from workers.worker import make_worker
+from workers.worker import serve
 
 from .settings import SettingsError, connect_redis, load_app_settings
 
@@ -28,7 +27,4 @@ def worker(args: argparse.Namespace) -> int:
     except SettingsError as e:
         print(f"mlx-verify: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    make_worker(queues, connection).work(burst=bool(getattr(args, "burst", False)),
-                                         with_scheduler=True)
-    return 0
+    return serve(queues, connection, bool(getattr(args, "burst", False)))

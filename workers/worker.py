@@ -42,9 +42,13 @@ def worker(args: argparse.Namespace) -> int:
     except (SettingsError, sandbox.SandboxUnavailable) as e:
         print(f"mlx-verify: error: {e}", file=sys.stderr)
         return 2
+    return serve(queues, connection, bool(getattr(args, "burst", False)))
+
+
+def serve(queues: list[str], connection: Any, burst: bool) -> int:
+    """Take jobs from the queues until stopped (or until they are empty, with burst)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    make_worker(queues, connection).work(burst=bool(getattr(args, "burst", False)),
-                                         with_scheduler=True)
+    make_worker(queues, connection).work(burst=burst, with_scheduler=True)
     return 0
 
 
