@@ -72,6 +72,14 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0",
                             eos_token=f"t{vocab_size - 1}").save_pretrained(directory)
+    # Read back as mlx-lm's loader reads it, here in our own frame: a tokenizer of ours
+    # that does not load is our driver's error, not a finding of mlx_lm.convert.
+    from transformers import AutoTokenizer
+
+    loaded = len(AutoTokenizer.from_pretrained(directory))
+    if loaded != vocab_size:
+        raise compat.DriverError("transformers", f"the tiny tokenizer to read back with "
+                                 f"{vocab_size} tokens", f"{loaded}")
 
 
 def convert(source: Path, target: Path, bits: int, vocab_size: int) -> str:

@@ -218,3 +218,18 @@ def test_the_compat_module_reads_the_cache_keyword_off_the_signature(llama: Any)
 
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     assert keyword == ("cache" if major_minor >= (5, 24) else "past_key_values")
+
+
+def test_a_tiny_tokenizer_that_does_not_load_is_a_driver_error(
+        llama: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlx_lm.convert loads the tokenizer we give the tiny checkpoint; one that does not
+    load must not read as "convert fails on this model" (a finding against MLX)."""
+    import transformers
+
+    from checks import engine
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained",
+                        lambda self, directory, **kwargs: None)  # writes nothing
+    results = engine.run_check("quantize", llama)
+    assert [r.verdict for r in results] == ["error"], [r.summary for r in results]
+    assert "quantize failed to run" in results[0].summary
