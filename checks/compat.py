@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -373,9 +372,6 @@ def mlx_causal_mask(n: int, window_size: int | None = None) -> Any:
     return (create_causal_mask(n, window_size=window_size) if window_size is not None
             else create_causal_mask(n))
 
-
-def names(values: Iterable[str]) -> str:
-    return ", ".join(sorted(values))
 
 
 # --- the environment ------------------------------------------------------------------
