@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("model_types", nargs="+", metavar="MODEL_TYPE")
     check.add_argument("--mlx-lm", dest="mlx_lm", metavar="PATH",
                        help="directory holding the mlx_lm package to check (default: installed)")
+    check.add_argument("--base", metavar="TREE|REF",
+                       help="also run the base tree (a directory holding mlx_lm, or a git ref "
+                            "of the checked checkout, e.g. main) and mark each row unchanged, "
+                            "fixed, new, worse or better; exit 1 only on new or worse rows")
     check.add_argument("--config", metavar="FILE",
                        help="a real config.json (or its directory) to shrink instead of "
                             "transformers' default config")
@@ -238,23 +242,62 @@ def cmd_check(args: argparse.Namespace) -> int:
         found += [sources.from_hub(spec, args.full_weights) for spec in args.hub_models]
         if args.config is not None:
             found.insert(0, sources.from_config_file(args.config))
+        options: dict[str, Any] = dict(
+            checks=selected, dtype=args.dtype, seed=args.seed, given=found or None,
+            full_weights=args.full_weights, strict_variants=len(args.model_types) == 1,
+            variant_names=tuple(v.strip() for v in args.variants.split(",") if v.strip())
+            if args.variants else None)
+        if args.base is not None:
+            return check_against_base(args, options, progress)
         info = use_mlx_lm(args.mlx_lm)
         env = engine.environment(info)
         results = Results(command=engine.command_line(), environment=env)
         for model_type in args.model_types:
-            results.reports.append(engine.verify(
-                model_type, checks=selected, dtype=args.dtype,
-                seed=args.seed, progress=progress, given=found or None,
-                full_weights=args.full_weights, strict_variants=len(args.model_types) == 1,
-                variant_names=tuple(v.strip() for v in args.variants.split(",") if v.strip())
-                if args.variants else None,
-            ))
+            results.reports.append(engine.verify(model_type, progress=progress, **options))
+        engine.mark_systemic(results.reports)
     except (engine.InputError, MlxLmError, sources.SourceError) as e:
         progress.done()
         return fail(str(e))
     progress.done()
     write_reports(results, args)
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
+
+
+def check_against_base(args: argparse.Namespace, options: dict[str, Any],
+                       progress: Progress) -> int:
+    """--base: the PR tree and the base tree in this process (checks/differential.py).
+    Exit 1 on new or worse rows only: what base already had is no finding of the PR's."""
+    import tempfile
+
+    from . import differential, engine
+    from .schema import Results
+
+    base = args.base
+    with tempfile.TemporaryDirectory(prefix="mlx-verify-base-") as unpacked:
+        if not os.path.isfile(os.path.join(base, "mlx_lm", "__init__.py")):
+            # a git ref of the checkout being checked
+            repo = args.mlx_lm or "."
+            try:
+                base = differential.base_tree_from_ref(repo, args.base, unpacked)
+            except (ValueError, OSError) as e:
+                progress.done()
+                return fail(str(e) if isinstance(e, ValueError) else
+                            f"--base {args.base}: not a directory holding mlx_lm, and git "
+                            f"cannot read it as a ref ({e})")
+            print(f"mlx-verify: base tree: mlx_lm at {args.base} of {os.path.abspath(repo)}",
+                  file=sys.stderr)
+        pr_info, base_info, pr_reports, base_reports, rows = differential.verify_trees(
+            args.model_types, args.mlx_lm, base, progress, **options)
+        results = Results(command=engine.command_line(),
+                          environment=engine.environment(pr_info),
+                          base_environment=engine.environment(base_info),
+                          reports=pr_reports, base_reports=base_reports, differential=rows)
+        results.base_environment.mlx_lm_path = (
+            f"{args.base} ({results.base_environment.mlx_lm_path})" if base != args.base
+            else results.base_environment.mlx_lm_path)
+    progress.done()
+    write_reports(results, args)
+    return EXIT_FINDING if differential.blocking(rows) else EXIT_PASS
 
 
 def run_in_environment_that_knows(model_types: list[str], argv: list[str]) -> int | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import compat, sources, synth
 from .mlx_side import MlxLmError, MlxLmInfo, blas_library
-from .schema import CheckResult, Environment, ModelReport, Variant, combine_verdicts
+from .schema import CheckResult, Environment, ModelReport, Reach, Variant, combine_verdicts
 from .sources import Source
 from .subject import Subject
 
@@ -283,8 +283,46 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
             if applies(check, variant.name):
                 say(f"{model_type}/{variant.name}: {check}")
                 report.checks.extend(run_check(check, subject))
+    for result in report.checks:
+        result.reach = reach_of(result)
     report.verdict = combine_verdicts([c.verdict for c in report.checks])
     return report
+
+
+def reach_of(result: CheckResult) -> Reach:
+    """The config under test (the default variant, a given source, its real weights), or
+    latent: a bug-finding variant, or a key the check perturbed (the check says so in
+    details["reach"])."""
+    given = result.details.get("reach")
+    if given in ("config", "latent", "systemic"):
+        return given
+    if result.variant == "default" or result.variant.startswith(("source-", "full-weights")):
+        return "config"
+    return "latent"
+
+
+SYSTEMIC_AT = 3  # architectures failing the same latent (check, variant): one cause
+
+
+def mark_systemic(reports: list[ModelReport]) -> dict[tuple[str, str], list[str]]:
+    """Latent findings of one (check, variant) in SYSTEMIC_AT or more model_types are one
+    cause seen across architectures (e.g. transformers 5's rope_parameters not read):
+    graded systemic, each naming the others. Returns (check, variant) -> model_types."""
+    failing: dict[tuple[str, str], list[str]] = {}
+    for report in reports:
+        for result in report.checks:
+            if result.reach == "latent" and result.verdict == "fail":
+                types = failing.setdefault((result.check, result.variant), [])
+                if report.model_type not in types:
+                    types.append(report.model_type)
+    systemic = {key: types for key, types in failing.items() if len(types) >= SYSTEMIC_AT}
+    for report in reports:
+        for result in report.checks:
+            types = systemic.get((result.check, result.variant))
+            if types and result.reach == "latent" and result.verdict == "fail":
+                result.reach = "systemic"
+                result.details["systemic_with"] = types
+    return systemic
 
 
 def run_check(check: str, subject: Subject) -> list[CheckResult]:

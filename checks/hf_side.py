@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +12,48 @@ import numpy as np
 
 from .mlx_side import Capture
 
+# While a differential run is on (`shared_reference`), the transformers side is computed
+# once for both trees: loaded models by (checkpoint, dtype), forwards by model and inputs.
+SHARED: dict[tuple[Any, ...], Any] | None = None
+
+
+@contextmanager
+def shared_reference() -> Iterator[dict[tuple[Any, ...], Any]]:
+    global SHARED
+    SHARED = {}
+    try:
+        yield SHARED
+    finally:
+        SHARED = None
+
+
+def _inputs_key(*values: Any) -> str:
+    digest = hashlib.sha256()
+    for value in values:
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            digest.update(f"{value.dtype}{value.shape}".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value):
+                digest.update(key.encode())
+                digest.update(_inputs_key(value[key]).encode())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
 
 def load(checkpoint: Path, dtype: str = "float32") -> Any:
+    if SHARED is None:
+        return _load(checkpoint, dtype)
+    key = ("load", str(Path(checkpoint).resolve()), dtype)
+    if key not in SHARED:
+        SHARED[key] = _load(checkpoint, dtype)
+    return SHARED[key]
+
+
+def _load(checkpoint: Path, dtype: str) -> Any:
     from .compat import hf_load_causal_lm
 
     # eager attention: the plainest reading of the modeling code, and the only one
@@ -53,6 +96,15 @@ def _to_numpy(tensor: Any) -> np.ndarray | None:
 def forward(model: Any, ids: np.ndarray, **kwargs: Any) -> Capture:
     """One forward with hooks on every module: inputs copied before the call (modules
     may modify them in place), outputs after."""
+    if SHARED is None:
+        return _forward(model, ids, **kwargs)
+    key = ("forward", id(model), _inputs_key(ids, kwargs))
+    if key not in SHARED:
+        SHARED[key] = (model, _forward(model, ids, **kwargs))  # the model keeps its id
+    return SHARED[key][1]
+
+
+def _forward(model: Any, ids: np.ndarray, **kwargs: Any) -> Capture:
     import torch
 
     capture = Capture()
@@ -94,6 +146,15 @@ def forward(model: Any, ids: np.ndarray, **kwargs: Any) -> Capture:
 
 
 def plain_forward(model: Any, ids: np.ndarray) -> np.ndarray:
+    if SHARED is None:
+        return _plain_forward(model, ids)
+    key = ("plain_forward", id(model), _inputs_key(ids))
+    if key not in SHARED:
+        SHARED[key] = (model, _plain_forward(model, ids))
+    return SHARED[key][1].copy()
+
+
+def _plain_forward(model: Any, ids: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, compat, locations
+from . import compare, compat, differential, locations
 from .mlx_side import Capture
 from .render import num
 from .schema import CheckResult, LayerRow, Localization, Part
@@ -141,8 +141,10 @@ def classify(relative_path: str, class_name: str) -> Part:
 def _row(name: str, index: int | None, layer_type: str | None, mlx: np.ndarray,
          ref: np.ndarray, tolerance: float) -> LayerRow:
     m = compare.metrics(mlx, ref)
-    return LayerRow(name=name, index=index, layer_type=layer_type, tolerance=tolerance,
-                    ok=m["rel_l2"] <= tolerance, **m)
+    row = LayerRow(name=name, index=index, layer_type=layer_type, tolerance=tolerance,
+                   ok=m["rel_l2"] <= tolerance, **m)
+    differential.record(row, mlx, ref)  # kept only in a differential run (--base)
+    return row
 
 
 def _layer_types(config: dict[str, Any], n_layers: int) -> list[str | None]:

@@ -69,6 +69,10 @@ def blas_library() -> str | None:
     return next((n for n in names if "openblas" in n), names[0] if names else None)
 
 
+# the directories use_mlx_lm put first on sys.path (switch_mlx_lm takes them off again)
+INSERTED_ROOTS: list[str] = []
+
+
 def use_mlx_lm(path: str | None) -> MlxLmInfo:
     """Import mlx_lm, from `path` (a directory holding the mlx_lm package) when given."""
     if path is not None:
@@ -82,6 +86,7 @@ def use_mlx_lm(path: str | None) -> MlxLmInfo:
             if loaded != root:
                 raise MlxLmError(f"mlx_lm was already imported from {loaded}, not {root}")
         sys.path.insert(0, str(root))
+        INSERTED_ROOTS.append(str(root))
     try:
         mlx_lm = importlib.import_module("mlx_lm")
         importlib.import_module("mlx_lm.utils")
@@ -95,6 +100,20 @@ def use_mlx_lm(path: str | None) -> MlxLmInfo:
         version=getattr(mlx_lm, "__version__", "unknown"),
         git_sha=_git_sha(package_dir),
     )
+
+
+def switch_mlx_lm(path: str) -> MlxLmInfo:
+    """Import mlx_lm from another tree in this process (the base of a differential run):
+    every mlx_lm module of the tree imported before is dropped first. Our modules import
+    mlx_lm inside functions only, so nothing keeps the old tree's classes."""
+    while INSERTED_ROOTS:  # only the trees put first on sys.path, never site-packages
+        root = INSERTED_ROOTS.pop()
+        if root in sys.path:
+            sys.path.remove(root)
+    for name in [n for n in sys.modules if n == "mlx_lm" or n.startswith("mlx_lm.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
+    return use_mlx_lm(path)
 
 
 def _git_sha(directory: Path) -> str | None:

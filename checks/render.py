@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import CheckResult, LayerRow, Localization, ModelReport, Results, SourceLocation
+from .schema import (
+    CheckResult,
+    DiffRow,
+    LayerRow,
+    Localization,
+    ModelReport,
+    Results,
+    SourceLocation,
+)
 from .schema import combine_verdicts as _combine
 
 VERDICT_MARK = {"pass": "✅ pass", "fail": "❌ fail", "error": "⚠️ error", "skip": "➖ skip"}
@@ -184,6 +192,110 @@ def divergence_text(finding: Finding) -> str | None:
     return text
 
 
+REACH_LABEL = {"config": "your config", "latent": "latent", "systemic": "systemic",
+               None: "–"}
+REACH_ORDER = {"config": 0, "systemic": 1, "latent": 2, None: 3}
+
+
+def reach_counts(results: Results | None) -> dict[str, int]:
+    """Findings by reach: the config under test, latent variants and keys, and systemic
+    causes (each counted once, however many architectures share it)."""
+    found = {"config": 0, "latent": 0, "systemic": 0}
+    causes: set[tuple[str, str]] = set()
+    for report in results.reports if results else []:
+        if report.error:
+            found["config"] += 1
+        for check in report.checks:
+            if check.verdict not in BAD:
+                continue
+            if check.reach == "systemic":
+                causes.add((check.check, check.variant))
+            else:
+                found[check.reach or "config"] += 1
+    found["systemic"] = len(causes)
+    return found
+
+
+def reach_line(results: Results | None) -> str:
+    """The summary line: findings on the config under test kept apart from latent ones."""
+    counts = reach_counts(results)
+    text = (f"your config: {counts['config']} finding(s); latent (variants and keys this "
+            f"config does not use): {counts['latent']}")
+    if counts["systemic"]:
+        text += f"; systemic: {counts['systemic']} cause(s) across architectures"
+    return text
+
+
+def systemic_causes(results: Results | None) -> list[tuple[str, str, list[str]]]:
+    """(check, variant, model_types) of each systemic cause, reported once."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for report in results.reports if results else []:
+        for check in report.checks:
+            if check.reach == "systemic" and check.verdict in BAD:
+                types = seen.setdefault((check.check, check.variant), [])
+                if report.model_type not in types:
+                    types.append(report.model_type)
+    return [(check, variant, types) for (check, variant), types in seen.items()]
+
+
+# ---- a PR tree against its base (--base) -------------------------------------------------
+
+CHANGE_MARK = {"new": "**new**", "worse": "**worse**", "fixed": "fixed", "better": "better",
+               "unchanged": "unchanged", "added": "added", "gone": "gone"}
+CHANGE_ORDER = {"new": 0, "worse": 1, "gone": 2, "fixed": 3, "better": 4, "added": 5,
+                "unchanged": 6}
+
+
+def change_counts(rows: list[DiffRow]) -> str:
+    found: dict[str, int] = {}
+    for row in rows:
+        found[row.change] = found.get(row.change, 0) + 1
+    return ", ".join(f"{found[c]} {c}" for c in sorted(found, key=CHANGE_ORDER.get))
+
+
+def row_change(rows: list[DiffRow]) -> Callable[[str, str, str], str | None]:
+    """(model_type, check, variant) -> the most severe change among its rows."""
+    worst: dict[tuple[str, str, str], str] = {}
+    for row in rows:
+        key = (row.model_type, row.check, row.variant)
+        if key not in worst or CHANGE_ORDER[row.change] < CHANGE_ORDER[worst[key]]:
+            worst[key] = row.change
+    return lambda model_type, check, variant: worst.get((model_type, check, variant))
+
+
+def distance_text(row: DiffRow) -> str:
+    if row.distance is None or row.base_distance is None:
+        return "–"
+    metric = escape(row.distance_metric or "", 40)
+    return f"{num(row.base_distance)} → {num(row.distance)} ({metric})"
+
+
+def md_differential(results: Results | None, limit: int = 60) -> list[str]:
+    """The rows the PR changes against base, most severe first; empty without --base."""
+    rows = results.differential if results else []
+    if not rows:
+        return []
+    shown = sorted((r for r in rows if r.change != "unchanged"),
+                   key=lambda r: (CHANGE_ORDER[r.change], REACH_ORDER[r.reach]))
+    lines = [f"Against base: {change_counts(rows)}.", ""]
+    if not shown:
+        return lines
+    lines += ["| change | reach | model_type | variant | check | part | PR | base | "
+              "distance base → PR | MLX(PR) vs MLX(base) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in shown[:limit]:
+        facts = "; ".join(row.facts)
+        lines.append(
+            f"| {CHANGE_MARK[row.change]} | {REACH_LABEL[row.reach]} | "
+            f"{code(row.model_type, 64)} | {escape(row.variant, 64)} | {escape(row.check, 32)} | "
+            f"{escape(row.part or '', 40)} | {VERDICT_MARK[row.verdict]} | "
+            f"{VERDICT_MARK[row.base_verdict] if row.base_verdict else '–'} | "
+            f"{distance_text(row)} | {escape(facts, 300) or '–'} |")
+    if len(shown) > limit:
+        lines.append(f"| … | {len(shown) - limit} more rows | | | | | | | | |")
+    return lines
+
+
 # ---- Markdown tables (CLI report and PR comment) -----------------------------------------
 
 def md_matrix(results: Results | None, errors: dict[str, str] | None = None,
@@ -224,28 +336,35 @@ def md_verdict_rows(results: Results | None, summary_limit: int = 300,
     def base(model_type: str, verdict: str, check: str = "", variant: str = "") -> str:
         return "" if marker is None else f" {marker(model_type, verdict, check, variant)} |"
 
-    lines = ["| model_type | variant | check | verdict | summary |", "|---|---|---|---|---|"]
+    # led by reach: what concerns the config under test comes first
+    lines = ["| reach | model_type | variant | check | verdict | summary |",
+             "|---|---|---|---|---|---|"]
     if marker is not None:
-        lines = ["| model_type | variant | check | verdict | vs base | summary |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| reach | model_type | variant | check | verdict | vs base | summary |",
+                 "|---|---|---|---|---|---|---|"]
+    rows: list[tuple[int, str]] = []
     for report in results.reports if results else []:
         if report.error:
-            lines.append(f"| {code(report.model_type, 64)} | – | – | {VERDICT_MARK['error']} |"
-                         f"{base(report.model_type, 'error')} "
-                         f"{escape(report.error, summary_limit)} |")
+            rows.append((0, f"| {REACH_LABEL['config']} | {code(report.model_type, 64)} | – | – | "
+                            f"{VERDICT_MARK['error']} |{base(report.model_type, 'error')} "
+                            f"{escape(report.error, summary_limit)} |"))
         for check in report.checks:
             if only_findings and check.verdict not in BAD:
                 continue
-            lines.append(f"| {code(report.model_type, 64)} | {escape(check.variant, 64)} | "
+            rows.append((REACH_ORDER[check.reach] if only_findings else 0,
+                         f"| {REACH_LABEL[check.reach]} | {code(report.model_type, 64)} | "
+                         f"{escape(check.variant, 64)} | "
                          f"{escape(check.check, 64)} | {VERDICT_MARK[check.verdict]} |"
                          f"{base(report.model_type, check.verdict, check.check, check.variant)} "
-                         f"{escape(check.summary, summary_limit)} |")
+                         f"{escape(check.summary, summary_limit)} |"))
+    lines += [line for _, line in sorted(rows, key=lambda r: r[0])]
     for model_type, line in (errors or {}).items():
         new = " **new** |" if marker is not None else ""  # nothing to compare
-        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['error']} |{new} "
+        lines.append(f"| {REACH_LABEL['config']} | {code(model_type, 64)} | – | – | "
+                     f"{VERDICT_MARK['error']} |{new} "
                      f"could not run: {escape(line, summary_limit)} |")
     for model_type in [] if only_findings else skipped or []:
-        lines.append(f"| {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} |"
+        lines.append(f"| – | {code(model_type, 64)} | – | – | {VERDICT_MARK['skip']} |"
                      f"{' – |' if marker is not None else ''} "
                      "not a transformers model_type |")
     return lines

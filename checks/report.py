@@ -50,9 +50,25 @@ def environment_lines(results: Results) -> list[str]:
 
 
 def render(results: Results) -> str:
-    lines = [f"### mlx-verify: {VERDICT_MARK[results.verdict]}", ""]
+    lines = [f"### mlx-verify: {VERDICT_MARK[results.verdict]}", "",
+             escape(shared.reach_line(results)), ""]
+    differential = shared.md_differential(results)
+    if differential:
+        base = results.base_environment
+        where = f" ({code(base.mlx_lm_path)})" if base else ""
+        lines.extend([f"**Against the base tree**{where}", ""] + differential + [""])
     lines.extend(shared.md_matrix(results) + [""])
-    findings = shared.md_verdict_rows(results, only_findings=True)
+    for check, variant, types in shared.systemic_causes(results):
+        lines.append(f"- systemic: {escape(check)} on variant {code(variant)} fails in "
+                     f"{len(types)} model_types: {', '.join(code(t, 64) for t in types)}")
+    marker = None
+    if results.differential:
+        change = shared.row_change(results.differential)
+
+        def marker(model_type: str, verdict: str, check: str, variant: str) -> str:
+            found = change(model_type, check, variant)
+            return shared.CHANGE_MARK[found] if found else "–"
+    findings = shared.md_verdict_rows(results, only_findings=True, marker=marker)
     if len(findings) > 2:
         lines.extend(["**Findings**", ""] + findings + [""])
     divergences = shared.md_first_divergences(results)

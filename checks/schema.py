@@ -11,9 +11,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # v2: Localization carries source locations (optional: v1 results still read).
-SCHEMA_VERSION = 2
+# v3: CheckResult.reach; Results.base_* and differential (a PR tree against its base).
+SCHEMA_VERSION = 3
 
 Verdict = Literal["pass", "fail", "error", "skip"]
+# Whom a finding concerns: the config under test (transformers' default or the user's
+# real config), a latent variant or perturbed key that config does not use, or one cause
+# seen across many architectures (reported once, with the list).
+Reach = Literal["config", "latent", "systemic"]
+# How a row of the PR tree compares with the same row on its base tree.
+Change = Literal["unchanged", "fixed", "new", "worse", "better", "gone", "added"]
 # What kind of code a divergence was localized to.
 Part = Literal[
     "load", "embedding", "attention", "mlp", "moe", "norm", "ssm", "residual",
@@ -89,6 +96,41 @@ class CheckResult(Strict):
     weights: WeightsReport | None = None
     details: dict[str, Any] = Field(default_factory=dict)
     duration_s: float = 0.0
+    reach: Reach | None = None  # v3; set for every result of a v3 run
+
+
+class StageChange(Strict):
+    """What the PR changes at one compared stage: MLX(PR) against MLX(base) directly."""
+
+    stage: str  # the LayerRow name
+    occurrence: int = 0  # the n-th row of that name in the check (far positions, dtypes)
+    changed_rel_l2: float  # ||mlx_pr - mlx_base|| / ||transformers||
+    # the part of that change not along base's own error, relative to ||transformers||:
+    # a new disagreement even where the stage already disagreed on base
+    new_error_rel_l2: float
+    pr_rel_l2: float
+    base_rel_l2: float
+    tolerance: float
+
+
+class DiffRow(Strict):
+    """One result row of a differential run: the PR tree's row against the base tree's."""
+
+    model_type: str
+    check: str
+    variant: str
+    part: str | None = None  # which row of the check: "greedy", "bfloat16", "position 1024"
+    change: Change
+    verdict: Verdict  # the PR's (the base's for "gone")
+    base_verdict: Verdict | None = None
+    reach: Reach | None = None
+    distance: float | None = None  # the row's distance from transformers, on the PR
+    base_distance: float | None = None
+    distance_metric: str | None = None
+    # the first stage whose MLX output differs between the trees, and the largest new error
+    first_changed_stage: str | None = None
+    stages: list[StageChange] = Field(default_factory=list)
+    facts: list[str] = Field(default_factory=list)
 
 
 class Variant(Strict):
@@ -138,6 +180,11 @@ class Results(Strict):
     command: str  # reproduces the run locally
     environment: Environment
     reports: list[ModelReport] = Field(default_factory=list)
+    # v3, a differential run (--base): the base tree's environment and reports, and each
+    # PR row against the base's
+    base_environment: Environment | None = None
+    base_reports: list[ModelReport] = Field(default_factory=list)
+    differential: list[DiffRow] = Field(default_factory=list)
 
     @property
     def verdict(self) -> Verdict:

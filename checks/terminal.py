@@ -112,6 +112,8 @@ def finding_lines(finding: shared.Finding, variants: list[str], rows: int,
     # with its description)
     reach = finding.reach if verbose else (
         "default config" if check.variant == "default" else check.variant)
+    if check.reach in ("latent", "systemic"):
+        reach += f" [{check.reach}]"
     if len(variants) > 1:
         reach = f"{len(variants)} configs: {', '.join(variants)}"
     line.append(f"  {reach}", style="cyan")
@@ -169,6 +171,34 @@ def details(out: Console, model_type: str, check: CheckResult, tty: bool) -> Non
     out.print()
 
 
+CHANGE_STYLE = {"new": "bold red", "worse": "bold red", "gone": "yellow", "fixed": "green",
+                "better": "green", "added": "dim", "unchanged": "dim"}
+
+
+def differential(out: Console, results: Results, verbose: bool) -> None:
+    """The PR tree against its base: counts, then each changed row (new and worse first)."""
+    rows = results.differential
+    base = results.base_environment
+    out.print(Text("against base ", style="bold") + Text(base.mlx_lm_path if base else "")
+              + Text(f": {shared.change_counts(rows)}"))
+    changed = sorted((r for r in rows if r.change != "unchanged"),
+                     key=lambda r: (shared.CHANGE_ORDER[r.change], shared.REACH_ORDER[r.reach]))
+    for row in changed if verbose else changed[:MAX_GROUPS]:
+        line = Text(f"  {row.change:<6} ", style=CHANGE_STYLE[row.change])
+        line.append(f"{row.model_type} {row.check}", style="bold")
+        line.append(f" {row.variant}{' ' + row.part if row.part else ''}", style="cyan")
+        line.append(f" [{shared.REACH_LABEL[row.reach]}]: {row.base_verdict or '–'} → "
+                    f"{row.verdict}")
+        if row.distance is not None and row.base_distance is not None:
+            line.append(f", {row.distance_metric} {shared.num(row.base_distance)} → "
+                        f"{shared.num(row.distance)}")
+        if row.facts:
+            line.append("; " + "; ".join(row.facts), style="dim")
+        out.print(line)
+    if not verbose and len(changed) > MAX_GROUPS:
+        out.print(Text(f"  … and {len(changed) - MAX_GROUPS} more (-v for all)", style="dim"))
+
+
 def every_check(results: Results, tty: bool) -> Table:
     table = Table(box=box.SIMPLE_HEAD if tty else box.ASCII2, show_edge=False,
                   pad_edge=False, header_style="bold")
@@ -201,8 +231,14 @@ def render(results: Results, file: IO[str], tty: bool, verbose: bool = False) ->
     sources = sorted({f"{r.source}, {r.dtype}, seed {r.seed}" for r in reports})
     if sources:
         out.print(Text("config: " + "; ".join(sources), style="dim"))
+    out.print(Text(shared.reach_line(results)))
+    if results.differential:
+        differential(out, results, verbose)
     out.print()
     out.print(matrix_table(results, tty))
+    for check, variant, types in shared.systemic_causes(results):
+        out.print(Text(f"systemic: {check} on variant {variant} fails in {len(types)} "
+                       f"model_types: {', '.join(types)}", style="cyan"))
 
     errors = [r for r in reports if r.error]
     groups = _groups(results)

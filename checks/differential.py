@@ -1,0 +1,360 @@
+"""A PR tree against its base tree: the same checks on the same tiny checkpoints and
+inputs, each row of the PR marked unchanged, fixed, new, worse or better.
+
+Both trees run in one process (mlx_side.switch_mlx_lm), so the transformers side is
+computed once and shared (hf_side.shared_reference): the base costs only its MLX
+forwards. While a differential run is on, every compared stage keeps its MLX and
+transformers arrays (`record`), so the PR's MLX output is compared with the base's
+directly, not only through their distances from transformers: a second bug where a
+stage already disagreed on base moves the output away from base's own error, which a
+distance alone hides (0.7 -> 0.7000001).
+
+Rows are matched by (model_type, check, variant, part). Runs on fixed seeds repeat
+bit for bit (docs/tolerances.md, "Differential verdicts"), so the margins below only
+absorb the rounding a refactor that reorders float operations can cause.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from .schema import CheckResult, DiffRow, LayerRow, ModelReport, StageChange
+
+# A distance moves "beyond noise" when it changes by more than this share of itself:
+# a float reorder moves a failing row's rel_l2 by ~1e-7 of itself; an added bug, by more
+# than 1e-3 unless it hides under the existing error (then the stage rule finds it).
+DISTANCE_MARGIN = 1e-3
+FINDING = ("fail", "error")
+
+# id(LayerRow) -> (row, mlx array, transformers array) while a differential run records
+RECORDED: dict[int, tuple[LayerRow, np.ndarray, np.ndarray]] | None = None
+
+
+@contextmanager
+def recording() -> Iterator[dict[int, tuple[LayerRow, np.ndarray, np.ndarray]]]:
+    global RECORDED
+    RECORDED = {}
+    try:
+        yield RECORDED
+    finally:
+        RECORDED = None
+
+
+def record(row: LayerRow, mlx: np.ndarray, reference: np.ndarray) -> None:
+    """Called for every compared stage (layers._row); a no-op outside a differential run."""
+    if RECORDED is not None:
+        RECORDED[id(row)] = (row, np.array(mlx, dtype=np.float64, copy=True),
+                             np.asarray(reference, dtype=np.float64))
+
+
+# (model_type, check, variant, part, stage, occurrence) -> (mlx array, transformers array)
+StageArrays = dict[tuple[str, str, str, str | None, str, int], tuple[np.ndarray, np.ndarray]]
+
+
+def stage_arrays(reports: list[ModelReport],
+                 recorded: dict[int, tuple[LayerRow, np.ndarray, np.ndarray]]) -> StageArrays:
+    """The recorded arrays of one tree's reports, keyed so the other tree's rows find them."""
+    out: StageArrays = {}
+    for report in reports:
+        for result, part in parts(report.checks):
+            seen: Counter[str] = Counter()
+            for row in result.layers:
+                kept = recorded.get(id(row))
+                if kept is not None and kept[0] is row:
+                    out[(report.model_type, result.check, result.variant, part, row.name,
+                         seen[row.name])] = kept[1:]
+                seen[row.name] += 1
+    return out
+
+
+def part_of(result: CheckResult) -> str | None:
+    """Which row of its check a result is, when a check gives several per variant."""
+    labels = [result.metrics.get("check_part"), result.details.get("part")]
+    if result.check == "dtype":
+        labels.append(result.metrics.get("dtype"))
+    if result.metrics.get("bits") is not None:
+        labels.append(f"{result.metrics['bits']}-bit")
+    if result.metrics.get("position") is not None and result.check == "rope":
+        labels.append(f"position {result.metrics['position']}")
+    found = [str(label) for label in labels if label not in (None, "")]
+    return " ".join(found) or None
+
+
+def parts(results: list[CheckResult]) -> list[tuple[CheckResult, str | None]]:
+    """Each result with its part; a second row with the same label gets "#2"."""
+    seen: Counter[tuple[str, str, str | None]] = Counter()
+    out = []
+    for result in results:
+        part = part_of(result)
+        key = (result.check, result.variant, part)
+        seen[key] += 1
+        out.append((result, part if seen[key] == 1 else f"{part or ''}#{seen[key]}"))
+    return out
+
+
+def distance(result: CheckResult) -> tuple[str, float] | None:
+    """The row's distance from transformers: what "worse" and "better" compare."""
+    m = result.metrics
+    if result.weights is not None:
+        w = result.weights
+        return "weights not loading", float(len(w.missing) + len(w.unexpected)
+                                            + len(w.mismatched))
+    if result.check == "config" and isinstance(result.details.get("problems"), list):
+        return "config keys not followed", float(len(result.details["problems"]))
+    if result.check == "generation" and m.get("tokens_agreeing") is not None \
+            and m.get("steps") is not None and m.get("prompts") is None:
+        return "tokens differing", float(m["steps"]) - float(m["tokens_agreeing"])
+    for name in ("max_rel_l2", "max_step_vs_transformers_rel_l2", "max_logprobs_rel_l2",
+                 "kl_mean"):
+        value = m.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return name, float(value)
+    return None
+
+
+def _beyond(new: float, old: float) -> int:
+    """+1 when new is beyond noise above old, -1 below, 0 within it."""
+    if new > old * (1 + DISTANCE_MARGIN) + 1e-12:
+        return 1
+    if new < old * (1 - DISTANCE_MARGIN) - 1e-12:
+        return -1
+    return 0
+
+
+def stage_change(row: LayerRow, base_row: LayerRow, occurrence: int,
+                 pr: tuple[np.ndarray, np.ndarray],
+                 base: tuple[np.ndarray, np.ndarray]) -> StageChange | None:
+    """MLX(PR) against MLX(base) at one stage; None when the arrays cannot be compared."""
+    pr_mlx, reference = pr
+    base_mlx, base_reference = base
+    if pr_mlx.shape != base_mlx.shape or reference.shape != base_reference.shape \
+            or pr_mlx.shape != reference.shape:
+        return None
+    if not np.array_equal(reference, base_reference, equal_nan=True):
+        return None  # not a shared transformers reference (quantize compares MLX with MLX)
+    scale = float(np.linalg.norm(reference)) or 1.0
+    if not (np.all(np.isfinite(pr_mlx)) and np.all(np.isfinite(base_mlx))):
+        same = np.array_equal(pr_mlx, base_mlx, equal_nan=True)
+        changed = 0.0 if same else float("inf")
+        return StageChange(stage=row.name, occurrence=occurrence, changed_rel_l2=changed,
+                           new_error_rel_l2=changed, pr_rel_l2=row.rel_l2,
+                           base_rel_l2=base_row.rel_l2, tolerance=row.tolerance)
+    change = (pr_mlx - base_mlx).ravel()
+    base_error = (base_mlx - reference).ravel()
+    # the part of the change that is not along base's own error: a new disagreement
+    along = float(base_error @ base_error)
+    perpendicular = change - (float(change @ base_error) / along) * base_error if along \
+        else change
+    return StageChange(
+        stage=row.name, occurrence=occurrence,
+        changed_rel_l2=float(np.linalg.norm(change)) / scale,
+        new_error_rel_l2=float(np.linalg.norm(perpendicular)) / scale,
+        pr_rel_l2=row.rel_l2, base_rel_l2=base_row.rel_l2, tolerance=row.tolerance)
+
+
+def stage_verdict(change: StageChange, pr_ok: bool, base_ok: bool) -> int:
+    """+1 the PR's stage is worse, -1 better, 0 neither."""
+    if base_ok and not pr_ok:
+        return 1
+    if pr_ok and not base_ok:
+        return -1
+    moved = _beyond(change.pr_rel_l2, change.base_rel_l2)
+    if moved:
+        return moved
+    # same distance, yet MLX(PR) leaves base's error direction by more than the stage's
+    # tolerance: a second disagreement hidden under the first
+    return 1 if change.new_error_rel_l2 > change.tolerance else 0
+
+
+def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
+                base: CheckResult | None, pr_arrays: StageArrays,
+                base_arrays: StageArrays) -> DiffRow:
+    row = pr or base
+    assert row is not None
+    out = DiffRow(model_type=model_type, check=row.check, variant=row.variant, part=part,
+                  change="unchanged", verdict=row.verdict, reach=row.reach,
+                  base_verdict=base.verdict if base is not None else None)
+    if pr is None:
+        out.change = "gone"
+        out.facts.append(f"on base only: {row.summary[:200]}")
+        return out
+    if base is None:
+        out.change = "new" if pr.verdict in FINDING else "added"
+        out.facts.append("not on base (a model_type, variant or check the PR adds)")
+        return out
+    measured, base_measured = distance(pr), distance(base)
+    if measured is not None and base_measured is not None and measured[0] == base_measured[0]:
+        out.distance_metric, out.distance, out.base_distance = (measured[0], measured[1],
+                                                                base_measured[1])
+    direction = 0
+    seen: Counter[str] = Counter()
+    base_rows: dict[tuple[str, int], LayerRow] = {}
+    base_seen: Counter[str] = Counter()
+    for base_row in base.layers:
+        base_rows[(base_row.name, base_seen[base_row.name])] = base_row
+        base_seen[base_row.name] += 1
+    for layer_row in pr.layers:
+        occurrence = seen[layer_row.name]
+        seen[layer_row.name] += 1
+        base_row = base_rows.get((layer_row.name, occurrence))
+        key = (model_type, pr.check, pr.variant, part, layer_row.name, occurrence)
+        if base_row is None or key not in pr_arrays or key not in base_arrays:
+            continue
+        change = stage_change(layer_row, base_row, occurrence, pr_arrays[key],
+                              base_arrays[key])
+        if change is None:
+            continue
+        out.stages.append(change)
+        if out.first_changed_stage is None and change.changed_rel_l2 > 0:
+            out.first_changed_stage = layer_row.name
+        verdict = stage_verdict(change, layer_row.ok, base_row.ok)
+        if verdict > 0:
+            direction = 1
+        elif verdict < 0 and direction == 0:
+            direction = -1
+    if out.distance is not None and out.base_distance is not None and not out.stages:
+        direction = _beyond(out.distance, out.base_distance)
+    if pr.check == "config":
+        direction = _config_direction(pr, base, out.facts) or direction
+    pr_finding, base_finding = pr.verdict in FINDING, base.verdict in FINDING
+    if pr_finding and not base_finding:
+        out.change = "new"
+    elif base_finding and not pr_finding:
+        out.change = "fixed"
+    elif not pr_finding:
+        out.change = "unchanged"
+    elif pr.verdict == "error" and base.verdict == "fail":
+        out.change = "worse"  # a crash now hides what base measured
+    elif pr.verdict == "fail" and base.verdict == "error":
+        out.change = "new"  # base measured nothing here; the PR's fail is measured
+    elif pr.verdict == "error":
+        out.change = "unchanged" if pr.summary == base.summary else "worse"
+        if pr.summary != base.summary:
+            out.facts.append(f"base: {base.summary[:200]}")
+    else:
+        out.change = {1: "worse", -1: "better", 0: "unchanged"}[direction]
+    if out.first_changed_stage is not None:
+        worst = max(out.stages, key=lambda s: s.new_error_rel_l2)
+        out.facts.append(f"MLX(PR) differs from MLX(base) from {out.first_changed_stage} on "
+                         f"(largest change {max(s.changed_rel_l2 for s in out.stages):.2e}, "
+                         f"new error {worst.new_error_rel_l2:.2e} at {worst.stage})")
+    elif out.stages:
+        out.facts.append("MLX(PR) equals MLX(base) at every compared stage")
+    return out
+
+
+def _config_direction(pr: CheckResult, base: CheckResult, facts: list[str]) -> int:
+    """+1 when a key base followed is no longer followed on the PR, -1 the reverse."""
+    def problem_keys(result: CheckResult) -> set[str]:
+        return {str(p).split(":")[0] for p in result.details.get("problems") or []}
+
+    added = sorted(problem_keys(pr) - problem_keys(base))
+    removed = sorted(problem_keys(base) - problem_keys(pr))
+    if added:
+        facts.append(f"not followed on the PR only: {', '.join(added)}")
+    if removed:
+        facts.append(f"followed on the PR only: {', '.join(removed)}")
+    return 1 if added else (-1 if removed else 0)
+
+
+def compare(pr_reports: list[ModelReport], base_reports: list[ModelReport],
+            pr_arrays: StageArrays | None = None,
+            base_arrays: StageArrays | None = None) -> list[DiffRow]:
+    """Every row of either tree, PR rows in their order, then base-only rows."""
+    base_by_type = {r.model_type: r for r in base_reports}
+    rows: list[DiffRow] = []
+    for report in pr_reports:
+        base_report = base_by_type.get(report.model_type)
+        base_rows = {(r.check, r.variant, part): r
+                     for r, part in parts(base_report.checks if base_report else [])}
+        matched = set()
+        for result, part in parts(report.checks):
+            key = (result.check, result.variant, part)
+            base_result = base_rows.get(key)
+            matched.add(key)
+            rows.append(compare_row(report.model_type, part, result, base_result,
+                                    pr_arrays or {}, base_arrays or {}))
+        for key, base_result in base_rows.items():
+            if key not in matched:
+                rows.append(compare_row(report.model_type, key[2], None, base_result,
+                                        pr_arrays or {}, base_arrays or {}))
+    return rows
+
+
+def counts(rows: list[DiffRow]) -> dict[str, int]:
+    found = Counter(row.change for row in rows)
+    return {change: found[change] for change in
+            ("new", "worse", "fixed", "better", "unchanged", "added", "gone") if found[change]}
+
+
+def blocking(rows: list[DiffRow]) -> list[DiffRow]:
+    """The rows that fail a differential run (exit 1, the Check Run): new or worse."""
+    return [row for row in rows if row.change in ("new", "worse")]
+
+
+def describe_tree(info: Any) -> str:
+    return f"{info.path} ({info.version}{', ' + info.git_sha[:7] if info.git_sha else ''})"
+
+
+def verify_trees(model_types: list[str], pr_tree: str | None, base_tree: str,
+                 progress: Any = None, **options: Any) -> tuple[Any, Any, list[Any],
+                                                                list[Any], list[DiffRow]]:
+    """Every model_type on the PR tree, then on the base tree, in this process: the
+    tiny checkpoints (synth's cache) and the transformers side (hf_side.shared_reference)
+    are made once. Returns (pr info, base info, pr reports, base reports, rows).
+
+    Bad input on the PR tree raises as in a single run; a model_type that cannot run on
+    base (the PR adds it, base's config reading differs) gets a base report with its error,
+    and its PR rows read "new"."""
+    from . import engine, hf_side, mlx_side
+
+    say = progress or (lambda message: None)
+    with hf_side.shared_reference(), recording() as recorded:
+        pr_info = mlx_side.use_mlx_lm(pr_tree)
+        pr_reports = []
+        for model_type in model_types:
+            pr_reports.append(engine.verify(model_type, progress=say, **options))
+        pr_arrays = stage_arrays(pr_reports, recorded)
+        recorded.clear()
+        say(f"base: importing mlx_lm from {base_tree}")
+        try:
+            base_info = mlx_side.switch_mlx_lm(base_tree)
+        except mlx_side.MlxLmError as e:
+            raise mlx_side.MlxLmError(f"base tree: {e}") from e
+        base_reports = []
+        for model_type in model_types:
+            try:
+                report = engine.verify(model_type, progress=lambda m: say(f"base: {m}"),
+                                       **options)
+            except (engine.InputError, mlx_side.MlxLmError) as e:
+                report = ModelReport(model_type=model_type, source="base tree", seed=0,
+                                     dtype=str(options.get("dtype", "float32")),
+                                     verdict="error", error=str(e))
+            base_reports.append(report)
+        base_arrays = stage_arrays(base_reports, recorded)
+    engine.mark_systemic(pr_reports)
+    engine.mark_systemic(base_reports)
+    rows = compare(pr_reports, base_reports, pr_arrays, base_arrays)
+    return pr_info, base_info, pr_reports, base_reports, rows
+
+
+def base_tree_from_ref(repo: str, ref: str, into: str) -> str:
+    """`git archive REF mlx_lm` of the checkout at `repo`, unpacked into `into`: the base
+    tree for --base REF. Raises ValueError with git's one line when the ref is unknown."""
+    import io
+    import subprocess
+    import tarfile
+
+    done = subprocess.run(["git", "-C", repo, "archive", "--format=tar", ref, "mlx_lm"],
+                          capture_output=True, timeout=120)
+    if done.returncode != 0:
+        line = (done.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[0]
+        raise ValueError(f"--base {ref}: git archive in {repo}: {line}")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
+        archive.extractall(into, filter="data")
+    return into

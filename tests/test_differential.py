@@ -1,0 +1,144 @@
+"""Differential verdicts (`--base`): a PR's bug is flagged new or worse even where the
+architecture already carries a released finding, and the released findings alone read
+"unchanged".
+
+Each bug is an exact edit of the installed mlx-lm, copied to a temporary tree (the PR);
+the unedited copy is the base. Every architecture here fails some row on released mlx-lm
+(starcoder2's default MLP, mixtral's llama3 scaling, cohere's and phi3's rope variants,
+granite's rope_parameters reading, cohere2's head-dim crash), and several bugs land on
+exactly those rows: a plain run cannot tell them from what was already there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Edit, copy_mlx_lm, run_cli
+
+TYPES = ["starcoder2", "mixtral", "cohere", "phi3", "granite", "cohere2"]
+VARIANTS = "default,eps,rope-llama3,rope-longrope,config-format-rope_parameters"
+
+
+@dataclass(frozen=True)
+class MaskedBug:
+    name: str
+    model_type: str
+    edit: Edit
+    # (variant, change) layers rows the bug must produce: "new" where base passed, "worse"
+    # where base already failed the same row
+    expect: tuple[tuple[str, str], ...]
+    check: str = "layers"
+
+
+TREE_A = (
+    MaskedBug("starcoder2-attention-scale-off-by-one", "starcoder2",
+              Edit("models/starcoder2.py", "self.scale = head_dim**-0.5",
+                   "self.scale = (head_dim + 1) ** -0.5"),
+              (("default", "worse"),)),  # default already fails at layers.0's MLP
+    MaskedBug("mixtral-router-softmax-before-topk", "mixtral",
+              Edit("models/mixtral.py",
+                   "scores = mx.take_along_axis(gates, inds, axis=-1)\n"
+                   "        scores = mx.softmax(scores, axis=-1, precise=True)",
+                   "scores = mx.take_along_axis(mx.softmax(gates, axis=-1, precise=True), "
+                   "inds, axis=-1)"),
+              (("default", "new"), ("rope-llama3", "worse"))),
+    MaskedBug("cohere-logit-scale-dropped", "cohere",
+              Edit("models/cohere.py", "out = out * self.model.args.logit_scale", "out = out"),
+              (("default", "new"), ("config-format-rope_parameters", "worse"))),
+    MaskedBug("phi3-gate-up-halves-swapped", "phi3",
+              Edit("models/phi3.py", "gate, x = mx.split(x, 2, axis=-1)",
+                   "x, gate = mx.split(x, 2, axis=-1)"),
+              (("default", "new"), ("rope-longrope", "worse"))),
+    MaskedBug("granite-residual-multiplier-dropped-after-mlp", "granite",
+              Edit("models/granite.py", "out = h + r * self.residual_multiplier", "out = h + r"),
+              # transformers' default residual_multiplier is 1.0: only the config check's
+              # perturbation of it reaches the bug
+              (("default", "new"),), check="config"),
+)
+TREE_B = (
+    MaskedBug("starcoder2-final-norm-eps-hardcoded", "starcoder2",
+              Edit("models/starcoder2.py",
+                   "self.norm = nn.LayerNorm(args.hidden_size, eps=args.norm_epsilon)",
+                   "self.norm = nn.LayerNorm(args.hidden_size, eps=1e-5)"),
+              (("eps", "worse"),)),  # the eps variant already fails at layers.0's MLP
+    MaskedBug("mixtral-final-norm-eps-hardcoded", "mixtral",
+              Edit("models/mixtral.py",
+                   "self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)",
+                   "self.norm = nn.RMSNorm(args.hidden_size, eps=1e-5)"),
+              (("eps", "new"),)),
+    MaskedBug("cohere2-sliding-pattern-off-by-one", "cohere2",
+              Edit("models/cohere2.py",
+                   "self.use_sliding_window = (layer_idx + 1) % args.sliding_window_pattern != 0",
+                   "self.use_sliding_window = layer_idx % args.sliding_window_pattern != 0"),
+              (("default", "new"),)),
+)
+
+
+def layer_rows(results: dict[str, Any], model_type: str,
+               check: str = "layers") -> dict[str, dict[str, Any]]:
+    return {row["variant"]: row for row in results["differential"]
+            if row["model_type"] == model_type and row["check"] == check}
+
+
+@pytest.fixture(scope="module")
+def base_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_mlx_lm(tmp_path_factory.mktemp("base"), [])
+
+
+def run_tree(tmp_path: Path, base: Path, bugs: tuple[MaskedBug, ...], cache: Path) -> Any:
+    tree = copy_mlx_lm(tmp_path / "pr", [bug.edit for bug in bugs])
+    return run_cli(["check", *TYPES, "--checks", "layers,config", "--variants", VARIANTS,
+                    "--mlx-lm", str(tree), "--base", str(base)], cache, tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("bugs", [TREE_A, TREE_B], ids=["tree-a", "tree-b"])
+def test_bugs_under_released_findings_are_new_or_worse(tmp_path: Path, base_tree: Path,
+                                                       cache_dir: Path,
+                                                       bugs: tuple[MaskedBug, ...]) -> None:
+    run = run_tree(tmp_path, base_tree, bugs, cache_dir)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.results is not None and run.results["schema_version"] >= 3
+    for bug in bugs:
+        rows = layer_rows(run.results, bug.model_type, bug.check)
+        for variant, change in bug.expect:
+            row = rows[variant]
+            assert row["change"] == change, (bug.name, variant, row)
+            if bug.check == "layers":
+                assert row["first_changed_stage"] is not None, (bug.name, row)
+    # The released findings alone read "unchanged": the architectures this tree leaves
+    # alone carry findings on both trees, and compute bit for bit what base computes.
+    untouched = [row for row in run.results["differential"]
+                 if row["model_type"] not in {bug.model_type for bug in bugs}]
+    assert [row for row in untouched if row["verdict"] == "fail"], "no released finding here"
+    for row in untouched:
+        assert row["change"] == "unchanged", row
+        assert row["first_changed_stage"] is None, row
+        assert all(stage["changed_rel_l2"] == 0.0 for stage in row["stages"]), row
+
+
+def test_base_as_a_git_ref(tmp_path: Path, cache_dir: Path) -> None:
+    """--base REF inside an mlx-lm checkout: the ref's mlx_lm is the base tree."""
+    import subprocess
+
+    repo = copy_mlx_lm(tmp_path / "repo", [])
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "base"], check=True)
+    llama = repo / "mlx_lm" / "models" / "llama.py"
+    llama.write_text(llama.read_text().replace("self.scale = head_dim**-0.5",
+                                               "self.scale = head_dim**-0.5 * 1.01"))
+    run = run_cli(["check", "llama", "--checks", "layers", "--variants", "default",
+                   "--mlx-lm", str(repo), "--base", "main"], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "base tree: mlx_lm at main" in run.stderr
+    assert layer_rows(run.results, "llama")["default"]["change"] == "new"
+    bad = run_cli(["check", "llama", "--checks", "layers", "--mlx-lm", str(repo),
+                   "--base", "no-such-ref"], cache_dir)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("mlx-verify: error: --base no-such-ref")
