@@ -166,6 +166,13 @@ def verdict_rows(results: Results | None, errors: dict[str, str], skipped: list[
             if verdict not in ("fail", "error"):
                 return "–"
             return baseline.marker(model_type, check, variant)
+    elif results is not None and results.differential:
+        change = shared.row_change(results.differential)
+
+        def marker(model_type: str, verdict: str, check: str, variant: str) -> str:
+            found = change(model_type, check, variant)
+            return shared.CHANGE_MARK[found] if found else ("**new**" if verdict in
+                                                           ("fail", "error") else "–")
     return shared.md_verdict_rows(results, summary_limit, only_findings, errors, skipped,
                                   marker)
 
@@ -299,18 +306,30 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
     conclusion = "timed_out" if status == "timeout" else CONCLUSION[verdict]
 
     counts = _counts(results, errors)
+    differential = results.differential if results is not None and not failure else []
     # With a baseline, only findings the PR introduces fail the Check Run: when every
-    # failing row also fails on the base commit, the conclusion is neutral.
-    baseline = baseline_of(outcome) if verdict in ("fail", "error") and not failure else None
+    # failing row also fails on the base commit, the conclusion is neutral. A differential
+    # run (--base in the same sandboxed run) marks every row itself and takes precedence.
+    baseline = baseline_of(outcome) if verdict in ("fail", "error") and not failure \
+        and not differential else None
     new = old = 0
     if baseline is not None:
         new, old = count_findings(results, errors, baseline)
         counts += f"; {new} new, {old} also on base {baseline.sha[:7]}"
         if not new:
             conclusion = "neutral"
+    if differential:
+        blocking = sum(row.change in ("new", "worse") for row in differential)
+        counts += f"; against base: {shared.change_counts(differential)}"
+        if errors:
+            blocking += len(errors)  # could not run at all: nothing to compare, new
+        if not blocking and verdict in ("fail", "error"):
+            conclusion = "neutral"
+        elif blocking:
+            conclusion = "failure"
     # the heading says what the conclusion says: findings the base has too are not this PR's
-    mark = "➖ no new findings" if conclusion == "neutral" and baseline is not None \
-        else VERDICT_MARK[verdict]
+    mark = "➖ no new findings" if conclusion == "neutral" and (
+        baseline is not None or differential) else VERDICT_MARK[verdict]
     title = f"{mark}: {counts}" if not failure else f"⚠️ {failure}"
     model_types = [str(t) for t in outcome.get("model_types") or []]
     head = [MARKER, f"### mlx-verify: {mark} at `{short}`", ""]
@@ -328,7 +347,18 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
                      "(the runner's limits). Run others with `/verify MODEL_TYPE`.", ""])
     if baseline is not None:
         head.extend(baseline_lines(baseline, new, old))
+    if results is not None:
+        head.extend([escape(shared.reach_line(results)), ""])
+    base_sha = re.sub(r"[^0-9a-f]", "", str(outcome.get("base_sha") or ""))[:7]
+    if differential:
+        head.extend([f"**Against the base commit** `{base_sha or 'base'}` (same checkpoints "
+                     "and inputs; rows the PR does not change are left out):", ""]
+                     + shared.md_differential(results) + [""])
     head.extend(verdict_matrix(results, errors, skipped) + [""])
+    for check, variant, types in shared.systemic_causes(results):
+        head.extend([f"- systemic: {escape(check, 32)} on variant {code(variant, 64)} fails in "
+                     f"{len(types)} model_types: {', '.join(code(t, 64) for t in types[:30])}",
+                     ""])
     findings = _verdict_table(results, errors, skipped, COMMENT_LIMIT // 3, only_findings=True,
                               baseline=baseline)
     if len(findings) > 2:

@@ -159,7 +159,7 @@ def _error(subject: Subject, part: str, what: str, e: Exception) -> CheckResult:
 
 
 def run(subject: Subject) -> list[CheckResult]:
-    from . import mlx_side
+    from . import hf_side, mlx_side
 
     start = time.perf_counter()
     prompt = subject.ids
@@ -170,7 +170,9 @@ def run(subject: Subject) -> list[CheckResult]:
         return [failed, _error(subject, "kv-cache", "MLX decoding with make_prompt_cache", e),
                 batch_result(subject)]
     try:
-        hf_run = hf_decode(subject.hf_model, prompt, mlx_run.tokens[:-1])
+        forced = mlx_run.tokens[:-1]
+        hf_run = hf_side.memo("hf_decode", subject.hf_model, (prompt, forced),
+                              lambda: hf_decode(subject.hf_model, prompt, forced))
     except Exception as e:
         return [_error(subject, "greedy", "transformers incremental decoding", e),
                 _error(subject, "kv-cache", "transformers incremental decoding", e),

@@ -269,7 +269,9 @@ def compare_rotations(subject: Subject) -> CheckResult:
         result.summary = ("measured nothing: no positions on either side (transformers' "
                           "forward takes no position_ids, no RoPE module in the MLX layers)")
         return result
-    hf_side_rot = hf_rotations(subject.hf_model, config, int(subject.ids.max()) + 1)
+    vocab = int(subject.ids.max()) + 1
+    hf_side_rot = hf_side.memo("hf_rotations", subject.hf_model, (vocab,),
+                               lambda: hf_rotations(subject.hf_model, config, vocab))
     if not mlx_side_rot and not hf_side_rot and not unmeasured:
         result.verdict = "skip"
         result.summary = ("measured nothing: no RoPE module in the MLX layers and no rotary "
@@ -355,7 +357,9 @@ def far_parity(subject: Subject) -> list[CheckResult]:
                                summary="measured nothing: no attention caches, so no positions",
                                metrics={"check_part": "far-positions"})]
     compat.hf_forward_takes(subject.hf_model, "position_ids")
-    self_check = reference_far_problem(subject, ids)
+    self_check = hf_side.memo("reference_far_problem", subject.hf_model,
+                              (ids, only_attention_caches(subject.mlx_model)),
+                              lambda: reference_far_problem(subject, ids))
     if self_check.startswith("reference driver"):
         return [subject.result("rope", verdict="error", summary=self_check,
                                metrics={"check_part": "far-positions"})]
