@@ -212,6 +212,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         return fail(f"{args.results}: not mlx-verify results ({e.error_count()} problem(s); "
                     f"first: {where or 'top level'}: {first.get('msg', 'invalid')})")
     write_reports(results, args)
+    if results.differential:  # a --base run: the same policy as when it ran
+        from .differential import blocking
+
+        return EXIT_FINDING if blocking(results.differential) else EXIT_PASS
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
 
 

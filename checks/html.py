@@ -127,4 +127,8 @@ def render(results: Results) -> str:
         findings=shared.findings(results), charts=charts, rope=rope_rows(results),
         dtypes=dtype_rows(results), generation=generation_rows(results),
         quantize=quantize_rows(results), env=results.environment,
+        reach_line=shared.reach_line(results), reach_label=shared.REACH_LABEL,
+        change_counts=shared.change_counts(results.differential),
+        changed=sorted((r for r in results.differential if r.change != "unchanged"),
+                       key=lambda r: shared.CHANGE_ORDER[r.change]),
     )
