@@ -142,7 +142,8 @@ def stage_change(row: LayerRow, base_row: LayerRow, occurrence: int,
         same = np.array_equal(pr_mlx, base_mlx, equal_nan=True)
         changed = 0.0 if same else float("inf")
         return StageChange(stage=row.name, occurrence=occurrence, changed_rel_l2=changed,
-                           new_error_rel_l2=changed, pr_rel_l2=row.rel_l2,
+                           new_error_rel_l2=changed, toward_reference_rel_l2=0.0,
+                           pr_rel_l2=row.rel_l2,
                            base_rel_l2=base_row.rel_l2, tolerance=row.tolerance)
     change = (pr_mlx - base_mlx).ravel()
     base_error = (base_mlx - reference).ravel()
@@ -150,25 +151,31 @@ def stage_change(row: LayerRow, base_row: LayerRow, occurrence: int,
     along = float(base_error @ base_error)
     perpendicular = change - (float(change @ base_error) / along) * base_error if along \
         else change
+    toward = -float(change @ base_error) / float(np.sqrt(along)) if along else 0.0
     return StageChange(
         stage=row.name, occurrence=occurrence,
         changed_rel_l2=float(np.linalg.norm(change)) / scale,
         new_error_rel_l2=float(np.linalg.norm(perpendicular)) / scale,
+        toward_reference_rel_l2=toward / scale,
         pr_rel_l2=row.rel_l2, base_rel_l2=base_row.rel_l2, tolerance=row.tolerance)
 
 
-def stage_verdict(change: StageChange, pr_ok: bool, base_ok: bool) -> int:
-    """+1 the PR's stage is worse, -1 better, 0 neither."""
+NEW_DIRECTION = "new error direction"
+
+
+def stage_verdict(change: StageChange, pr_ok: bool, base_ok: bool) -> tuple[int, str]:
+    """(+1 the PR's stage is worse, -1 better, 0 neither; the basis)."""
     if base_ok and not pr_ok:
-        return 1
+        return 1, "tolerance"
     if pr_ok and not base_ok:
-        return -1
-    moved = _beyond(change.pr_rel_l2, change.base_rel_l2)
-    if moved:
-        return moved
-    # same distance, yet MLX(PR) leaves base's error direction by more than the stage's
-    # tolerance: a second disagreement hidden under the first
-    return 1 if change.new_error_rel_l2 > change.tolerance else 0
+        return -1, "tolerance"
+    # MLX(PR) leaves base's error direction by more than the stage's tolerance, and by more
+    # than it moves towards transformers along that error: a second disagreement, hidden
+    # under the first (its distance barely moves: 0.7 -> 0.7000001, or even shrinks)
+    if change.new_error_rel_l2 > change.tolerance and \
+            change.new_error_rel_l2 > change.toward_reference_rel_l2:
+        return 1, NEW_DIRECTION
+    return _beyond(change.pr_rel_l2, change.base_rel_l2), "distance"
 
 
 def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
@@ -212,15 +219,19 @@ def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
         out.stages.append(change)
         if out.first_changed_stage is None and change.changed_rel_l2 > 0:
             out.first_changed_stage = layer_row.name
-        verdict = stage_verdict(change, layer_row.ok, base_row.ok)
-        if verdict > 0:
-            direction = 1
+        verdict, basis = stage_verdict(change, layer_row.ok, base_row.ok)
+        if verdict > 0 and direction <= 0:
+            direction, out.basis = 1, basis
+        elif verdict > 0 and out.basis == NEW_DIRECTION:
+            out.basis = basis  # a firmer reason than the direction alone
         elif verdict < 0 and direction == 0:
-            direction = -1
+            direction, out.basis = -1, basis
     if out.distance is not None and out.base_distance is not None and not out.stages:
-        direction = _beyond(out.distance, out.base_distance)
+        direction, out.basis = _beyond(out.distance, out.base_distance), "distance"
     if pr.check == "config":
-        direction = _config_direction(pr, base, out.facts) or direction
+        keys = _config_direction(pr, base, out.facts)
+        if keys:
+            direction, out.basis = keys, "keys"
     pr_finding, base_finding = pr.verdict in FINDING, base.verdict in FINDING
     if pr_finding and not base_finding:
         out.change = "new"
@@ -238,6 +249,10 @@ def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
             out.facts.append(f"base: {base.summary[:200]}")
     else:
         out.change = {1: "worse", -1: "better", 0: "unchanged"}[direction]
+    if out.change in ("new", "fixed"):
+        out.basis = "verdict"
+    elif out.change == "unchanged":
+        out.basis = None
     if out.first_changed_stage is not None:
         worst = max(out.stages, key=lambda s: s.new_error_rel_l2)
         out.facts.append(f"MLX(PR) differs from MLX(base) from {out.first_changed_stage} on "
@@ -265,7 +280,13 @@ def _config_direction(pr: CheckResult, base: CheckResult, facts: list[str]) -> i
 def compare(pr_reports: list[ModelReport], base_reports: list[ModelReport],
             pr_arrays: StageArrays | None = None,
             base_arrays: StageArrays | None = None) -> list[DiffRow]:
-    """Every row of either tree, PR rows in their order, then base-only rows."""
+    """Every row of either tree, PR rows in their order, then base-only rows.
+
+    A change that leaves base's error direction on a row failing on both trees is read
+    as the PR's direction elsewhere: removing a small bug under a larger finding moves
+    MLX as much off base's error as adding one does; when the same model_type has rows
+    the PR fixes or betters and none it makes new or worse on firmer grounds, those rows
+    are that fix."""
     base_by_type = {r.model_type: r for r in base_reports}
     rows: list[DiffRow] = []
     for report in pr_reports:
@@ -283,6 +304,19 @@ def compare(pr_reports: list[ModelReport], base_reports: list[ModelReport],
             if key not in matched:
                 rows.append(compare_row(report.model_type, key[2], None, base_result,
                                         pr_arrays or {}, base_arrays or {}))
+    for model_type in {row.model_type for row in rows}:
+        own = [row for row in rows if row.model_type == model_type]
+        improved = [row for row in own if row.change in ("fixed", "better")]
+        firmly_worse = [row for row in own if row.change in ("new", "worse")
+                        and row.basis != NEW_DIRECTION]
+        if not improved or firmly_worse:
+            continue
+        for row in own:
+            if row.change == "worse" and row.basis == NEW_DIRECTION:
+                row.change = "better"
+                row.facts.append(f"read as the fix of {improved[0].check} / "
+                                 f"{improved[0].variant}: MLX(PR) leaves base's error "
+                                 "direction here with no firmer sign of a new error")
     return rows
 
 

@@ -108,6 +108,8 @@ class StageChange(Strict):
     # the part of that change not along base's own error, relative to ||transformers||:
     # a new disagreement even where the stage already disagreed on base
     new_error_rel_l2: float
+    # the part of that change along base's error, towards transformers (negative: away)
+    toward_reference_rel_l2: float = 0.0
     pr_rel_l2: float
     base_rel_l2: float
     tolerance: float
@@ -129,6 +131,9 @@ class DiffRow(Strict):
     distance_metric: str | None = None
     # the first stage whose MLX output differs between the trees, and the largest new error
     first_changed_stage: str | None = None
+    # why "worse" or "better": "verdict", "distance", "tolerance" (a stage within it on
+    # base is not), "new error direction" (MLX(PR) leaves base's error direction), "keys"
+    basis: str | None = None
     stages: list[StageChange] = Field(default_factory=list)
     facts: list[str] = Field(default_factory=list)
 

@@ -142,3 +142,25 @@ def test_base_as_a_git_ref(tmp_path: Path, cache_dir: Path) -> None:
                    "--base", "no-such-ref"], cache_dir)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("mlx-verify: error: --base no-such-ref")
+
+
+def test_a_fix_under_a_released_finding_reads_fixed_and_better(tmp_path: Path,
+                                                               cache_dir: Path) -> None:
+    """The reverse of a bug: the base has it, the PR removes it. Where a larger released
+    finding covers the same stage (llama's rope_parameters variant), MLX(PR) leaves base's
+    error direction as much as an added bug would; the row the PR fixes outright tells
+    which it is."""
+    bug = Edit("models/llama.py", "self.scale = head_dim**-0.5",
+               "self.scale = head_dim**-0.5 * 1.01")
+    base = copy_mlx_lm(tmp_path / "base", [bug])
+    pr = copy_mlx_lm(tmp_path / "pr", [])
+    run = run_cli(["check", "llama", "--checks", "layers",
+                   "--variants", "default,config-format-rope_parameters",
+                   "--mlx-lm", str(pr), "--base", str(base)], cache_dir, tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = layer_rows(run.results, "llama")
+    assert rows["default"]["change"] == "fixed"
+    masked = rows["config-format-rope_parameters"]
+    assert masked["verdict"] == masked["base_verdict"] == "fail"
+    assert masked["change"] == "better", masked
+    assert any("read as the fix of layers / default" in fact for fact in masked["facts"])
