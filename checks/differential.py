@@ -169,6 +169,8 @@ def stage_verdict(change: StageChange, pr_ok: bool, base_ok: bool) -> tuple[int,
         return 1, "tolerance"
     if pr_ok and not base_ok:
         return -1, "tolerance"
+    if _beyond(change.pr_rel_l2, change.base_rel_l2) > 0:
+        return 1, "distance"
     # MLX(PR) leaves base's error direction by more than the stage's tolerance, and by more
     # than it moves towards transformers along that error: a second disagreement, hidden
     # under the first (its distance barely moves: 0.7 -> 0.7000001, or even shrinks)
