@@ -489,7 +489,8 @@ def label_reading(row: dict[str, Any], reading: list[dict[str, Any]], checkpoint
 
 # Per loaded subject (checkpoint, dtype): transformers' reading of its config, and how MLX
 # compares with transformers run on the literal reading.
-_SUBJECT_READINGS: dict[tuple[str, str], dict[str, Any] | None] = {}
+_SUBJECT_READINGS: dict[tuple[str, str, int], tuple[Any, dict[str, Any]]] = {}
+_LITERAL_CONFIGS: set[str] = set()  # checkpoints transformers reads literally
 # checks whose rows compare the same function on the same prompt as the literal run
 READING_JUDGED_CHECKS = ("layers", "rope")
 
@@ -497,19 +498,24 @@ READING_JUDGED_CHECKS = ("layers", "rope")
 def subject_reading(subject: Subject) -> dict[str, Any] | None:
     """None when transformers reads the subject's config literally; else the facts and
     MLX's logits against transformers on the literal reading (parity prompt)."""
-    key = (str(subject.checkpoint), subject.dtype)
+    if str(subject.checkpoint) in _LITERAL_CONFIGS:
+        return None
+    # the MLX model is part of the key (two trees may share a checkpoint) and is kept
+    # alive with the entry, so its id is not reused
+    key = (str(subject.checkpoint), subject.dtype, id(subject.mlx_model))
     if key in _SUBJECT_READINGS:
-        return _SUBJECT_READINGS[key]
+        return _SUBJECT_READINGS[key][1]
     reading = reference_reading(subject.checkpoint, subject.config)
-    label: dict[str, Any] | None = None
-    if reading:
-        mlx_out = mlx_side.plain_forward(subject.mlx_model, subject.ids)
-        rel, subset, error = literal_agreement(
-            subject.checkpoint, subject.config, reading, subject.ids, mlx_out, subject.dtype,
-            compare.LAYER_TOLERANCE[subject.dtype])
-        label = {"facts": [r["fact"] for r in reading], "rel_l2": rel, "error": error,
-                 "literal": _literal_text(subset) if subset else None}
-    _SUBJECT_READINGS[key] = label
+    if not reading:
+        _LITERAL_CONFIGS.add(str(subject.checkpoint))
+        return None
+    mlx_out = mlx_side.plain_forward(subject.mlx_model, subject.ids)
+    rel, subset, error = literal_agreement(
+        subject.checkpoint, subject.config, reading, subject.ids, mlx_out, subject.dtype,
+        compare.LAYER_TOLERANCE[subject.dtype])
+    label = {"facts": [r["fact"] for r in reading], "rel_l2": rel, "error": error,
+             "literal": _literal_text(subset) if subset else None}
+    _SUBJECT_READINGS[key] = (subject.mlx_model, label)
     return label
 
 

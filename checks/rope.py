@@ -372,19 +372,21 @@ def far_tolerance(dtype: str, last_position: int) -> float:
     return max(compare.LAYER_TOLERANCE[dtype], FAR_DRIFT * last_position * ANGLE_ULP)
 
 
-def angle_difference(subject: Subject, position: int) -> float | None:
+def angle_difference(subject: Subject, position: int) -> tuple[float | None, str | None]:
     """The largest difference (rad) of one rotated pair's angle at `position` between the
     rotation MLX's RoPE modules apply and the (cos, sin) transformers hands its layers,
-    over the layers both measure; None when no layer is measured on both sides. Run right
-    after the forward at that position: transformers' dynamic NTK keeps the scaling of the
+    over the layers both measure, or None and why it was not measured. Run right after
+    the forward at that position: transformers' dynamic NTK keeps the scaling of the
     longest sequence it has seen (its rotary module is stateful)."""
+    from .mlx_side import describe_import_error
+
     head_dim = _head_dim(layers.decoder_config(subject.config))
     try:
         mlx, _ = mlx_rotations(subject.mlx_model, head_dim, offset=position)
         hf = hf_rotations(subject.hf_model, subject.config, int(subject.ids.max()) + 1,
                           position=position)
-    except compat.DriverError:
-        return None
+    except Exception as e:  # said in the row: the rounding allowance then applies unmeasured
+        return None, f"rotation at {position} not measured: {describe_import_error(e)}"
     worst = None
     for index in set(mlx) & set(hf):
         a, b = mlx[index]["freqs"], hf[index]["freqs"]
@@ -392,7 +394,10 @@ def angle_difference(subject: Subject, position: int) -> float | None:
         if n:
             diff = max(abs(x - y) for x, y in zip(a[:n], b[:n], strict=True))
             worst = diff if worst is None else max(worst, diff)
-    return worst
+    if worst is None:
+        return None, f"rotation at {position} not measured: no layer with a RoPE module " \
+                     "on the MLX side and rotary tensors on the transformers side"
+    return worst, None
 
 
 def far_parity(subject: Subject, positions: list[int] | None = None) -> list[CheckResult]:
@@ -424,7 +429,7 @@ def far_parity(subject: Subject, positions: list[int] | None = None) -> list[Che
         hf = hf_side.forward(subject.hf_model, ids, position_ids=position_ids)
         mlx = mlx_side.forward(subject.mlx_model, ids, cache=caches)
         last = position + ids.shape[1] - 1
-        angle = angle_difference(subject, last)
+        angle, unmeasured = angle_difference(subject, last)
         rounding = ANGLE_AGREES * last * ANGLE_ULP
         flat = compare.LAYER_TOLERANCE[subject.dtype]
         tolerance = far_tolerance(subject.dtype, last) if angle is None or angle <= rounding \
@@ -447,7 +452,7 @@ def far_parity(subject: Subject, positions: list[int] | None = None) -> list[Che
                 f"max({flat:.0e}, {FAR_DRIFT:g} x {last} x 2^-24) = {tolerance:.2e}: float32 "
                 f"rounds RoPE angles at about position x 2^-24 on each side; the rotations "
                 + (f"agree to {angle:.1e} rad (<= {rounding:.1e})" if angle is not None else
-                   "are not measured at this position"))
+                   f"are not measured at this position ({unmeasured})"))
         result.details["reference_self_check"] = self_check
         results.append(result)
     return results
