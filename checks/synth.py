@@ -320,7 +320,9 @@ def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
     for key in ("sliding_window_pattern", "attn_layer_period", "full_attention_interval",
                 "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step"):
         value = config.get(key)
-        if isinstance(value, int) and 1 < value <= 8:
+        if isinstance(value, int) and not isinstance(value, bool) and 1 < value:
+            # one whole period, however long: a pattern longer than the layer list is no
+            # model (mlx-lm indexes the pattern's last layer)
             needed = max(needed, value)
     for key in ("attn_layer_offset", "expert_layer_offset", "first_k_dense_replace",
                 "num_dense_layers"):

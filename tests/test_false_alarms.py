@@ -138,6 +138,18 @@ def test_layer_pattern_perturbed_within_the_layer_count() -> None:
                                           {"num_hidden_layers": 2}) == 0
 
 
+def test_shrinking_keeps_a_whole_layer_period() -> None:
+    """A period longer than 8 used to leave more pattern than layers (the config under
+    test itself impossible); mrope sections follow the rotary pairs too."""
+    source = json.loads((CONFIGS / "gemma-3-4b-it-text.json").read_text())
+    tiny = synth.shrink_config({**source, "sliding_window_pattern": 12})
+    assert tiny["num_hidden_layers"] == 12
+    vl = synth.shrink_config({"model_type": "qwen2_5_vl", "hidden_size": 3584,
+                              "num_attention_heads": 28, "num_hidden_layers": 28,
+                              "rope_scaling": {"type": "default", "mrope_section": [16, 24, 24]}})
+    assert vl["rope_scaling"]["mrope_section"] == [2, 3, 3]  # 64 pairs -> 8, same shares
+
+
 def test_gemma3_real_config_check_measures_the_pattern(cache_dir: Path, tmp_path: Path) -> None:
     """sliding_window_pattern was set to 16 over 6 tiny layers: IndexError inside mlx-lm,
     reported as `error` on a real config."""
@@ -148,6 +160,29 @@ def test_gemma3_real_config_check_measures_the_pattern(cache_dir: Path, tmp_path
     assert config["verdict"] != "error", config["summary"]
     row = next(r for r in config["details"]["keys"] if r["key"] == "sliding_window_pattern")
     assert row["status"] == "honoured" and row["new_value"] == 5
+
+
+# a port that only builds Gemma-3's own 5:1 layout (a pattern transformers runs in any value)
+PATTERN_HARD_CODED = Edit(
+    "models/gemma3_text.py",
+    "        self.sliding_window_pattern = args.sliding_window_pattern\n",
+    "        self.sliding_window_pattern = args.sliding_window_pattern\n"
+    "        if args.sliding_window_pattern != 6:\n"
+    "            raise ValueError('only the 5:1 local:global layout')\n")
+
+
+def test_mlx_raising_on_a_config_transformers_runs_is_a_finding(
+        cache_dir: Path, tmp_path: Path) -> None:
+    root = copy_mlx_lm(tmp_path / "tree", [PATTERN_HARD_CODED])
+    run = run_cli(["check", "gemma3_text", "--config", str(CONFIGS / "gemma-3-4b-it-text.json"),
+                   "--mlx-lm", str(root), "--checks", "config", "--variants", "default"],
+                  cache_dir, tmp_path / "results.json")
+    config = checks_of(run, "gemma3_text", "config")[0]
+    assert config["verdict"] == "fail", config["summary"]
+    row = next(r for r in config["details"]["keys"] if r["key"] == "sliding_window_pattern")
+    assert row["status"] == "fails in MLX" and row["reach"] == "latent"
+    assert "transformers runs sliding_window_pattern=5, MLX raises" in row["fact"]
+    assert "only the 5:1 local:global layout" in row["fact"]
 
 
 # --- findings of a real config graded by reach ---------------------------------------------
