@@ -344,6 +344,10 @@ def run_check(check: str, subject: Subject) -> list[CheckResult]:
             results = [subject.result(check, verdict="error",
                                       summary=f"{check} failed to run: "
                                               f"{mlx_side.describe_import_error(e)}")]
+        # where transformers reads the config other than literally, failing rows say so
+        from .config_keys import label_by_reading
+
+        label_by_reading(subject, results)
     seen = list(dict.fromkeys(
         [f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
          f" ({Path(w.filename).name}:{w.lineno})" for w in caught] + logged))

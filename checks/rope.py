@@ -23,12 +23,24 @@ from typing import Any
 
 import numpy as np
 
-from . import compare, compat, hf_side, layers, mlx_side, synth
+from . import compare, compat, config_keys, hf_side, layers, mlx_side, synth
 from .schema import CheckResult
 from .subject import Subject
 
 FAR_TOKENS = 16
 FREQ_TOLERANCE = 1e-4  # relative, per rotated pair, at position 1
+# Far-position bound, per stage, at last position p: max(LAYER_TOLERANCE[dtype],
+# FAR_DRIFT * p * 2^-24) where the rotation both sides apply at p agrees to float32
+# rounding (no pair's angle differs by more than ANGLE_AGREES * p * 2^-24 rad), else the
+# flat parity bound. Both libraries round the angle p * inv_freq to float32 from inv_freq
+# values that differ in the last bits, so a correct port drifts linearly with p, while a
+# scaling disagreement changes the angles themselves. Calibrated on correct ports at
+# 16k-250k (bench/calibrate_rope.py, docs/tolerances.md): drift up to 0.25 * p * 2^-24
+# and angle differences up to 0.66 * p * 2^-24; scaling disagreements differ in angle
+# by 100 * p * 2^-24 and more.
+FAR_DRIFT = 1.0
+ANGLE_AGREES = 4.0
+ANGLE_ULP = 2.0 ** -24
 # RoPE types whose rotation depends on the absolute position beyond the trained length
 EXTRAPOLATING = ("dynamic", "longrope")
 
@@ -178,9 +190,10 @@ def effective_base(freqs: list[float], rotated_dims: int) -> float | None:
     return (freqs[0] / freqs[1]) ** (rotated_dims / 2)
 
 
-def mlx_rotations(model: Any, head_dim: int) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-    """Per decoder layer, the rotation its first RoPE module applies at position 1; and
-    per layer, why it could not be measured (the module raised)."""
+def mlx_rotations(model: Any, head_dim: int,
+                  offset: int = 1) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Per decoder layer, the rotation its first RoPE module applies at position `offset`;
+    and per layer, why it could not be measured (the module raised)."""
     import mlx.core as mx
 
     from .mlx_side import describe_import_error
@@ -195,7 +208,7 @@ def mlx_rotations(model: Any, head_dim: int) -> tuple[dict[int, dict[str, Any]],
         dims = head_dim
         eye = mx.eye(dims).reshape(dims, 1, 1, dims)  # batch of one-hot vectors
         try:
-            rotated = rope(eye, offset=1)
+            rotated = rope(eye, offset=offset)
             matrix = np.array(rotated.astype(mx.float32)).reshape(dims, dims).T
         except Exception as e:  # e.g. a partial-rotary module that wants its own width
             unmeasured[index] = f"{type(rope).__name__}(one-hot x {dims}) raised " \
@@ -205,8 +218,9 @@ def mlx_rotations(model: Any, head_dim: int) -> tuple[dict[int, dict[str, Any]],
     return out, unmeasured
 
 
-def hf_rotations(model: Any, config: dict[str, Any], vocab: int) -> dict[int, dict[str, Any]]:
-    """Per decoder layer, the cos and sin transformers hands its attention at position 1,
+def hf_rotations(model: Any, config: dict[str, Any], vocab: int,
+                 position: int = 1) -> dict[int, dict[str, Any]]:
+    """Per decoder layer, the cos and sin transformers hands its attention at `position`,
     told apart by their values at position 0 (compat.hf_cos_sin)."""
     import torch
 
@@ -233,7 +247,7 @@ def hf_rotations(model: Any, config: dict[str, Any], vocab: int) -> dict[int, di
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([[token, token]]),
-                  position_ids=torch.tensor([[0, 1]]), use_cache=False)
+                  position_ids=torch.tensor([[0, position]]), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -316,16 +330,29 @@ def compare_rotations(subject: Subject) -> CheckResult:
                 f"scale {side['scale']:.4g}")
 
     result.summary = f"{fact(m, 'MLX')}; {fact(h, 'transformers')}"
+    reading = config_keys.reference_reading(subject.checkpoint, config)
     if problems:
         result.verdict = "fail"
         result.summary = f"{problems[0]}; {result.summary}"
+        # transformers reads the file's RoPE keys other than literally for some layer
+        # types: when only those layers differ, that reading is the side that differs
+        types = getattr(subject.hf_model.config.get_text_config(), "layer_types", None) or []
+        read_otherwise = {t for r in reading for t in r["layer_types"]}
+        failing = {int(text.split(":")[0].split()[1]) for text in problems}
+        if reading and types and all(i < len(types) and types[i] in read_otherwise
+                                     for i in failing):
+            result.details["side"] = config_keys.READING_SIDE
+            result.summary += (f"; only {'/'.join(sorted(read_otherwise))} layers differ, "
+                               f"where {'; '.join(r['fact'] for r in reading)}: the side "
+                               "that differs is transformers' reading of the file")
     elif unmeasured:
         # our driver could not apply the port's RoPE module: the rotation is not measured
         first_unmeasured = min(unmeasured)
         result.verdict = "error"
         result.summary = (f"MLX driver: rotation of layer {first_unmeasured} not measured: "
                           f"{unmeasured[first_unmeasured]}")
-    result.details = {"problems": problems,
+    result.details = {**result.details, "problems": problems,
+                      "reference_reading": [r["fact"] for r in reading],
                       "unmeasured": {str(i): t for i, t in unmeasured.items()},
                       "facts": f"{fact(m, 'MLX')}; {fact(h, 'transformers')}",
                       "per_layer": {
@@ -341,12 +368,48 @@ def compare_rotations(subject: Subject) -> CheckResult:
 # --- (b) far positions --------------------------------------------------------------------
 
 
-def far_parity(subject: Subject) -> list[CheckResult]:
+def far_tolerance(dtype: str, last_position: int) -> float:
+    """The per-stage bound at a far position whose rotation agrees: the parity bound, or
+    float32 angle rounding grown with the position (FAR_DRIFT), whichever is larger."""
+    return max(compare.LAYER_TOLERANCE[dtype], FAR_DRIFT * last_position * ANGLE_ULP)
+
+
+def angle_difference(subject: Subject, position: int) -> tuple[float | None, str | None]:
+    """The largest difference (rad) of one rotated pair's angle at `position` between the
+    rotation MLX's RoPE modules apply and the (cos, sin) transformers hands its layers,
+    over the layers both measure, or None and why it was not measured. Run right after
+    the forward at that position: transformers' dynamic NTK keeps the scaling of the
+    longest sequence it has seen (its rotary module is stateful)."""
+    from .mlx_side import describe_import_error
+
+    head_dim = _head_dim(layers.decoder_config(subject.config))
+    try:
+        mlx, _ = mlx_rotations(subject.mlx_model, head_dim, offset=position)
+        hf = hf_rotations(subject.hf_model, subject.config, int(subject.ids.max()) + 1,
+                          position=position)
+    except Exception as e:  # said in the row: the rounding allowance then applies unmeasured
+        return None, f"rotation at {position} not measured: {describe_import_error(e)}"
+    worst = None
+    for index in set(mlx) & set(hf):
+        a, b = mlx[index]["freqs"], hf[index]["freqs"]
+        n = min(len(a), len(b))
+        if n:
+            diff = max(abs(x - y) for x, y in zip(a[:n], b[:n], strict=True))
+            worst = diff if worst is None else max(worst, diff)
+    if worst is None:
+        return None, f"rotation at {position} not measured: no layer with a RoPE module " \
+                     "on the MLX side and rotary tensors on the transformers side"
+    return worst, None
+
+
+def far_parity(subject: Subject, positions: list[int] | None = None) -> list[CheckResult]:
+    """One row per far position (`far_positions` unless given: bench/calibrate_rope.py)."""
     import torch
 
     config = subject.config
     ids = subject.ids[:, :FAR_TOKENS]
-    positions = far_positions(layers.decoder_config(config), FAR_TOKENS)
+    if positions is None:
+        positions = far_positions(layers.decoder_config(config), FAR_TOKENS)
     if not positions:
         return [subject.result("rope", verdict="skip",
                                summary="measured nothing: no max_position_embeddings to "
@@ -369,14 +432,40 @@ def far_parity(subject: Subject) -> list[CheckResult]:
         position_ids = torch.arange(position, position + ids.shape[1])[None]
         hf = hf_side.forward(subject.hf_model, ids, position_ids=position_ids)
         mlx = mlx_side.forward(subject.mlx_model, ids, cache=caches)
-        # Measured on correct ports, the error does not grow with position (0.65e-6 at
-        # 64 and 0.75e-6 at 131056 for mixtral): the parity bound applies unchanged.
-        result = layers.judge(hf, mlx, config, subject.dtype, subject.variant.name, "rope")
-        result.summary = f"positions {position}..{position + ids.shape[1] - 1}: {result.summary}"
-        result.metrics.update({"check_part": "far-positions", "position": position})
+        last = position + ids.shape[1] - 1
+        angle, unmeasured = angle_difference(subject, last)
+        rounding = ANGLE_AGREES * last * ANGLE_ULP
+        flat = compare.LAYER_TOLERANCE[subject.dtype]
+        tolerance = far_tolerance(subject.dtype, last) if angle is None or angle <= rounding \
+            else flat
+        result = layers.judge(hf, mlx, config, subject.dtype, subject.variant.name, "rope",
+                              tolerance)
+        result.summary = f"positions {position}..{last}: {result.summary}"
+        result.metrics.update({"check_part": "far-positions", "position": position,
+                               "drift_per_position_ulp": _drift(result, last),
+                               "max_angle_diff": angle, "angle_rounding_bound": rounding})
+        if angle is not None and angle > rounding:
+            result.details["tolerance_rule"] = (
+                f"the rotations at position {last} differ by up to {angle:.2e} rad, more than "
+                f"float32 rounding ({ANGLE_AGREES:g} x {last} x 2^-24 = {rounding:.1e}): the "
+                f"flat bound {flat:.0e} applies")
+            if result.verdict == "fail":
+                result.summary += f"; RoPE angles at {last} differ by up to {angle:.2e} rad"
+        elif tolerance > flat:
+            result.details["tolerance_rule"] = (
+                f"max({flat:.0e}, {FAR_DRIFT:g} x {last} x 2^-24) = {tolerance:.2e}: float32 "
+                f"rounds RoPE angles at about position x 2^-24 on each side; the rotations "
+                + (f"agree to {angle:.1e} rad (<= {rounding:.1e})" if angle is not None else
+                   f"are not measured at this position ({unmeasured})"))
         result.details["reference_self_check"] = self_check
         results.append(result)
     return results
+
+
+def _drift(result: CheckResult, last_position: int) -> float | None:
+    """The largest stage error in units of last_position * 2^-24 (FAR_DRIFT's unit)."""
+    worst = result.metrics.get("max_rel_l2")
+    return float(worst) / (last_position * ANGLE_ULP) if isinstance(worst, float) else None
 
 
 # A small offset for the reference's own check: a real prefix of this many tokens.

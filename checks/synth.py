@@ -320,7 +320,9 @@ def _layers_needed(config: dict[str, Any], n_layers: int) -> int:
     for key in ("sliding_window_pattern", "attn_layer_period", "full_attention_interval",
                 "decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step"):
         value = config.get(key)
-        if isinstance(value, int) and 1 < value <= 8:
+        if isinstance(value, int) and not isinstance(value, bool) and 1 < value:
+            # one whole period, however long: a pattern longer than the layer list is no
+            # model (mlx-lm indexes the pattern's last layer)
             needed = max(needed, value)
     for key in ("attn_layer_offset", "expert_layer_offset", "first_k_dense_replace",
                 "num_dense_layers"):
@@ -356,6 +358,78 @@ def _keep_tied_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
         value = source.get(key)
         if isinstance(value, int) and value == _tied_value(source, operation, operands):
             out[key] = _tied_value(out, operation, operands)
+
+
+# Lists with one entry per rotated pair (longrope's factors) or that split the rotated
+# pairs into sections (mrope): they follow the rotary dims when head_dim shrinks.
+PER_PAIR_LISTS = ("long_factor", "short_factor")
+PAIR_SECTION_LISTS = ("mrope_section",)
+
+
+def _rotated_pairs(config: dict[str, Any]) -> int | None:
+    """Rotated pairs per head: head_dim (or hidden / heads) x partial_rotary_factor / 2,
+    or rotary_dim / 2 (GPT-J style)."""
+    if isinstance(config.get("rotary_dim"), int):
+        return config["rotary_dim"] // 2
+    head_dim = config.get("head_dim")
+    if not isinstance(head_dim, int):
+        hidden = next((config[k] for k in ("hidden_size", "d_model", "n_embd")
+                       if isinstance(config.get(k), int)), None)
+        heads = next((config[k] for k in ("num_attention_heads", "n_head", "n_heads")
+                      if isinstance(config.get(k), int)), None)
+        if not hidden or not heads:
+            return None
+        head_dim = hidden // heads
+    params = config.get("rope_parameters")
+    factor = config.get("partial_rotary_factor")
+    if not isinstance(factor, (int, float)) and isinstance(params, dict):
+        factor = params.get("partial_rotary_factor")
+    factor = factor if isinstance(factor, (int, float)) and 0 < factor <= 1 else 1.0
+    return int(head_dim * factor) // 2
+
+
+def _resample(values: list[Any], n: int) -> list[Any]:
+    """n entries spread evenly over the list, first and last kept (a ramp stays a ramp)."""
+    if n <= 1:
+        return values[:n]
+    return [values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)]
+
+
+def _split_sections(sections: list[int], total: int) -> list[int]:
+    """Sections of `total` pairs in the proportions of the source's, each at least 1."""
+    whole = sum(sections)
+    out = [max(1, round(s * total / whole)) for s in sections]
+    out[out.index(max(out))] += total - sum(out)
+    return out
+
+
+def _shrink_rotary_lists(source: dict[str, Any], out: dict[str, Any]) -> None:
+    """Per-pair lists of the RoPE settings (top-level rope_scaling / rope_parameters, or
+    one entry per layer type) resized to the tiny rotary dims; lists of any other length
+    are left alone (transformers' validation says so if they are wrong)."""
+    old, new = _rotated_pairs(source), _rotated_pairs(out)
+    if not old or not new or old == new:
+        return
+
+    def shrink(settings: Any) -> None:
+        if not isinstance(settings, dict):
+            return
+        if all(isinstance(v, dict) for v in settings.values()) and settings:
+            for inner in settings.values():  # one entry per layer type
+                shrink(inner)
+            return
+        for key in PER_PAIR_LISTS:
+            value = settings.get(key)
+            if isinstance(value, list) and len(value) == old:
+                settings[key] = _resample(value, new)
+        for key in PAIR_SECTION_LISTS:
+            value = settings.get(key)
+            if (isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+                    and sum(value) == old and new >= len(value)):
+                settings[key] = _split_sections(value, new)
+
+    for key in ("rope_scaling", "rope_parameters"):
+        shrink(out.get(key))
 
 
 # size key -> value when transformers' default leaves it None (None: the head count)
@@ -455,6 +529,7 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         frac = out["rotary_dim"] / source_head
         out["rotary_dim"] = max(2, int(round(frac * tiny_head / 2)) * 2)
     _keep_tied_sizes(config, out)
+    _shrink_rotary_lists(config, out)
 
     # Experts: fewer, but routing still chooses (top-k < experts) and groups still group.
     for key in EXPERT_COUNT_KEYS:

@@ -1,0 +1,259 @@
+"""False alarms of the engine on real configs, each fixed at its root (issue 10, item 4),
+and the real disagreements next to them that must still fail.
+
+Configs are real-shaped Hub config.json files (tests/fixtures/configs/README.md); bugs
+are edits of a copy of the installed mlx_lm; both libraries run for real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checks import config_keys, engine, rope, synth
+from tests.conftest import CliRun, Edit, copy_mlx_lm, run_cli
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+
+
+def checks_of(run: CliRun, model_type: str, check: str,
+              variant: str = "default") -> list[dict[str, Any]]:
+    return [c for c in run.report(model_type)["checks"]
+            if c["check"] == check and c["variant"] == variant]
+
+
+def far_rows(run: CliRun, model_type: str) -> dict[int, dict[str, Any]]:
+    return {c["metrics"]["position"]: c for c in checks_of(run, model_type, "rope")
+            if c["metrics"].get("position")}
+
+
+# --- far-position RoPE: float32 angle rounding is not a finding ----------------------------
+
+
+def test_correct_port_passes_far_positions_of_a_long_context_config(
+        cache_dir: Path, tmp_path: Path) -> None:
+    """Qwen3-8B's 40960 positions: a correct port drifts 4e-5 at 20480 and 7.7e-5 at
+    40944 (float32 angle rounding), which the flat 1e-5 bound failed."""
+    run = run_cli(["check", "qwen3", "--config", str(CONFIGS / "qwen3-8b.json"),
+                   "--checks", "rope", "--variants", "default"], cache_dir,
+                  tmp_path / "results.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    far = far_rows(run, "qwen3")
+    assert sorted(far) == [64, 20480, 40944]
+    assert far[64]["metrics"]["tolerance_rel_l2"] == 1e-5
+    for position in (20480, 40944):
+        row = far[position]
+        assert row["verdict"] == "pass"
+        # the drift is real and above the flat bound: the position-aware bound is needed
+        assert row["metrics"]["max_rel_l2"] > 1e-5
+        last = position + rope.FAR_TOKENS - 1
+        assert row["metrics"]["tolerance_rel_l2"] == pytest.approx(last * 2.0 ** -24)
+        # granted because the rotations agree at that position to float32 rounding
+        assert row["metrics"]["max_angle_diff"] <= row["metrics"]["angle_rounding_bound"]
+        assert "float32 rounds RoPE angles" in row["details"]["tolerance_rule"]
+
+
+def test_correct_port_passes_at_131k(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen2.5-7B at 125000 (not just below a power of two, where both sides happen to
+    round p x inv_freq alike): 2.5e-4 of drift, within the bound."""
+    monkeypatch.setenv("MLX_VERIFY_CACHE", str(cache_dir))
+    subject = engine.load_subject("qwen2", config_file=str(CONFIGS / "qwen2.5-7b-instruct.json"))
+    near, far = rope.far_parity(subject, [64, 125000])
+    assert near.verdict == "pass"
+    assert far.verdict == "pass", far.summary
+    assert far.metrics["max_rel_l2"] > 1e-5  # the drift the flat bound failed
+    assert far.metrics["max_angle_diff"] <= far.metrics["angle_rounding_bound"]
+
+
+IGNORED_LLAMA3_SCALING = Edit(
+    "models/llama.py",
+    "            args.rope_scaling,\n            args.max_position_embeddings,\n",
+    "            None,\n            args.max_position_embeddings,\n")
+
+
+def test_ignored_llama3_scaling_still_fails_at_131k(cache_dir: Path, tmp_path: Path) -> None:
+    """Llama-3.1's llama3 scaling dropped: the rotation differs at every far position, so
+    the rounding allowance is not granted and the 131k row fails on the flat bound."""
+    root = copy_mlx_lm(tmp_path / "tree", [IGNORED_LLAMA3_SCALING])
+    run = run_cli(["check", "llama", "--config", str(CONFIGS / "llama-3.1-8b-instruct.json"),
+                   "--mlx-lm", str(root), "--checks", "rope", "--variants", "default"],
+                  cache_dir, tmp_path / "results.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    far = far_rows(run, "llama")
+    assert max(far) == 131056
+    row = far[131056]
+    assert row["verdict"] == "fail"
+    assert row["metrics"]["tolerance_rel_l2"] == 1e-5
+    assert row["metrics"]["max_angle_diff"] > 10 * row["metrics"]["angle_rounding_bound"]
+    assert "RoPE angles at 131071 differ by up to" in row["summary"]
+
+
+# --- per-pair RoPE lists shrink with the rotary dims ---------------------------------------
+
+
+def test_longrope_factor_lists_follow_the_rotary_dims() -> None:
+    source = json.loads((CONFIGS / "phi-4-mini-instruct.json").read_text())
+    assert len(source["rope_scaling"]["long_factor"]) == 48  # 0.75 x 128 / 2
+    tiny = synth.shrink_config(source)
+    pairs = int(tiny["hidden_size"] // tiny["num_attention_heads"]
+                * tiny["partial_rotary_factor"]) // 2
+    for key in ("long_factor", "short_factor"):
+        values = tiny["rope_scaling"][key]
+        assert len(values) == pairs == 6
+        # the ramp keeps its ends
+        assert values[0] == source["rope_scaling"][key][0]
+        assert values[-1] == source["rope_scaling"][key][-1]
+
+
+def test_phi4_mini_longrope_config_runs(cache_dir: Path, tmp_path: Path) -> None:
+    """Exited 2 with "transformers rejects the config: StrictDataclass" before."""
+    run = run_cli(["check", "phi3", "--config", str(CONFIGS / "phi-4-mini-instruct.json"),
+                   "--checks", "layers,rope", "--variants", "default"], cache_dir,
+                  tmp_path / "results.json")
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    assert "StrictDataclass" not in run.stderr
+    assert checks_of(run, "phi3", "layers")[0]["verdict"] == "pass"
+    assert all(c["verdict"] == "pass" for c in checks_of(run, "phi3", "rope"))
+
+
+# --- config perturbations a checkpoint could have ------------------------------------------
+
+
+def test_layer_pattern_perturbed_within_the_layer_count() -> None:
+    source = json.loads((CONFIGS / "gemma-3-4b-it-text.json").read_text())
+    tiny = synth.shrink_config(source)
+    n_layers = tiny["num_hidden_layers"]
+    perturbed = dict(config_keys.candidates(tiny))
+    pattern = perturbed["sliding_window_pattern"]["sliding_window_pattern"]
+    assert 1 <= pattern <= n_layers and pattern != tiny["sliding_window_pattern"]
+    # a per-layer list fixes the pattern: no different period next to the same list
+    with_types = {**tiny, "layer_types": ["sliding_attention"] * (n_layers - 1)
+                  + ["full_attention"]}
+    assert "sliding_window_pattern" not in dict(config_keys.candidates(with_types))
+    # offsets stay below the layer count
+    assert config_keys.layer_layout_value("first_k_dense_replace", 1,
+                                          {"num_hidden_layers": 2}) == 0
+
+
+def test_shrinking_keeps_a_whole_layer_period() -> None:
+    """A period longer than 8 used to leave more pattern than layers (the config under
+    test itself impossible); mrope sections follow the rotary pairs too."""
+    source = json.loads((CONFIGS / "gemma-3-4b-it-text.json").read_text())
+    tiny = synth.shrink_config({**source, "sliding_window_pattern": 12})
+    assert tiny["num_hidden_layers"] == 12
+    vl = synth.shrink_config({"model_type": "qwen2_5_vl", "hidden_size": 3584,
+                              "num_attention_heads": 28, "num_hidden_layers": 28,
+                              "rope_scaling": {"type": "default", "mrope_section": [16, 24, 24]}})
+    assert vl["rope_scaling"]["mrope_section"] == [2, 3, 3]  # 64 pairs -> 8, same shares
+
+
+def test_gemma3_real_config_check_measures_the_pattern(cache_dir: Path, tmp_path: Path) -> None:
+    """sliding_window_pattern was set to 16 over 6 tiny layers: IndexError inside mlx-lm,
+    reported as `error` on a real config."""
+    run = run_cli(["check", "gemma3_text", "--config", str(CONFIGS / "gemma-3-4b-it-text.json"),
+                   "--checks", "config", "--variants", "default"], cache_dir,
+                  tmp_path / "results.json")
+    config = checks_of(run, "gemma3_text", "config")[0]
+    assert config["verdict"] != "error", config["summary"]
+    row = next(r for r in config["details"]["keys"] if r["key"] == "sliding_window_pattern")
+    assert row["status"] == "honoured" and row["new_value"] == 5
+
+
+# a port that only builds Gemma-3's own 5:1 layout (a pattern transformers runs in any value)
+PATTERN_HARD_CODED = Edit(
+    "models/gemma3_text.py",
+    "        self.sliding_window_pattern = args.sliding_window_pattern\n",
+    "        self.sliding_window_pattern = args.sliding_window_pattern\n"
+    "        if args.sliding_window_pattern != 6:\n"
+    "            raise ValueError('only the 5:1 local:global layout')\n")
+
+
+def test_mlx_raising_on_a_config_transformers_runs_is_a_finding(
+        cache_dir: Path, tmp_path: Path) -> None:
+    root = copy_mlx_lm(tmp_path / "tree", [PATTERN_HARD_CODED])
+    run = run_cli(["check", "gemma3_text", "--config", str(CONFIGS / "gemma-3-4b-it-text.json"),
+                   "--mlx-lm", str(root), "--checks", "config", "--variants", "default"],
+                  cache_dir, tmp_path / "results.json")
+    config = checks_of(run, "gemma3_text", "config")[0]
+    assert config["verdict"] == "fail", config["summary"]
+    row = next(r for r in config["details"]["keys"] if r["key"] == "sliding_window_pattern")
+    assert row["status"] == "fails in MLX" and row["reach"] == "latent"
+    assert "transformers runs sliding_window_pattern=5, MLX raises" in row["fact"]
+    assert "only the 5:1 local:global layout" in row["fact"]
+
+
+# --- findings of a real config graded by reach ---------------------------------------------
+
+HARD_CODED_EPS = Edit(
+    "models/qwen3.py",
+    "self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)",
+    "self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=1e-6)")
+
+
+def test_hard_coded_eps_equal_to_the_config_is_latent(cache_dir: Path, tmp_path: Path) -> None:
+    """Qwen3-8B's rms_norm_eps is 1e-6: a port that hard-codes 1e-6 computes this
+    checkpoint right. The perturbed eps still shows the key is ignored, graded latent."""
+    root = copy_mlx_lm(tmp_path / "tree", [HARD_CODED_EPS])
+    run = run_cli(["check", "qwen3", "--config", str(CONFIGS / "qwen3-8b.json"),
+                   "--mlx-lm", str(root), "--checks", "layers,config", "--variants", "default"],
+                  cache_dir, tmp_path / "results.json")
+    assert checks_of(run, "qwen3", "layers")[0]["verdict"] == "pass"
+    config = checks_of(run, "qwen3", "config")
+    assert len(config) == 1 and config[0]["details"]["reach"] == "latent"
+    assert config[0]["details"]["config_under_test_agrees"] is True
+    eps = next(r for r in config[0]["details"]["keys"] if r["key"] == "rms_norm_eps")
+    # the other norms still read it: MLX moves, to another place
+    assert eps["status"] == "read differently" and eps["reach"] == "latent"
+    assert "rms_norm_eps" in config[0]["summary"] and config[0]["verdict"] == "fail"
+    assert all(r["reach"] == "latent" for r in config[0]["details"]["keys"])
+
+
+# --- transformers' reading of the file vs its literal values -------------------------------
+
+
+@pytest.fixture(scope="module")
+def olmo3(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """Olmo-3-7B's config with rope_theta 20000: transformers 5 gives the legacy top-level
+    rope_theta to full_attention layers only, sliding layers keep the class default."""
+    tmp = tmp_path_factory.mktemp("olmo3")
+    config = json.loads((CONFIGS / "olmo-3-7b.json").read_text())
+    config["rope_theta"] = 20000
+    (tmp / "config.json").write_text(json.dumps(config))
+    return run_cli(["check", "olmo3", "--config", str(tmp / "config.json"),
+                    "--checks", "layers,rope", "--variants", "default"], cache_dir,
+                   tmp / "results.json")
+
+
+def test_transformers_reading_is_said_and_is_the_side(olmo3: CliRun) -> None:
+    layers = checks_of(olmo3, "olmo3", "layers")[0]
+    # MLX stays judged against transformers' reading
+    assert layers["verdict"] == "fail"
+    reading = layers["details"]["reference_reading"]
+    assert ("transformers reads rope_theta 20000 for full_attention layers only; "
+            "sliding_attention layers: 500000") in reading
+    assert layers["details"]["side"] == "transformers' reading"
+    assert layers["details"]["mlx_vs_literal_reading_rel_l2"] <= 1e-5
+    assert "read literally (rope_theta applied to every layer type), transformers agrees " \
+           "with MLX" in layers["summary"]
+    rotation = next(c for c in checks_of(olmo3, "olmo3", "rope")
+                    if c["metrics"].get("check_part") == "rotation")
+    assert rotation["verdict"] == "fail"
+    assert rotation["details"]["side"] == "transformers' reading"
+    assert "only sliding_attention layers differ" in rotation["summary"]
+
+
+def test_real_olmo3_config_reads_as_written(cache_dir: Path, tmp_path: Path) -> None:
+    """The published rope_theta equals the class default: the reading differs only in the
+    yarn scaling, which transformers and MLX both give to full_attention layers."""
+    run = run_cli(["check", "olmo3", "--config", str(CONFIGS / "olmo-3-7b.json"),
+                   "--checks", "layers,rope", "--variants", "default"], cache_dir,
+                  tmp_path / "results.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rotation = next(c for c in checks_of(run, "olmo3", "rope")
+                    if c["metrics"].get("check_part") == "rotation")
+    assert rotation["details"]["reference_reading"] == [
+        "transformers applies rope_scaling (yarn) to full_attention layers only; "
+        "sliding_attention layers: default"]
