@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the base tree (a directory holding mlx_lm, or a git ref "
                             "of the checked checkout, e.g. main) and mark each row unchanged, "
                             "fixed, new, worse or better; exit 1 only on new or worse rows")
+    check.add_argument("--fail-on", dest="fail_on", choices=("config", "any"), default=None,
+                       help="which findings exit 1: 'config' (the config under test only; "
+                            "latent variants and keys are reported, exit 0), 'any'. Default: "
+                            "'config' with --config/--hub-model/--checkpoint, else 'any'")
     check.add_argument("--config", metavar="FILE",
                        help="a real config.json (or its directory) to shrink instead of "
                             "transformers' default config")
@@ -212,10 +216,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         return fail(f"{args.results}: not mlx-verify results ({e.error_count()} problem(s); "
                     f"first: {where or 'top level'}: {first.get('msg', 'invalid')})")
     write_reports(results, args)
-    if results.differential:  # a --base run: the same policy as when it ran
+    return exit_code(results, "any")
+
+
+def exit_code(results: Any, fail_on: str) -> int:
+    """The exit-code policy. With a base (--base): 1 only on new or worse rows. Else 1 on
+    any finding (fail_on "any"), or only on findings about the config under test, a model
+    that could not run included (fail_on "config": latent variants and perturbed keys a
+    real config does not use are reported and exit 0)."""
+    if results.differential:
         from .differential import blocking
 
         return EXIT_FINDING if blocking(results.differential) else EXIT_PASS
+    bad = ("fail", "error")
+    if fail_on == "config":
+        findings = [r for r in results.reports if r.error] + [
+            c for r in results.reports for c in r.checks
+            if c.verdict in bad and c.reach in ("config", None)]
+        return EXIT_FINDING if findings else EXIT_PASS
     return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
 
 
@@ -264,7 +282,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return fail(str(e))
     progress.done()
     write_reports(results, args)
-    return EXIT_PASS if results.verdict in ("pass", "skip") else EXIT_FINDING
+    return exit_code(results, args.fail_on or ("config" if given else "any"))
 
 
 def check_against_base(args: argparse.Namespace, options: dict[str, Any],

@@ -164,3 +164,24 @@ def test_a_fix_under_a_released_finding_reads_fixed_and_better(tmp_path: Path,
     assert masked["verdict"] == masked["base_verdict"] == "fail"
     assert masked["change"] == "better", masked
     assert any("read as the fix of layers / default" in fact for fact in masked["facts"])
+
+
+def test_a_real_config_exits_on_its_own_findings_not_on_latent_ones(tmp_path: Path,
+                                                                    cache_dir: Path) -> None:
+    """On a real config, a latent finding (the rope_parameters form of the same config,
+    which released llama.py does not read) is listed with its reach and exits 0;
+    --fail-on any makes it count."""
+    config = Path(__file__).parent / "fixtures" / "configs" / "llama-3.1-8b-instruct.json"
+    args = ["check", "llama", "--config", str(config), "--checks", "layers",
+            "--variants", "default,config-format-rope_parameters"]
+    run = run_cli(args, cache_dir, tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {c["variant"]: c for c in run.report("llama")["checks"]}
+    assert rows["default"]["verdict"] == "pass" and rows["default"]["reach"] == "config"
+    latent = rows["config-format-rope_parameters"]
+    assert latent["verdict"] == "fail" and latent["reach"] == "latent"
+    plain = run_cli(args, cache_dir)
+    assert "your config: 0 finding(s); latent (variants and keys this config does not use): 1" \
+        in plain.stdout, plain.stdout
+    strict = run_cli([*args, "--fail-on", "any"], cache_dir)
+    assert strict.returncode == 1
