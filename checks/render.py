@@ -13,12 +13,20 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import CheckResult, LayerRow, Localization, ModelReport, Results, SourceLocation
-from .schema import combine_verdicts as _combine
+from .schema import (
+    CheckResult,
+    LayerRow,
+    Localization,
+    ModelReport,
+    Results,
+    SourceLocation,
+    check_verdicts,
+)
 
 VERDICT_MARK = {"pass": "✅ pass", "fail": "❌ fail", "error": "⚠️ error", "skip": "➖ skip"}
 BAD = ("fail", "error")
@@ -109,14 +117,10 @@ class Cell:
 
 
 def matrix(report: ModelReport, names: list[str]) -> list[Cell]:
-    cells = []
-    for name in names:
-        verdicts = [c.verdict for c in report.checks if c.check == name]
-        if not verdicts:
-            cells.append(Cell(None, 0, 0))
-            continue
-        cells.append(Cell(_combine(verdicts), sum(v in BAD for v in verdicts), len(verdicts)))
-    return cells
+    verdicts = check_verdicts([report])
+    runs = Counter(c.check for c in report.checks)
+    bad = Counter(c.check for c in report.checks if c.verdict in BAD)
+    return [Cell(verdicts.get(name), bad[name], runs[name]) for name in names]
 
 
 def reach(report: ModelReport, variant: str) -> str:
