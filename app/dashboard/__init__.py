@@ -183,8 +183,8 @@ def fmt_duration(start: float | None, end: float | None) -> str:
 # ---- what every route module shares ------------------------------------------------------
 
 class Refused(Exception):
-    """Raised by a dependency (login gate, CSRF check) to answer with this page instead
-    of running the route; DashboardRoute turns it into the response."""
+    """Raised by a dependency (login gate, CSRF check) or a route's helper to answer with
+    this page instead; DashboardRoute turns it into the response."""
 
     def __init__(self, response: Response) -> None:
         super().__init__(response.status_code)

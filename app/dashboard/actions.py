@@ -17,7 +17,7 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from .. import store
-from . import PREFIX, Dashboard, DashboardRoute
+from . import PREFIX, Dashboard, DashboardRoute, Refused
 from .auth import signed_in_to_act
 from .pages import job_repository
 
@@ -42,24 +42,12 @@ def router(dash: Dashboard) -> APIRouter:
         ok, why = await run_in_threadpool(authorised, dash, login_name, run.repository)
         if not ok:
             return dash.message(request, "Refused", why, 403)
-        try:
-            text, job_id = await run_in_threadpool(rerun_run, dash, run, login_name)
-        except RerunRefused as e:
-            return dash.message(request, "Not re-run", str(e), 409)
-        return dash.message(request, "Re-run requested", text, 200,
-                            link=f"{PREFIX}/runs/{quote(job_id)}")
+        return await rerun_answer(dash, request, run, login_name)
 
     @routes.post("/jobs/{job_id}/cancel")
     async def cancel(request: Request, job_id: str,
                      login_name: str = Depends(act)) -> Response:
-        try:
-            job = Job.fetch(job_id, connection=dash.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return dash.message(request, "Not found", f"No job {job_id} in the queue.", 404)
-        ok, why = await run_in_threadpool(authorised, dash, login_name,
-                                          job_repository(dash.connection, job))
-        if not ok:
-            return dash.message(request, "Refused", why, 403)
+        job = await authorised_job(dash, request, job_id, login_name)
         text = await run_in_threadpool(cancel_job, dash, job, login_name)
         return dash.message(request, "Cancel", text, 200, link=f"{PREFIX}/queue")
 
@@ -67,24 +55,12 @@ def router(dash: Dashboard) -> APIRouter:
     async def retry(request: Request, job_id: str,
                     login_name: str = Depends(act)) -> Response:
         """A failed report job runs again; a failed verify job is re-run (new Check Run)."""
-        try:
-            job = Job.fetch(job_id, connection=dash.connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            return dash.message(request, "Not found", f"No job {job_id} in the queue.", 404)
-        ok, why = await run_in_threadpool(authorised, dash, login_name,
-                                          job_repository(dash.connection, job))
-        if not ok:
-            return dash.message(request, "Refused", why, 403)
+        job = await authorised_job(dash, request, job_id, login_name)
         if job.func_name == "workers.verify.run_verify":
             run = store.get_run(dash.connection, job_id)
             if run is None:
                 return dash.message(request, "Not re-run", "This job has no stored run.", 409)
-            try:
-                text, new_id = await run_in_threadpool(rerun_run, dash, run, login_name)
-            except RerunRefused as e:
-                return dash.message(request, "Not re-run", str(e), 409)
-            return dash.message(request, "Re-run requested", text, 200,
-                                link=f"{PREFIX}/runs/{quote(new_id)}")
+            return await rerun_answer(dash, request, run, login_name)
         if job.get_status() != JobStatus.FAILED:
             return dash.message(request, "Not retried", f"job {job_id} has not failed", 409)
         job.requeue()
@@ -92,6 +68,32 @@ def router(dash: Dashboard) -> APIRouter:
                             200, link=f"{PREFIX}/queue")
 
     return routes
+
+
+async def authorised_job(dash: Dashboard, request: Request, job_id: str,
+                         login_name: str) -> Job:
+    """The queued job, once login may act on its repository; else Refused (404, 403)."""
+    try:
+        job = Job.fetch(job_id, connection=dash.connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        raise Refused(dash.message(request, "Not found", f"No job {job_id} in the queue.",
+                                   404)) from None
+    ok, why = await run_in_threadpool(authorised, dash, login_name,
+                                      job_repository(dash.connection, job))
+    if not ok:
+        raise Refused(dash.message(request, "Refused", why, 403))
+    return job
+
+
+async def rerun_answer(dash: Dashboard, request: Request, run: store.Run,
+                       login_name: str) -> Response:
+    """Re-run a stored PR run (login's permission already checked) and say what happened."""
+    try:
+        text, job_id = await run_in_threadpool(rerun_run, dash, run, login_name)
+    except RerunRefused as e:
+        return dash.message(request, "Not re-run", str(e), 409)
+    return dash.message(request, "Re-run requested", text, 200,
+                        link=f"{PREFIX}/runs/{quote(job_id)}")
 
 
 def authorised(dash: Dashboard, login_name: str, repository: str | None) -> tuple[bool, str]:
