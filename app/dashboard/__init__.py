@@ -193,7 +193,7 @@ class Refused(Exception):
 
 class DashboardRoute(APIRoute):
     """An APIRoute whose dependencies may answer the request themselves (Refused), so a
-    refusal is the same HTML page as before, not FastAPI's JSON error."""
+    refusal is an HTML page like the rest of the dashboard, not FastAPI's JSON error."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
