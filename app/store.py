@@ -39,7 +39,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, Field
 
-from checks.schema import Results, combine_verdicts
+from checks.schema import Results, check_verdicts, combine_verdicts
 
 from .settings import load_store_limits
 
@@ -93,10 +93,7 @@ class Run(BaseModel):
         """model_type -> check -> verdict combined over variants (errors as "(run)")."""
         out: dict[str, dict[str, str]] = {}
         for report in self.results.reports if self.results else []:
-            per_check: dict[str, list[Any]] = {}
-            for check in report.checks:
-                per_check.setdefault(check.check, []).append(check.verdict)
-            row = {c: combine_verdicts(v) for c, v in per_check.items()}
+            row: dict[str, str] = dict(check_verdicts([report]))
             if report.error:
                 row["(run)"] = "error"
             out.setdefault(report.model_type, {}).update(row)

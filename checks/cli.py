@@ -426,7 +426,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                    "transformers": transformers.__version__,
                    "mlx": importlib.metadata.version("mlx"),
                    "torch": importlib.metadata.version("torch"), "options": options}
-    rows, summary = sweeping.sweep(types, Path(args.out), options, args.jobs, fingerprint,
+    rows, summary = sweeping.sweep(main, types, Path(args.out), options, args.jobs, fingerprint,
                                    Path(args.previous) if args.previous else None, Progress())
     if connection is not None:
         from app import store

@@ -1,4 +1,4 @@
-"""The `dtype` check: checkpoint dtype inference, half-precision dtype tracing, bf16 parity.
+"""The `dtype` check: checkpoint dtype inference, half-precision dtype trace, bf16 parity.
 
 (a) The checkpoint's dtype, inferred as transformers would (`dtype`/`torch_dtype` in
     the config, a nested text config, the index metadata, else the safetensors
@@ -8,7 +8,7 @@
     hidden states and logits must keep it through every layer. On contamination the
     first stage, the module where float32 enters and the float32 parameter (or the
     float32 lines of the module's code) are named, from a trace of the dtypes going
-    into and out of every module in call order.
+    into and out of every module in call order (checks/tracing.py).
 (c) Parity in half precision: the MLX half model against transformers in float32 on
     the same (half-rounded) weights, so the measured error is the compute rounding
     of the port only. Transformers' own half-precision run on the same weights is
@@ -18,23 +18,19 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import struct
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import compare, layers, mlx_side
+from . import compare, layers, mlx_side, tracing
 from .render import num
 from .schema import CheckResult
 from .subject import Subject
+from .tracing import FLOAT_NAMES, Stage
 
 CHECK = "dtype"
 HALF_DTYPES = ("bfloat16", "float16")
@@ -49,7 +45,6 @@ SAFETENSORS_DTYPES = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
     "U32": "uint32", "BOOL": "bool",
 }
-FLOAT_NAMES = ("float64", "float32", "float16", "bfloat16")
 
 
 # ---------------------------------------------------------------- (a) inference
@@ -141,205 +136,6 @@ def infer_checkpoint_dtype(checkpoint: Path) -> DtypeInference:
                           facts=facts, header_counts=dict(counts))
 
 
-# ---------------------------------------------------------------- (b) dtype trace
-
-
-@dataclass
-class Call:
-    """One module call: the dtypes of its floating array inputs and outputs."""
-
-    path: str
-    cls: str
-    start: int  # call order
-    end: int = -1  # completion order (children first)
-    input: str | None = None  # dtype of the first floating input (the hidden states)
-    inputs: list[str] = field(default_factory=list)  # every floating input
-    output: str | None = None  # dtype of the first floating output
-
-
-def _float_arrays(value: Any) -> Iterator[Any]:
-    import mlx.core as mx
-
-    if isinstance(value, mx.array):
-        if mx.issubdtype(value.dtype, mx.floating):
-            yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _float_arrays(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _float_arrays(item)
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("mlx.core.")
-
-
-@contextmanager
-def dtype_recording(model: Any, calls: dict[str, Call]) -> Iterator[None]:
-    """Record the raw dtypes of every module call, first call of each module only
-    (mlx_side.recording converts arrays to float32; here only their dtypes are kept)."""
-    classes = {p: type(m).__name__ for p, m in model.named_modules() if p}
-    counter = {"start": 0, "end": 0}
-
-    def make_wrapper(original: Any, paths: dict[int, str]) -> Any:
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            path = paths.get(id(self))
-            call = None
-            if path is not None and path not in calls:
-                call = Call(path=path, cls=classes[path], start=counter["start"])
-                counter["start"] += 1
-                found = [_dtype_name(a.dtype) for a in _float_arrays([args, kwargs])]
-                call.inputs = found
-                call.input = found[0] if found else None
-                calls[path] = call
-            out = original(self, *args, **kwargs)
-            if call is not None:
-                first = next(_float_arrays(out), None)
-                call.output = None if first is None else _dtype_name(first.dtype)
-                call.end = counter["end"]
-                counter["end"] += 1
-            return out
-
-        return wrapper
-
-    with mlx_side.patched_calls(model, make_wrapper):
-        yield
-
-
-def trace(model: Any, ids: np.ndarray) -> tuple[dict[str, Call], str]:
-    """Module calls of one forward, and the logits dtype."""
-    import mlx.core as mx
-
-    calls: dict[str, Call] = {}
-    with dtype_recording(model, calls):
-        logits = model(mx.array(ids))
-    mx.eval(logits)
-    return calls, _dtype_name(logits.dtype)
-
-
-def parameter_dtypes(model: Any) -> dict[str, str]:
-    from mlx.utils import tree_flatten
-
-    return {k: _dtype_name(v.dtype) for k, v in tree_flatten(model.parameters())}
-
-
-Stage = tuple[str, str, str | None]  # (stage name, module path prefix, output dtype)
-
-
-def _stages(calls: dict[str, Call], n_layers: int | None) -> tuple[list[Stage], str | None]:
-    """(stage name, module path prefix, output dtype) in forward order, and the layer list."""
-    paths = list(calls)
-    layer_list = layers.find_layer_list(paths, n_layers) if n_layers else None
-    stages: list[tuple[str, str, str | None]] = []
-    if layer_list is None:
-        return stages, None
-    first = calls.get(f"{layer_list}.0")
-    if first is not None:
-        stages.append(("embeddings", "", first.input))
-    for i in range(n_layers or 0):
-        call = calls.get(f"{layer_list}.{i}")
-        if call is not None:
-            stages.append((f"layers.{i}", f"{layer_list}.{i}", call.output))
-    base = layer_list.rpartition(".")[0]
-    if base and base in calls:
-        stages.append(("final_norm", base, calls[base].output))
-    return stages, layer_list
-
-
-def _called_parent(calls: dict[str, Call], path: str) -> str:
-    """The nearest ancestor that was called (a layer list like `model.layers` is not)."""
-    parent = path.rpartition(".")[0]
-    while parent and parent not in calls:
-        parent = parent.rpartition(".")[0]
-    return parent
-
-
-def _children(calls: dict[str, Call], parent: str) -> list[Call]:
-    return sorted((c for p, c in calls.items() if _called_parent(calls, p) == parent),
-                  key=lambda c: c.start)
-
-
-def _float32_lines(module: Any) -> list[str]:
-    """Lines of the module's own __call__ that mention float32: the usual constant."""
-    try:
-        source, first_line = inspect.getsourcelines(type(module).__call__)
-        file = inspect.getsourcefile(type(module).__call__) or "?"
-    except (OSError, TypeError):
-        return []
-    return [f"{Path(file).name}:{first_line + i}: {line.strip()}"
-            for i, line in enumerate(source) if "float32" in line]
-
-
-def locate_upcast(model: Any, calls: dict[str, Call], stage: str, prefix: str,
-                  layer_list: str | None, want: str) -> dict[str, Any]:
-    """Where float32 enters inside one stage: the first module (completion order) whose
-    hidden-state input has the half dtype and whose output does not; then its float32
-    parameters, or the child calls around the switch and the float32 lines of its code."""
-    modules = dict(model.named_modules())
-
-    first_layer = calls.get(f"{layer_list}.0") if layer_list else None
-
-    def inside(path: str) -> bool:
-        if prefix:
-            return path == prefix or path.startswith(prefix + ".")
-        if stage == "embeddings" and first_layer is not None:
-            # what runs before the first layer: the embedding and the model's own code
-            return calls[path].start < first_layer.start
-        return layer_list is None or not (path == layer_list or path.startswith(layer_list + "."))
-
-    ordered = sorted((c for p, c in calls.items() if inside(p) and c.end >= 0),
-                     key=lambda c: c.end)
-    lead = next((c for c in ordered if c.input == want and c.output not in (None, want)), None)
-    if lead is None:
-        lead = next((c for c in ordered if c.output not in (None, want)), None)
-    if lead is None:
-        # e.g. logits from a tied `embed_tokens.as_linear` (no module call) or a cast in
-        # the top-level model's own code
-        lines = _float32_lines(model)
-        facts = ["no module call inside the stage returned a non-half dtype: the "
-                 f"top-level {type(model).__name__}.__call__ changes it"]
-        if lines:
-            facts.append("float32 in its code: " + "; ".join(lines[:3]))
-        return {"stage": stage, "module": prefix or type(model).__name__,
-                "float32_lines": lines, "facts": facts}
-    module = modules.get(lead.path)
-    own = {k: _dtype_name(v.dtype) for k, v in
-           (module.parameters().items() if module is not None else [])
-           if hasattr(v, "dtype")}
-    float_params = [f"{lead.path}.{k}" for k, d in own.items() if d != want]
-    facts = [f"{lead.path} ({lead.cls}): input {lead.input}, output {lead.output}"]
-    found: dict[str, Any] = {"stage": stage, "module": lead.path, "class": lead.cls,
-                             "input": lead.input, "output": lead.output}
-    if float_params:
-        found["parameters"] = float_params
-        facts.append("parameter(s) not in " + want + ": " + ", ".join(
-            f"{p} ({own[p[len(lead.path) + 1:]]})" for p in float_params))
-    else:
-        kids = _children(calls, lead.path)
-        before = [c.path for c in kids if c.input in (want, None) and c.output in (want, None)
-                  and not any(k.start < c.start and k.input not in (want, None) for k in kids)]
-        after = next((c for c in kids if c.input not in (want, None)), None)
-        if kids:
-            where = f"in the code of {lead.path} itself"
-            if before:
-                where += f", after {before[-1]}"
-            if after is not None:
-                where += f", before {after.path} (which receives {after.input})"
-            facts.append(f"no parameter of {lead.path} is outside {want}: float32 enters {where}")
-            found["after"] = before[-1] if before else None
-            found["before"] = after.path if after is not None else None
-        else:
-            facts.append(f"no parameter of {lead.path} is outside {want}: a float32 constant "
-                         "or an explicit cast in its code")
-        lines = _float32_lines(module) if module is not None else []
-        if lines:
-            found["float32_lines"] = lines
-            facts.append("float32 in its code: " + "; ".join(lines[:3]))
-    found["facts"] = facts
-    return found
-
-
 # ---------------------------------------------------------------- (c) parity and the check
 
 
@@ -374,33 +170,6 @@ def half_checkpoint(checkpoint: Path, dtype: str) -> Path:
     return target
 
 
-@contextmanager
-def cpu_gather_mm() -> Iterator[dict[str, int]]:
-    """MLX's CPU backend runs gather_mm (MoE experts) in float32 only. On CPU, compute
-    it in float32 and return the dtype the GPU kernel returns (the promoted input
-    dtype), so MoE models can be traced and compared in half precision. Yields a
-    count of the emulated calls."""
-    import mlx.core as mx
-
-    emulated = {"calls": 0}
-    if mx.default_device() != mx.cpu:
-        yield emulated
-        return
-    original = mx.gather_mm
-
-    def gather_mm(a: Any, b: Any, *args: Any, **kwargs: Any) -> Any:
-        out_dtype = mx.result_type(a, b)
-        emulated["calls"] += 1
-        return original(a.astype(mx.float32), b.astype(mx.float32), *args,
-                        **kwargs).astype(out_dtype)
-
-    mx.gather_mm = gather_mm
-    try:
-        yield emulated
-    finally:
-        mx.gather_mm = original
-
-
 def _load_mlx(checkpoint: Path) -> tuple[Any, Any]:
     model, _, weights = mlx_side.load(checkpoint)
     return model, weights
@@ -427,7 +196,7 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
         result.summary = f"{dtype}: the {dtype} checkpoint does not load strictly"
         return result
 
-    params = parameter_dtypes(model)
+    params = tracing.parameter_dtypes(model)
     wrong_params = sorted(k for k, d in params.items() if d in FLOAT_NAMES and d != dtype)
     cast = getattr(model, "cast_predicate", None)
     declared = [k for k in wrong_params if callable(cast) and not cast(k)]
@@ -439,11 +208,12 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
         result.details["kept_by_cast_predicate"] = {k: params[k] for k in declared}
 
     try:
-        with cpu_gather_mm() as emulated:
-            calls, logits_dtype = trace(model, subject.ids)
+        with tracing.cpu_gather_mm() as emulated:
+            calls, logits_dtype = tracing.trace(model, subject.ids)
             mlx_capture = mlx_side.forward(model, subject.ids)
     except RuntimeError as e:
-        if not backend_limitation(e):
+        limitation = mlx_side.backend_limitation(e)
+        if limitation is None:
             raise
         # another op the CPU backend runs only in float32: nothing to measure
         result.details["backend_limitation"] = str(e)
@@ -451,14 +221,14 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
         result.summary = (f"{dtype}: " + (f"{len(wrong_params)} parameters not {dtype} after "
                                           f"loading (first: {wrong_params[0]}); " if wrong_params
                                           else "")
-                          + f"forward not run: the MLX {_device()} backend cannot ({e})")
+                          + f"forward not run: {limitation}")
         result.duration_s = time.perf_counter() - start
         return result
     if emulated["calls"]:
         result.details["cpu_gather_mm_emulated"] = (
             f"{emulated['calls']} gather_mm calls (MoE experts) computed in float32 and cast "
             "to the input dtype: MLX's CPU backend has no half-precision gather_mm")
-    stages, layer_list = _stages(calls, layers.layer_count(subject.config))
+    stages, layer_list = tracing.stages(calls, layers.layer_count(subject.config))
     stages.append(("logits", "", logits_dtype))
     result.details["stage_dtypes"] = {name: d for name, _, d in stages}
     result.metrics["logits_dtype"] = logits_dtype
@@ -468,7 +238,7 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
         name, prefix = bad_stage
         if name == "logits":
             prefix = "lm_head" if "lm_head" in calls else ""
-        upcast = locate_upcast(model, calls, name, prefix, layer_list, dtype)
+        upcast = tracing.locate_upcast(model, calls, name, prefix, layer_list, dtype)
         result.details["upcast"] = upcast
         result.first_divergent_layer = name
     result.metrics["first_non_half_stage"] = None if bad_stage is None else bad_stage[0]
@@ -546,52 +316,10 @@ def _parity(subject: Subject, dtype: str, ref: Any, hf_half: Any, mlx_capture: A
     return parity
 
 
-def backend_limitation(e: BaseException) -> bool:
-    """An MLX backend that cannot run an op in half precision (not a finding about the port)."""
-    return "only supports float32" in str(e)
-
-
-def _device() -> str:
-    import mlx.core as mx
-
-    return str(mx.default_device())
-
-
 def _stage_dtype(stages: list[Stage], name: str) -> str | None:
     return next((d for n, _, d in stages if n == name), None)
-
 
 
 def run(subject: Subject) -> list[CheckResult]:
     inference = infer_checkpoint_dtype(subject.checkpoint)
     return [check_half(subject, dtype, inference) for dtype in HALF_DTYPES]
-
-
-def calibrate(model_types: list[str], seeds: list[int]) -> Iterator[dict[str, Any]]:
-    """The numbers behind LAYER_TOLERANCE's half-precision bounds (docs/tolerances.md):
-    max per-stage rel_l2 of MLX half and of transformers half against transformers float32
-    on the same weights, for correct ports of the installed mlx-lm."""
-    from . import engine
-
-    for model_type, seed, results, problem in engine.calibration_runs(model_types, seeds, run):
-        if results is None:
-            yield {"model_type": model_type, "seed": seed, "problem": problem}
-            continue
-        for r in results:
-            m = r.metrics
-            yield {"model_type": model_type, "seed": seed, "dtype": m["dtype"],
-                   "verdict": r.verdict, "summary": r.summary[:200],
-                   "mlx_max": m.get("max_rel_l2"),
-                   "hf_max": m.get("hf_half_max_rel_l2"),
-                   "top1": m.get("top1_agreement")}
-
-
-if __name__ == "__main__":
-    # python -m checks.dtypes MODEL_TYPE,... SEED,...  (JSON lines on stdout)
-    import sys
-
-    from .mlx_side import use_mlx_lm
-
-    use_mlx_lm(None)
-    for row in calibrate(sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]):
-        print(json.dumps(row), flush=True)

@@ -132,23 +132,8 @@ def _rel(candidate: np.ndarray, reference: np.ndarray) -> float:
     return compare.metrics(candidate, reference)["rel_l2"]
 
 
-def backend_limitation(e: Exception) -> str | None:
-    """A reason when MLX's backend, not the port, cannot run the model (MLX's CPU
-    gather_mm, used by MoE layers, runs in float32 only)."""
-    text = str(e)
-    if "Currently only supports float32" in text:
-        return f"the MLX {_device()} backend cannot run this model in half precision ({text})"
-    return None
-
-
-def _device() -> str:
-    import mlx.core as mx
-
-    return str(mx.default_device())
-
-
 def _error(subject: Subject, part: str, what: str, e: Exception) -> CheckResult:
-    from .mlx_side import describe_import_error
+    from .mlx_side import backend_limitation, describe_import_error
 
     limitation = backend_limitation(e)
     if limitation is not None:
@@ -386,13 +371,13 @@ def batch_result(subject: Subject) -> CheckResult:
     try:
         batched = compat.mlx_batch_generate(subject.mlx_model, prompts, BATCH_STEPS)
     except Exception as e:
-        from .mlx_side import describe_import_error
+        from .mlx_side import backend_limitation, describe_import_error
 
         details["exception"] = describe_import_error(e)
-        if backend_limitation(e):
+        if (limitation := backend_limitation(e)) is not None:
             return subject.result(CHECK, verdict="skip", details=details,
                                   duration_s=time.perf_counter() - start,
-                                  summary=f"batch: {backend_limitation(e)}")
+                                  summary=f"batch: {limitation}")
         if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
             # our driver failed: nothing was measured
             return subject.result(CHECK, verdict="error", details=details,

@@ -116,11 +116,10 @@ def run(subject: Subject) -> list[CheckResult]:
     try:
         mlx = mlx_side.forward(subject.mlx_model, ids, cache=cache)
     except RuntimeError as e:
-        from .generation import backend_limitation
-
-        if backend_limitation(e) is None:
+        limitation = mlx_side.backend_limitation(e)
+        if limitation is None:
             raise
-        return [subject.result(CHECK, verdict="skip", summary=backend_limitation(e),
+        return [subject.result(CHECK, verdict="skip", summary=limitation,
                                duration_s=time.perf_counter() - start)]
     mx.clear_cache()
 

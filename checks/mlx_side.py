@@ -148,6 +148,18 @@ def describe_import_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}{location}"
 
 
+def backend_limitation(e: BaseException) -> str | None:
+    """A reason when MLX's backend, not the port, cannot run the model in half precision
+    (MLX's CPU backend runs some ops, e.g. gather_mm of MoE layers, in float32 only)."""
+    text = str(e)
+    if "only supports float32" not in text:
+        return None
+    import mlx.core as mx
+
+    return (f"the MLX {mx.default_device()} backend cannot run this model in half precision "
+            f"({text})")
+
+
 def config_problem(config: dict[str, Any]) -> str | None:
     """Why mlx-lm's ModelArgs cannot be built from `config` (e.g. required keys missing),
     or None. Checked before a checkpoint is synthesized; an import error in the model

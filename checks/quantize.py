@@ -27,13 +27,12 @@ import io
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import compat, dtypes, layers
+from . import compat, dtypes, layers, tracing
 from .generation import raised_in_mlx_lm
 from .schema import CheckResult
 from .subject import Subject
@@ -241,12 +240,12 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
                                                 if isinstance(v, dict)}
 
     # the dtype check again, on the reloaded quantized model
-    params = dtypes.parameter_dtypes(model)
-    wrong = sorted(k for k, d in params.items() if d in dtypes.FLOAT_NAMES and d != want)
+    params = tracing.parameter_dtypes(model)
+    wrong = sorted(k for k, d in params.items() if d in tracing.FLOAT_NAMES and d != want)
     result.details["parameters_not_in_dtype"] = {k: params[k] for k in wrong}
     try:
-        with dtypes.cpu_gather_mm():
-            calls, logits_dtype = dtypes.trace(model, subject.ids)
+        with tracing.cpu_gather_mm():
+            calls, logits_dtype = tracing.trace(model, subject.ids)
             capture = mlx_side.forward(model, subject.ids)
     except Exception as e:
         if not raised_in_mlx_lm(e):
@@ -257,14 +256,14 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
         result.summary = (f"{bits}-bit: the reloaded quantized model's forward fails: "
                           f"{mlx_side.describe_import_error(e)}")
         return _done(result, start)
-    stages, layer_list = dtypes._stages(calls, layers.layer_count(subject.config))
+    stages, layer_list = tracing.stages(calls, layers.layer_count(subject.config))
     stages.append(("logits", "", logits_dtype))
     result.details["stage_dtypes"] = {name: d for name, _, d in stages}
     bad_stage = next(((n, p) for n, p, d in stages if d != want), None)
     upcast = None
     if bad_stage is not None:
         name, prefix = bad_stage
-        upcast = dtypes.locate_upcast(model, calls, name, prefix, layer_list, want)
+        upcast = tracing.locate_upcast(model, calls, name, prefix, layer_list, want)
         result.details["upcast"] = upcast
 
     stats = next_token_stats(ref_capture.logits, capture.logits)
@@ -354,7 +353,7 @@ def run(subject: Subject) -> list[CheckResult]:
     if ref_model is None:
         return [subject.result(CHECK, verdict="fail", weights=weights, first_divergent_layer="load",
                                summary=f"the {stored} checkpoint does not load strictly")]
-    with dtypes.cpu_gather_mm():
+    with tracing.cpu_gather_mm():
         ref_capture = mlx_side.forward(ref_model, subject.ids)
     workdir = Path(tempfile.mkdtemp(prefix="mlx-verify-quantize-"))
     try:
@@ -362,33 +361,3 @@ def run(subject: Subject) -> list[CheckResult]:
                 for bits in BITS]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def calibrate(model_types: list[str], seeds: list[int]) -> Iterator[dict[str, Any]]:
-    """The numbers behind the bounds above (docs/tolerances.md), for correct ports."""
-    from . import engine
-
-    for model_type, seed, results, problem in engine.calibration_runs(model_types, seeds, run):
-        if results is None:
-            yield {"model_type": model_type, "seed": seed, "problem": problem}
-            continue
-        for r in results:
-            m = r.metrics
-            yield {"model_type": model_type, "seed": seed, "bits": m.get("bits"),
-                   "verdict": r.verdict, "kl_mean": m.get("kl_mean"),
-                   "top1": m.get("top1_agreement"),
-                   "stage_max": m.get("max_stage_rel_l2"),
-                   "fidelity_max": m.get("fidelity_max_rel_l2"),
-                   "left_unquantized": m.get("left_unquantized")}
-
-
-if __name__ == "__main__":
-    # python -m checks.quantize MODEL_TYPE,... SEED,...  (JSON lines on stdout)
-    import json
-    import sys
-
-    from .mlx_side import use_mlx_lm
-
-    use_mlx_lm(None)
-    for row in calibrate(sys.argv[1].split(","), [int(s) for s in sys.argv[2].split(",")]):
-        print(json.dumps(row), flush=True)

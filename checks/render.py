@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,8 @@ from .schema import (
     ModelReport,
     Results,
     SourceLocation,
+    check_verdicts,
 )
-from .schema import combine_verdicts as _combine
 
 VERDICT_MARK = {"pass": "✅ pass", "fail": "❌ fail", "error": "⚠️ error", "skip": "➖ skip"}
 BAD = ("fail", "error")
@@ -117,14 +118,10 @@ class Cell:
 
 
 def matrix(report: ModelReport, names: list[str]) -> list[Cell]:
-    cells = []
-    for name in names:
-        verdicts = [c.verdict for c in report.checks if c.check == name]
-        if not verdicts:
-            cells.append(Cell(None, 0, 0))
-            continue
-        cells.append(Cell(_combine(verdicts), sum(v in BAD for v in verdicts), len(verdicts)))
-    return cells
+    verdicts = check_verdicts([report])
+    runs = Counter(c.check for c in report.checks)
+    bad = Counter(c.check for c in report.checks if c.verdict in BAD)
+    return [Cell(verdicts.get(name), bad[name], runs[name]) for name in names]
 
 
 def reach(report: ModelReport, variant: str) -> str:

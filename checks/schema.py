@@ -205,3 +205,13 @@ def combine_verdicts(verdicts: list[Verdict]) -> Verdict:
     if "pass" in verdicts:
         return "pass"
     return "skip"
+
+
+def check_verdicts(reports: list[ModelReport]) -> dict[str, Verdict]:
+    """check -> its verdict combined over variants (and over these reports), in the order
+    the checks ran: one row of the model_type x check matrix."""
+    per_check: dict[str, list[Verdict]] = {}
+    for report in reports:
+        for check in report.checks:
+            per_check.setdefault(check.check, []).append(check.verdict)
+    return {name: combine_verdicts(verdicts) for name, verdicts in per_check.items()}

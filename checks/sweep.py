@@ -22,14 +22,16 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from .mlx_side import fast_blas_env
-from .schema import Results, combine_verdicts
+from .schema import Results, check_verdicts
 
 MODEL_TIMEOUT_S = 1800
+CliMain = Callable[[list[str]], int]  # `mlx-verify ARGV` -> exit code
 
 
 # Imported once in the forkserver; each model_type's process starts from there.
@@ -39,16 +41,15 @@ PRELOAD = ["torch", "transformers", "mlx.core", "mlx.nn", "mlx_lm", "mlx_lm.util
                "long_context", "quantize", "synth", "hf_side", "mlx_side"))]
 
 
-def check_in_child(argv: list[str], log_file: str) -> None:
-    """The forked process: `mlx-verify check ...` with stdout and stderr (native output
-    included) going to the model_type's log."""
-    from . import cli
-
+def check_in_child(main: CliMain, argv: list[str], log_file: str) -> None:
+    """The forked process: `mlx-verify check ...` (main: checks.cli.main, handed over by
+    the CLI, so this module does not import it back) with stdout and stderr (native
+    output included) going to the model_type's log."""
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.argv = ["mlx-verify", *argv]  # the results' reproduce command
-    code = cli.main(argv)
+    code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -68,15 +69,15 @@ def start_forkserver(mlx_lm_path: str | None, shim: Path) -> multiprocessing.con
     return context
 
 
-def run_one(context: multiprocessing.context.BaseContext, model_type: str, out_dir: Path,
-            options: list[str]) -> dict[str, Any]:
+def run_one(context: multiprocessing.context.BaseContext, main: CliMain, model_type: str,
+            out_dir: Path, options: list[str]) -> dict[str, Any]:
     """Check one model_type; returns its row for sweep.json."""
     results_file = out_dir / f"{model_type}.json"
     log_file = out_dir / "logs" / f"{model_type}.log"
     results_file.unlink(missing_ok=True)
     start = time.perf_counter()
     process = context.Process(target=check_in_child, name=f"check {model_type}", args=(
-        ["check", model_type, *options, "--json", str(results_file)], str(log_file)))
+        main, ["check", model_type, *options, "--json", str(results_file)], str(log_file)))
     process.start()
     process.join(MODEL_TIMEOUT_S)
     if process.is_alive():
@@ -107,11 +108,7 @@ def checks_matrix(out_dir: Path, model_types: list[str]) -> dict[str, dict[str, 
         if not file.exists():
             continue
         results = Results.model_validate_json(file.read_text())
-        per_check: dict[str, list[Any]] = {}
-        for report in results.reports:
-            for check in report.checks:
-                per_check.setdefault(check.check, []).append(check.verdict)
-        matrix[model_type] = {c: combine_verdicts(v) for c, v in per_check.items()}
+        matrix[model_type] = dict(check_verdicts(results.reports))
     return matrix
 
 
@@ -143,9 +140,10 @@ def summary(rows: list[dict[str, Any]], matrix: dict[str, dict[str, str]],
     return "\n".join(lines) + "\n"
 
 
-def sweep(model_types: list[str], out_dir: Path, options: list[str], jobs: int,
+def sweep(main: CliMain, model_types: list[str], out_dir: Path, options: list[str], jobs: int,
           fingerprint: dict[str, Any], previous_dir: Path | None = None,
           progress: Any = None) -> tuple[list[dict[str, Any]], Path]:
+    """main: the CLI's entry point, run in each model_type's process."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state_file = out_dir / "sweep.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -169,7 +167,7 @@ def sweep(model_types: list[str], out_dir: Path, options: list[str], jobs: int,
     todo = [t for t in model_types if not done(t)]  # errors are tried again
 
     def one(model_type: str) -> dict[str, Any]:
-        row = run_one(context, model_type, out_dir, options)
+        row = run_one(context, main, model_type, out_dir, options)
         if progress:
             progress(f"{model_type}: {row['verdict']} ({row['seconds']} s)")
         return row

@@ -33,7 +33,7 @@ from rq.serializers import JSONSerializer
 from tests.app import fake_github
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "github-webhooks"
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "webhooks"  # real payloads (their README)
 REPO = "ml-explore/mlx-lm"
 SECRET = "test-webhook-secret"
 APP_ID = 31337
