@@ -186,7 +186,8 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
             gh, owner, name, name=CHECK_NAME, head_sha=sha, status="completed",
             conclusion="neutral", completed_at=_now(),
             output={"title": "no model code changed",
-                    "summary": "No `mlx_lm/models/*.py` file changed: nothing to verify."})
+                    "summary": "No Python file of the `mlx_lm` package changed (docs, tests "
+                               "or other files only): nothing to verify."})
         return "no model code changed"
     # Both the PR's author and whoever sent this event (the pusher, for synchronize)
     # must have write access; any doubt is a no.

@@ -250,7 +250,9 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
     elif request.get("hub"):
         planned = []
     else:
-        planned = planning.plan(mlx_lm_dir, spec.get("changed_files") or [])
+        plan = planning.make_plan(mlx_lm_dir, spec.get("changed_files") or [])
+        planned = plan.model_types
+        outcome["plan"] = plan.to_dict()  # why each model_type is planned
     outcome["planned"] = planned
     if not request.get("model_types") and spec.get("auto_model_types") is not None:
         planned = [t for t in planned if t in spec["auto_model_types"]]

@@ -142,6 +142,7 @@ class GitHost:
             if edit is None:
                 file.unlink()
             elif isinstance(edit, str):
+                file.parent.mkdir(parents=True, exist_ok=True)
                 file.write_text(edit)
             else:
                 old, new = edit

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -138,6 +139,65 @@ def test_shared_module_change_plans_the_dependent_models(env):
                         serializer=JSONSerializer).return_value()
     assert outcome["model_types"] == ["llama"]  # VERIFY_MODEL_TYPES keeps the suite cheap
     assert set(planned) == set(outcome["planned"])
+
+
+def test_a_loading_change_runs_one_model_type_per_family_and_says_why(env):
+    """A PR that changes mlx_lm/utils.py (loading, sanitize plumbing) touches no model
+    file: it plans the representative set, and the comment says which file put it there."""
+    sha = open_and_run(env, 12, {"mlx_lm/utils.py": (
+        "import copy", "import copy  # a harmless edit")})
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "success", run["output"]
+    outcome = outcome_of(env, run)
+    families = list(planning.REPRESENTATIVE.values())
+    assert outcome["planned"] == families  # family order, the runner's cut keeps the first
+    assert len(set(families)) == 7
+    assert outcome["model_types"] == ["llama"]  # VERIFY_MODEL_TYPES keeps the suite cheap
+    job = Job.fetch(run["external_id"], connection=env.redis, serializer=JSONSerializer)
+    assert job.args[0]["changed_files"] == ["mlx_lm/utils.py"]
+    (comment,) = env.comments(12)
+    line = ("`mlx_lm/utils.py` changed: representative set: `llama` (dense), `qwen3_moe` "
+            "(MoE), `deepseek_v3` (MLA), `gemma3_text` (sliding-window), `mamba` (SSM), "
+            "`falcon_h1` (hybrid), `gemma3` (multimodal text).")
+    assert line in comment["body"]
+    assert line in run["output"]["summary"]
+    assert "Planned 7 model_types from the changed files; ran `llama`" in comment["body"]
+
+
+def test_plans_name_why_each_model_type_is_there():
+    tree = Path(mlx_lm.__file__).parent
+    for shared in ("mlx_lm/convert.py", "mlx_lm/generate.py", "mlx_lm/quant/awq.py",
+                   "mlx_lm/models/cache.py", "mlx_lm/models/base.py"):
+        plan = planning.make_plan(tree, [shared, "README.md", "tests/test_models.py"])
+        assert plan.model_types == list(planning.REPRESENTATIVE.values()), shared
+        assert plan.plumbing == [shared]
+        assert plan.reasons["mamba"] == f"representative set (SSM): {shared} changed"
+    # A model file and a shared file: both reasons, the representative set first.
+    plan = planning.make_plan(tree, ["mlx_lm/quant/gptq.py", LLAMA])
+    assert plan.model_types[:7] == list(planning.REPRESENTATIVE.values())
+    assert plan.reasons["llama"] == (f"{LLAMA} changed; representative set (dense): "
+                                     "mlx_lm/quant/gptq.py changed")
+    assert plan.reasons["mistral"] == f"MODEL_REMAPPING maps it onto {LLAMA} ({LLAMA} changed)"
+    assert "mistral" in plan.model_types and plan.model_types[7:] == sorted(plan.model_types[7:])
+    # rope_utils is shared too, but only by the files that import it: the import walk.
+    plan = planning.make_plan(tree, ["mlx_lm/models/rope_utils.py"])
+    assert plan.plumbing == [] and plan.model_types == sorted(plan.model_types)
+    assert plan.reasons["llama"] == "imports mlx_lm/models/rope_utils.py (changed)"
+    # A quantize function outside the listed files counts; a dequantize one does not.
+    assert planning.plumbing_files(tree, ["mlx_lm/tuner/dora.py", "mlx_lm/server.py"]) == []
+    assert planning.make_plan(tree, ["mlx_lm/server.py", "docs/x.md"]).model_types == []
+
+
+def test_a_quantize_function_elsewhere_in_the_package_plans_the_representative_set(tmp_path):
+    package = tmp_path / "mlx_lm"
+    shutil.copytree(Path(mlx_lm.__file__).parent / "models", package / "models")
+    (package / "utils.py").write_text("MODEL_REMAPPING = {}\n")
+    (package / "kernels").mkdir()
+    (package / "kernels" / "qmm.py").write_text("def fused_quantize_matmul(x):\n    return x\n")
+    (package / "kernels" / "dq.py").write_text("def dequantize_rows(x):\n    return x\n")
+    assert planning.plumbing_files(package, ["mlx_lm/kernels/qmm.py",
+                                             "mlx_lm/kernels/dq.py"]) == \
+        ["mlx_lm/kernels/qmm.py"]
 
 
 def opened_by_outsider(env, number: int, edits: dict) -> str:
