@@ -20,6 +20,7 @@ from app import store
 from tests.app.conftest import (
     REPO,
     descendants,
+    git,
     released_llama,
     start_worker_process,
     wait_until,
@@ -77,6 +78,11 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
     assert "pull/2/head" in body  # the reproduction command
     assert "| vs base |" in body and "| ❌ fail | **new** |" in body
     assert "also fails on base" not in body
+    # The Check Run annotates the swapped line itself, a line of the PR's diff.
+    annotations = bugged_run["output"]["annotations"]
+    assert annotations and {a["path"] for a in annotations} == {LLAMA}
+    head_llama = git(env.git_host.work, "show", f"{bugged}:{LLAMA}").splitlines()
+    assert all(SWAPPED[1] in head_llama[a["start_line"] - 1] for a in annotations), annotations
 
     # A push that breaks PR 1: the same comment is updated, with the clean SHA in history.
     # With the baseline off (VERIFY_BASELINE=0) the tables are as they were without it.
@@ -121,6 +127,53 @@ def test_findings_of_the_base_commit_are_not_new_and_a_new_model_file_has_none(e
     assert "| ❌ fail | **new** |" in comment["body"]
     assert "also fails on base `" not in comment["body"]
     assert outcome_of(env, run)["base_status"] == "done"
+
+
+def test_annotations_go_only_on_lines_inside_the_diff(env):
+    """A base that already carries the swapped MLP, and a PR that edits only the top of
+    llama.py: the finding's line is in a changed file but not in the diff, so the Check
+    Run carries no annotation there (the comment still links it)."""
+    host = env.git_host
+    bugged_base = host.commit({LLAMA: SWAPPED}, host.base_sha, "refs/heads/bugged")
+    sha = open_and_run(env, 13, {LLAMA: HARMLESS}, base=bugged_base)
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "neutral", run["output"]  # the finding is the base's
+    results = store.get_run(env.redis, run["external_id"]).results
+    head_llama = git(host.work, "show", f"{sha}:{LLAMA}").splitlines()
+    located = [c.localization.mlx_call for r in results.reports for c in r.checks
+               if c.localization is not None and c.localization.mlx_call is not None]
+    assert located and all(SWAPPED[1] in head_llama[w.line - 1] for w in located)
+    patches = [body for method, path, body in env.github.writes
+               if method == "PATCH" and path.endswith(f"/check-runs/{run['id']}")]
+    assert patches and all("annotations" not in (body.get("output") or {})
+                           for body in patches)
+    (comment,) = env.comments(13)
+    assert f"blob/{sha}/{LLAMA}#L{located[0].line}" in comment["body"]
+
+
+def test_patch_ranges_read_githubs_hunk_headers(env):
+    """The new-side ranges of each hunk, from the `patch` (fake) GitHub serves for a real
+    two-hunk change, a removed file and an added one."""
+    from githubkit import GitHub
+
+    from app import github
+
+    host = env.git_host
+    lines = (host.work / LLAMA).read_text().splitlines()
+    sha, files = host.make_pr(14, {LLAMA: "\n".join(
+        ["# top"] + lines[:100] + ["# middle"] + lines[100:]) + "\n",
+        "mlx_lm/models/mamba.py": None, "mlx_lm/models/new_model.py": "a = 1\nb = 2\n"})
+    env.open_pr(14, sha, files)
+    token = "ghs_patch_ranges_test"
+    env.github.tokens.add(token)
+    with GitHub(token, base_url=env.github.url) as gh:
+        names, ranges = github.changed_files_and_lines(gh, *REPO.split("/"), 14)
+    assert sorted(names) == sorted(files)
+    assert ranges[LLAMA] == [(1, 4), (99, 105)]  # 3 lines of context either side
+    assert ranges["mlx_lm/models/mamba.py"] == []  # removed: no line on the new side
+    assert ranges["mlx_lm/models/new_model.py"] == [(1, 2)]
+    assert github.patch_ranges("@@ -5 +5 @@\n-a\n+b\n@@ -9,0 +10,3 @@ def f():\n") == \
+        [(5, 5), (10, 12)]
 
 
 def test_shared_module_change_plans_the_dependent_models(env):
