@@ -40,7 +40,13 @@ from app import comment, github, store
 from app.commands import USAGE, Command, CommandError, VerifyRequest, find_command_line, parse
 from app.settings import AppSettings, connect_redis, load_app_settings
 from workers import planning
-from workers.jobs import REPORT_QUEUE  # noqa: F401 (the queue this job runs on; callers read it here)
+from workers.jobs import (
+    REPORT_QUEUE,  # noqa: F401 (the queue this job runs on; callers read it here)
+    JobSpecError,
+    RequestSpec,
+    VerifyOutcome,
+    VerifySpec,
+)
 
 VERIFY_QUEUE = "verify"
 LARGE_VERIFY_QUEUE = "verify-large"  # runners with the memory for real checkpoints
@@ -402,14 +408,14 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
     connection.expire(f"mlxv:prjobs:{_pr_key(repo, number)}", STATE_TTL)
     connection.sadd(VERIFY_QUEUES_KEY, queue_name)
-    spec = {
-        "job_id": job_id, "repo": repo, "number": number, "sha": sha,
-        "base_sha": base_sha, "baseline": settings.baseline,
-        "changed_files": files[:3000], "request": request.to_dict(),
-        "auto_model_types": list(settings.auto_model_types)
+    spec = VerifySpec(
+        job_id=job_id, repo=repo, number=number, sha=sha, base_sha=base_sha or None,
+        baseline=settings.baseline, changed_files=files[:3000],
+        request=RequestSpec(**request.to_dict()),
+        auto_model_types=list(settings.auto_model_types)
         if settings.auto_model_types is not None else None,
-        "max_model_types": settings.max_model_types,
-    }
+        max_model_types=settings.max_model_types,
+    ).model_dump(mode="json")
     Queue(queue_name, connection=connection, serializer=JSONSerializer).enqueue(
         "workers.verify.run_verify", spec, job_id=job_id, job_timeout=VERIFY_JOB_TIMEOUT,
         retry=Retry(max=2, interval=[10, 60]), result_ttl=7 * 86400,
@@ -482,6 +488,10 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
+    try:  # what crossed the queue from the runner
+        outcome = VerifyOutcome.read(outcome, "the runner's outcome").to_json()
+    except JobSpecError as e:  # the same outcome fails the same way: failed, re-runnable
+        return verify_failed(job_id, str(e))
     repo, number, sha = info["repo"], int(info["number"]), info["sha"]
     owner, name = _split(repo)
     gh = _job_gh(settings, connection, info)

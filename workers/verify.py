@@ -41,7 +41,7 @@ from rq.serializers import JSONSerializer
 
 from checks.mlx_side import fast_blas_env
 from workers import planning, sandbox
-from workers.jobs import REPORT_QUEUE
+from workers.jobs import REPORT_QUEUE, JobSpecError, VerifyOutcome, VerifySpec
 from workers.settings import RunnerSettings, load_runner_settings
 
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
@@ -361,15 +361,21 @@ def verify_base(settings: RunnerSettings, spec: dict[str, Any], outcome: dict[st
 
 
 def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
-    """The rq entry point. spec: {job_id, repo, number, sha, base_sha, baseline,
-    changed_files, request, auto_model_types, max_model_types}; returns a short summary
-    of the outcome."""
+    """The rq entry point. spec: a workers.jobs.VerifySpec as JSON; returns a short
+    summary of the outcome. A spec this runner cannot read fails the job at once, with
+    one line, and is not retried (it would fail the same way)."""
+    job = get_current_job()
+    try:
+        spec = VerifySpec.read(spec, "verify job spec").model_dump(mode="json")
+    except JobSpecError:
+        if job is not None:
+            job.retries_left = None
+        raise
     settings = load_runner_settings()
     try:  # fail closed before anything runs: no sandbox, no PR code
         sandbox.probe(sandbox.load_sandbox_settings())
     except sandbox.SandboxUnavailable as e:
         raise InfraError(str(e)) from None
-    job = get_current_job()
     connection = job.connection if job is not None else None
     if connection is not None:
         report(connection, "verify_started", spec["job_id"])
@@ -388,6 +394,7 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outcome["duration_s"] = round(time.monotonic() - started, 1)
+    outcome = VerifyOutcome.model_validate(outcome).to_json()  # what the report job reads
     if connection is not None:
         report(connection, "verify_finished", spec["job_id"], outcome)
     return {k: outcome.get(k) for k in ("status", "planned", "model_types", "errors",
@@ -398,12 +405,14 @@ def on_verify_failure(job: Job, connection, exc_type, exc_value, traceback) -> N
     """rq failure callback, also run for a runner that died (AbandonedJobError) by
     whichever process cleans the registry. Never writes to GitHub itself."""
     spec = job.args[0] if job.args else job.kwargs.get("spec", {})
+    spec = spec if isinstance(spec, dict) else {}
+    job_id = spec.get("job_id") if isinstance(spec.get("job_id"), str) else job.id
     if exc_type is AbandonedJobError or isinstance(exc_value, AbandonedJobError):
         reason = "the runner stopped while running the checks"
     else:
         first = str(exc_value).splitlines()[0] if str(exc_value) else ""
         reason = f"{getattr(exc_type, '__name__', 'error')}: {first}"[:300]
     if job.retries_left:
-        report(connection, "verify_requeued", spec.get("job_id", job.id), reason)
+        report(connection, "verify_requeued", job_id, reason)
     else:
-        report(connection, "verify_failed", spec.get("job_id", job.id), reason)
+        report(connection, "verify_failed", job_id, reason)
