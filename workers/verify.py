@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from rq.serializers import JSONSerializer
 
 from checks.mlx_side import fast_blas_env
 from workers import planning, sandbox
-from workers.jobs import REPORT_QUEUE, JobSpecError, VerifyOutcome, VerifySpec
+from workers.jobs import REPORT_QUEUE, RUNNER_REPORT_PREFIX, JobSpecError, VerifyOutcome, VerifySpec
 from workers.settings import RunnerSettings, load_runner_settings
 
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
@@ -58,12 +59,15 @@ class InfraError(Exception):
 
 
 def report(connection, function: str, *args: Any) -> None:
-    """Enqueue a report job beside the server (where the GitHub key lives)."""
+    """Enqueue a report job beside the server (where the GitHub key lives). Its id starts
+    with RUNNER_REPORT_PREFIX: the runners' Redis user may write only such jobs
+    (deploy/redis-acl.sh)."""
     from rq import Retry
 
     Queue(REPORT_QUEUE, connection=connection, serializer=JSONSerializer).enqueue(
         f"app.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
-        job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400)
+        job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400,
+        job_id=f"{RUNNER_REPORT_PREFIX}{uuid.uuid4().hex}")
 
 
 def scratch_dir(work: Path) -> Path:
