@@ -159,7 +159,7 @@ def test_patch_ranges_read_githubs_hunk_headers(env):
     from app import github
 
     host = env.git_host
-    lines = (host.work / LLAMA).read_text().splitlines()
+    lines = git(host.work, "show", f"{host.base_sha}:{LLAMA}").splitlines()
     sha, files = host.make_pr(14, {LLAMA: "\n".join(
         ["# top"] + lines[:100] + ["# middle"] + lines[100:]) + "\n",
         "mlx_lm/models/mamba.py": None, "mlx_lm/models/new_model.py": "a = 1\nb = 2\n"})
