@@ -119,7 +119,10 @@ def test_a_runner_does_its_job_and_cannot_read_the_apps_tokens(env, acl_redis, m
         runner = run_runner(runner_url)
         assert runner.returncode == 0, runner.stderr[-3000:]
         assert "NOPERM" not in runner.stderr and "NoPermission" not in runner.stderr
-        assert app_redis.acl_log() == [], app_redis.acl_log()  # nothing it needed was denied
+        # Nothing it needed was denied (redis-py's CLIENT SETINFO, Redis 7.2+, is optional:
+        # refused, it is skipped; Redis 7.0 has no such command, so the file cannot list it).
+        denials = [e for e in app_redis.acl_log() if e.get("object") != "client|setinfo"]
+        assert denials == [], denials
         reports = Queue("report", connection=app_redis, serializer=JSONSerializer).job_ids
         assert len(reports) == 2 and all(r.startswith("runner-report-") for r in reports)
         acl.run_queue("report")
