@@ -340,6 +340,7 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         if tail_lines:
             head.extend(["Last lines of its error output:", ""] +
                          [f"    {line}" for line in tail_lines] + [""])
+    head.extend(plan_lines(outcome))
     planned = outcome.get("planned") or []
     if len(planned) > len(model_types):
         ran = ", ".join(code(t, 64) for t in model_types) or "none"
@@ -394,6 +395,21 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
     text = _fit([], sections, tail, CHECK_OUTPUT_LIMIT)
     annotations = _annotations(results, changed_files)
     return Rendered(conclusion, title[:250], summary, text, comment, verdict, annotations)
+
+
+def plan_lines(outcome: dict[str, Any]) -> list[str]:
+    """Why the representative set ran (workers.planning.make_plan): the shared files the
+    PR changes, then one model_type per family."""
+    plan = outcome.get("plan") or {}
+    plumbing = [str(f) for f in plan.get("plumbing") or []]
+    representative = plan.get("representative") or {}
+    if not plumbing or not isinstance(representative, dict):
+        return []
+    files = ", ".join(code(f, 120) for f in plumbing[:10])
+    more = f" and {len(plumbing) - 10} more" if len(plumbing) > 10 else ""
+    families = ", ".join(f"{code(str(t), 64)} ({escape(str(family), 32)})"
+                         for family, t in representative.items())
+    return [f"{files}{more} changed: representative set: {families}.", ""]
 
 
 def _counts(results: Results | None, errors: dict[str, str]) -> str:

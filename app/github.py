@@ -10,6 +10,7 @@ break when GitHub adds or drops an optional field.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import redis
@@ -120,9 +121,30 @@ def open_pulls(gh: GitHub, owner: str, repo: str) -> list[dict[str, Any]]:
     return pulls
 
 
-def changed_files(gh: GitHub, owner: str, repo: str, number: int) -> list[str]:
-    """Paths the PR adds, changes or removes (renames give both names)."""
+HUNK_HEADER = re.compile(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@")
+
+
+def patch_ranges(patch: str) -> list[tuple[int, int]]:
+    """Line ranges (first, last; 1-based, inclusive) on the new side of each hunk of a
+    unified diff as GitHub's `patch` field gives it ("@@ -10,7 +10,8 @@ ..." headers,
+    no file header). A hunk that only removes lines has none."""
+    ranges = []
+    for line in patch.splitlines():
+        match = HUNK_HEADER.match(line)
+        if match:
+            start, count = int(match[1]), int(match[2] if match[2] is not None else 1)
+            if count > 0:
+                ranges.append((start, start + count - 1))
+    return ranges
+
+
+def changed_files_and_lines(gh: GitHub, owner: str, repo: str, number: int
+                            ) -> tuple[list[str], dict[str, list[tuple[int, int]]]]:
+    """Paths the PR adds, changes or removes (renames give both names), and for each
+    file with a `patch` the new-side line ranges of its hunks. GitHub leaves `patch` out
+    for binary files and diffs too large to show: those files have no entry."""
     files: list[str] = []
+    lines: dict[str, list[tuple[int, int]]] = {}
     for page in range(1, MAX_PAGES + 1):
         batch = gh.rest.pulls.list_files(owner, repo, number, per_page=PER_PAGE,
                                          page=page).json()
@@ -130,9 +152,16 @@ def changed_files(gh: GitHub, owner: str, repo: str, number: int) -> list[str]:
             files.append(item["filename"])
             if item.get("previous_filename"):
                 files.append(item["previous_filename"])
+            if isinstance(item.get("patch"), str):
+                lines[item["filename"]] = patch_ranges(item["patch"])
         if len(batch) < PER_PAGE:
             break
-    return files
+    return files, lines
+
+
+def changed_files(gh: GitHub, owner: str, repo: str, number: int) -> list[str]:
+    """Paths the PR adds, changes or removes (renames give both names)."""
+    return changed_files_and_lines(gh, owner, repo, number)[0]
 
 
 def has_write_permission(gh: GitHub, owner: str, repo: str, username: str) -> bool:

@@ -40,7 +40,13 @@ from app import comment, github, store
 from app.commands import USAGE, Command, CommandError, VerifyRequest, find_command_line, parse
 from app.settings import AppSettings, connect_redis, load_app_settings
 from workers import planning
-from workers.jobs import REPORT_QUEUE  # noqa: F401 (the queue this job runs on; callers read it here)
+from workers.jobs import (
+    REPORT_QUEUE,  # noqa: F401 (the queue this job runs on; callers read it here)
+    JobSpecError,
+    RequestSpec,
+    VerifyOutcome,
+    VerifySpec,
+)
 
 VERIFY_QUEUE = "verify"
 LARGE_VERIFY_QUEUE = "verify-large"  # runners with the memory for real checkpoints
@@ -180,13 +186,14 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
         return f"stale event: the PR's head is now {current['head']['sha'][:12]}"
     store.note_pr(connection, repo, number, current.get("title") or pull.get("title"))
     record_head(settings, connection, gh, repo, number, sha)
-    files = github.changed_files(gh, owner, name, number)
+    files, lines = github.changed_files_and_lines(gh, owner, name, number)
     if not planning.touches_models(files):
         github.create_check_run(
             gh, owner, name, name=CHECK_NAME, head_sha=sha, status="completed",
             conclusion="neutral", completed_at=_now(),
             output={"title": "no model code changed",
-                    "summary": "No `mlx_lm/models/*.py` file changed: nothing to verify."})
+                    "summary": "No Python file of the `mlx_lm` package changed (docs, tests "
+                               "or other files only): nothing to verify."})
         return "no model code changed"
     # Both the PR's author and whoever sent this event (the pusher, for synchronize)
     # must have write access; any doubt is a no.
@@ -208,7 +215,8 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
                                "the checks with a comment holding the line `/verify`."})
         return f"{role} not trusted: waiting for /verify"
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
-                        VerifyRequest(), files, rerun=False, base_sha=base_sha)
+                        VerifyRequest(), files, rerun=False, base_sha=base_sha,
+                        changed_lines=lines)
 
 
 def reply(gh: GitHub, repo: str, number: int, text: str) -> None:
@@ -264,10 +272,10 @@ def on_comment(settings, connection, app_gh, payload) -> str:
     comment_id = int(payload["comment"]["id"])
     github.react(gh, owner, name, comment_id, "eyes")
     record_head(settings, connection, gh, repo, number, sha)
-    files = github.changed_files(gh, owner, name, number)
+    files, lines = github.changed_files_and_lines(gh, owner, name, number)
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
                         command.request, files, rerun=False,
-                        base_sha=(pull.get("base") or {}).get("sha"))
+                        base_sha=(pull.get("base") or {}).get("sha"), changed_lines=lines)
 
 
 def on_rerequest(settings, connection, app_gh, payload, sha: str,
@@ -301,10 +309,10 @@ def on_rerequest(settings, connection, app_gh, payload, sha: str,
     if job.get(b"request"):
         request = VerifyRequest.from_dict(json.loads(job[b"request"]))
     record_head(settings, connection, gh, repo, number, sha)
-    files = github.changed_files(gh, owner, name, number)
+    files, lines = github.changed_files_and_lines(gh, owner, name, number)
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
                         request, files, rerun=True,
-                        base_sha=(pull.get("base") or {}).get("sha"))
+                        base_sha=(pull.get("base") or {}).get("sha"), changed_lines=lines)
 
 
 # ---- queue ----------------------------------------------------------------------------
@@ -363,9 +371,12 @@ def cancel_jobs(connection, gh, repo: str, number: int, keep_sha: str | None,
 def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
                  installation_id: int, repo: str, number: int, sha: str,
                  request: VerifyRequest, files: list[str], rerun: bool,
-                 base_sha: str | None = None) -> str:
+                 base_sha: str | None = None,
+                 changed_lines: dict[str, list[tuple[int, int]]] | None = None) -> str:
     """Create the Check Run and enqueue the verify job, once per job id. base_sha: the
-    PR's base commit as the pull request payload gives it (the baseline's tree)."""
+    PR's base commit as the pull request payload gives it (the baseline's tree);
+    changed_lines: the new-side line ranges of each file's diff hunks (annotations go
+    only there)."""
     if request.source == "auto" and not request.checks and settings.auto_checks:
         request = VerifyRequest(checks=settings.auto_checks)
     job_id = verify_job_id(repo, number, sha, request)
@@ -389,19 +400,22 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         "request": json.dumps(request.to_dict()), "check_run_id": check_run_id,
         "state": "queued", "changed_files": json.dumps(files[:3000]),
         "base_sha": base_sha or "", "check_run_done": "0",
+        **({"changed_lines": json.dumps({f: changed_lines[f] for f in files[:3000]
+                                         if f in changed_lines})}
+           if changed_lines is not None else {}),
     })
     connection.expire(f"mlxv:job:{job_id}", STATE_TTL)
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
     connection.expire(f"mlxv:prjobs:{_pr_key(repo, number)}", STATE_TTL)
     connection.sadd(VERIFY_QUEUES_KEY, queue_name)
-    spec = {
-        "job_id": job_id, "repo": repo, "number": number, "sha": sha,
-        "base_sha": base_sha, "baseline": settings.baseline,
-        "changed_files": files[:3000], "request": request.to_dict(),
-        "auto_model_types": list(settings.auto_model_types)
+    spec = VerifySpec(
+        job_id=job_id, repo=repo, number=number, sha=sha, base_sha=base_sha or None,
+        baseline=settings.baseline, changed_files=files[:3000],
+        request=RequestSpec(**request.to_dict()),
+        auto_model_types=list(settings.auto_model_types)
         if settings.auto_model_types is not None else None,
-        "max_model_types": settings.max_model_types,
-    }
+        max_model_types=settings.max_model_types,
+    ).model_dump(mode="json")
     Queue(queue_name, connection=connection, serializer=JSONSerializer).enqueue(
         "workers.verify.run_verify", spec, job_id=job_id, job_timeout=VERIFY_JOB_TIMEOUT,
         retry=Retry(max=2, interval=[10, 60]), result_ttl=7 * 86400,
@@ -474,6 +488,10 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
+    try:  # what crossed the queue from the runner
+        outcome = VerifyOutcome.read(outcome, "the runner's outcome").to_json()
+    except JobSpecError as e:  # the same outcome fails the same way: failed, re-runnable
+        return verify_failed(job_id, str(e))
     repo, number, sha = info["repo"], int(info["number"]), info["sha"]
     owner, name = _split(repo)
     gh = _job_gh(settings, connection, info)
@@ -500,8 +518,11 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
     output: dict[str, Any] = {"title": title[:250], "summary": rendered.summary}
     if rendered.text:
         output["text"] = rendered.text
-    if rendered.annotations:
-        output["annotations"] = rendered.annotations
+    annotations = rendered.annotations
+    if info.get("changed_lines"):  # jobs queued before 2026-12 know only the files
+        annotations = in_diff(annotations, json.loads(info["changed_lines"]))
+    if annotations:
+        output["annotations"] = annotations
     if info.get("check_run_done") != "1":  # a retry does not append annotations again
         complete_check_run(gh, owner, name, int(info["check_run_id"]), rendered.conclusion,
                            output)
@@ -523,6 +544,20 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
     if not commented:
         return f"completed {rendered.conclusion} (comment untouched)"
     return f"completed {rendered.conclusion}"
+
+
+def in_diff(annotations: list[dict[str, Any]],
+            changed_lines: dict[str, list[list[int]]]) -> list[dict[str, Any]]:
+    """The annotations whose line falls inside a hunk of the PR's diff (new side). A file
+    GitHub gave no `patch` for (too large to show, or binary) keeps its annotations: its
+    hunks are unknown."""
+    kept = []
+    for item in annotations:
+        ranges = changed_lines.get(item["path"])
+        if ranges is None or any(first <= item["start_line"] <= last
+                                 for first, last in ranges):
+            kept.append(item)
+    return kept
 
 
 def complete_check_run(gh: GitHub, owner: str, name: str, check_run_id: int,

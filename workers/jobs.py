@@ -9,12 +9,17 @@ any other path fails the job with a message naming it, before anything is import
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rq.job import Job
 from rq.utils import import_attribute
 
 REPORT_QUEUE = "report"  # beside the server: the only worker that holds the App key
+# Ids of what runners write, so that their Redis ACL user can be held to those keys
+# (deploy/redis-acl.sh): report jobs they enqueue, and their workers' names.
+RUNNER_REPORT_PREFIX = "runner-report-"
+RUNNER_WORKER_PREFIX = "runner-"
 # What the server and runners enqueue (app/server.py, app/report.py, workers/verify.py).
 RUNNER_FUNCTIONS = frozenset({"workers.verify.run_verify"})
 RUNNER_CALLBACKS = frozenset({"workers.verify.on_verify_failure"})
@@ -82,3 +87,85 @@ class ReportJob(AllowlistedJob):
     functions = REPORT_FUNCTIONS
     callbacks = REPORT_CALLBACKS
     renamed = RENAMED
+
+
+# ---- what crosses the queue: the verify spec to runners, the outcome back -------------
+
+JOB_SPEC_VERSION = 1
+SHA = r"^[0-9a-f]{40}$"
+
+
+class JobSpecError(Exception):
+    """A job's arguments do not match the model this worker reads (one line)."""
+
+
+class Versioned(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # Specs and outcomes queued before this field existed (2026-12) have the v1 shape.
+    version: int = JOB_SPEC_VERSION
+
+    @classmethod
+    def read(cls, data: Any, what: str) -> Any:
+        """Validate data that came through the queue; JobSpecError names the first
+        problem in one line."""
+        if not isinstance(data, dict):
+            raise JobSpecError(f"{what}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", JOB_SPEC_VERSION)
+        if version != JOB_SPEC_VERSION:
+            raise JobSpecError(f"{what} has version {repr(version)[:20]}; this worker reads "
+                               f"version {JOB_SPEC_VERSION} (server and runners must run the "
+                               "same release; then re-run the check)")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            raise JobSpecError(f"{what}: {where[:80]}: {first['msg'][:120]} "
+                               f"({e.error_count()} problem(s))") from None
+
+
+class RequestSpec(BaseModel):
+    """app.commands.VerifyRequest.to_dict()."""
+    model_config = ConfigDict(extra="forbid")
+    model_types: list[str] = Field(default_factory=list, max_length=64)
+    hub: list[str] = Field(default_factory=list, max_length=16)
+    checks: list[str] = Field(default_factory=list, max_length=32)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    source: Literal["auto", "command"] = "auto"
+
+
+class VerifySpec(Versioned):
+    """The argument of workers.verify.run_verify, built by app.report.start_verify."""
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,128}$")
+    repo: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,100}/[A-Za-z0-9_.\-]{1,100}$")
+    number: int = Field(ge=1)
+    sha: str = Field(pattern=SHA)
+    base_sha: str | None = Field(default=None, pattern=SHA)
+    baseline: bool = False
+    changed_files: list[str] = Field(default_factory=list, max_length=3000)
+    request: RequestSpec = Field(default_factory=RequestSpec)
+    auto_model_types: list[str] | None = None
+    max_model_types: int = Field(default=24, ge=0)
+
+
+class VerifyOutcome(Versioned):
+    """The outcome argument of app.report.verify_finished (see workers.verify)."""
+    status: Literal["done", "nothing", "stale", "timeout", "crashed"]
+    results: dict[str, Any] | None = None  # checks.schema.Results, validated by the reader
+    errors: dict[str, str] = Field(default_factory=dict)
+    skipped: list[str] = Field(default_factory=list)
+    planned: list[str] = Field(default_factory=list)
+    model_types: list[str] = Field(default_factory=list)
+    truncated: bool = False
+    plan: dict[str, Any] | None = None  # workers.planning.Plan.to_dict()
+    timeout_s: int | None = None
+    stderr_tail: str | None = None
+    reason: str | None = None
+    duration_s: float | None = None
+    base_sha: str | None = None
+    base_status: str | None = None
+    base_results: dict[str, Any] | None = None
+    base_errors: dict[str, str] = Field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from rq.serializers import JSONSerializer
 
 from checks.mlx_side import fast_blas_env
 from workers import planning, sandbox
-from workers.jobs import REPORT_QUEUE
+from workers.jobs import REPORT_QUEUE, RUNNER_REPORT_PREFIX, JobSpecError, VerifyOutcome, VerifySpec
 from workers.settings import RunnerSettings, load_runner_settings
 
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
@@ -58,12 +59,15 @@ class InfraError(Exception):
 
 
 def report(connection, function: str, *args: Any) -> None:
-    """Enqueue a report job beside the server (where the GitHub key lives)."""
+    """Enqueue a report job beside the server (where the GitHub key lives). Its id starts
+    with RUNNER_REPORT_PREFIX: the runners' Redis user may write only such jobs
+    (deploy/redis-acl.sh)."""
     from rq import Retry
 
     Queue(REPORT_QUEUE, connection=connection, serializer=JSONSerializer).enqueue(
         f"app.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
-        job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400)
+        job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400,
+        job_id=f"{RUNNER_REPORT_PREFIX}{uuid.uuid4().hex}")
 
 
 def scratch_dir(work: Path) -> Path:
@@ -250,7 +254,9 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
     elif request.get("hub"):
         planned = []
     else:
-        planned = planning.plan(mlx_lm_dir, spec.get("changed_files") or [])
+        plan = planning.make_plan(mlx_lm_dir, spec.get("changed_files") or [])
+        planned = plan.model_types
+        outcome["plan"] = plan.to_dict()  # why each model_type is planned
     outcome["planned"] = planned
     if not request.get("model_types") and spec.get("auto_model_types") is not None:
         planned = [t for t in planned if t in spec["auto_model_types"]]
@@ -359,15 +365,21 @@ def verify_base(settings: RunnerSettings, spec: dict[str, Any], outcome: dict[st
 
 
 def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
-    """The rq entry point. spec: {job_id, repo, number, sha, base_sha, baseline,
-    changed_files, request, auto_model_types, max_model_types}; returns a short summary
-    of the outcome."""
+    """The rq entry point. spec: a workers.jobs.VerifySpec as JSON; returns a short
+    summary of the outcome. A spec this runner cannot read fails the job at once, with
+    one line, and is not retried (it would fail the same way)."""
+    job = get_current_job()
+    try:
+        spec = VerifySpec.read(spec, "verify job spec").model_dump(mode="json")
+    except JobSpecError:
+        if job is not None:
+            job.retries_left = None
+        raise
     settings = load_runner_settings()
     try:  # fail closed before anything runs: no sandbox, no PR code
         sandbox.probe(sandbox.load_sandbox_settings())
     except sandbox.SandboxUnavailable as e:
         raise InfraError(str(e)) from None
-    job = get_current_job()
     connection = job.connection if job is not None else None
     if connection is not None:
         report(connection, "verify_started", spec["job_id"])
@@ -386,6 +398,7 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outcome["duration_s"] = round(time.monotonic() - started, 1)
+    outcome = VerifyOutcome.model_validate(outcome).to_json()  # what the report job reads
     if connection is not None:
         report(connection, "verify_finished", spec["job_id"], outcome)
     return {k: outcome.get(k) for k in ("status", "planned", "model_types", "errors",
@@ -396,12 +409,14 @@ def on_verify_failure(job: Job, connection, exc_type, exc_value, traceback) -> N
     """rq failure callback, also run for a runner that died (AbandonedJobError) by
     whichever process cleans the registry. Never writes to GitHub itself."""
     spec = job.args[0] if job.args else job.kwargs.get("spec", {})
+    spec = spec if isinstance(spec, dict) else {}
+    job_id = spec.get("job_id") if isinstance(spec.get("job_id"), str) else job.id
     if exc_type is AbandonedJobError or isinstance(exc_value, AbandonedJobError):
         reason = "the runner stopped while running the checks"
     else:
         first = str(exc_value).splitlines()[0] if str(exc_value) else ""
         reason = f"{getattr(exc_type, '__name__', 'error')}: {first}"[:300]
     if job.retries_left:
-        report(connection, "verify_requeued", spec.get("job_id", job.id), reason)
+        report(connection, "verify_requeued", job_id, reason)
     else:
-        report(connection, "verify_failed", spec.get("job_id", job.id), reason)
+        report(connection, "verify_failed", job_id, reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import uuid
 from typing import Any
 
 from rq import SpawnWorker, Worker
@@ -56,6 +57,9 @@ def make_worker(queues: list[str], connection: Any) -> Worker:
     """The rq worker of these queues: JSON jobs, and only the job functions of its role
     (workers/jobs.py): the report worker's when it takes `report`, a runner's otherwise."""
     worker_class = SpawnWorker if sys.platform == "darwin" else Worker
-    job_class = jobs.ReportJob if REPORT_QUEUE in queues else jobs.RunnerJob
-    return worker_class(queues, connection=connection, serializer=JSONSerializer,
+    report = REPORT_QUEUE in queues
+    job_class = jobs.ReportJob if report else jobs.RunnerJob
+    # A runner's name has the prefix its Redis ACL user may write (deploy/redis-acl.sh).
+    name = None if report else f"{jobs.RUNNER_WORKER_PREFIX}{uuid.uuid4().hex}"
+    return worker_class(queues, name=name, connection=connection, serializer=JSONSerializer,
                         job_class=job_class, job_monitoring_interval=JOB_MONITORING_INTERVAL)

@@ -142,6 +142,7 @@ class GitHost:
             if edit is None:
                 file.unlink()
             elif isinstance(edit, str):
+                file.parent.mkdir(parents=True, exist_ok=True)
                 file.write_text(edit)
             else:
                 old, new = edit
@@ -162,6 +163,18 @@ class GitHost:
         sha = self.commit(edits, parent or base, f"refs/pull/{number}/head")
         files = git(self.work, "diff", "--name-only", base, sha).splitlines()
         return sha, files
+
+    def diffs(self, base: str, sha: str) -> dict[str, tuple[str, str | None]]:
+        """What GitHub's list-files API says of each file: (status, patch), the patch
+        being git's unified diff from the first hunk header on (None: binary)."""
+        statuses = {"A": "added", "D": "removed", "M": "modified"}
+        found: dict[str, tuple[str, str | None]] = {}
+        for line in git(self.work, "diff", "--name-status", base, sha).splitlines():
+            letter, path = line.split("\t", 1)
+            text = git(self.work, "diff", base, sha, "--", path)
+            patch = text[text.index("\n@@") + 1:] if "\n@@" in text else None
+            found[path] = (statuses.get(letter[0], "modified"), patch)
+        return found
 
 
 def released_llama() -> str:
@@ -302,8 +315,9 @@ class Env:
 
     def open_pr(self, number: int, sha: str, files: list[str], author: str = MAINTAINER,
                 base: str | None = None):
+        base = base or self.git_host.base_sha
         self.github.pulls[(REPO, number)] = fake_github.Pull(
-            number, sha, base or self.git_host.base_sha, files, author)
+            number, sha, base, files, author, diffs=self.git_host.diffs(base, sha))
 
     def payload(self, name: str, number: int | None = None, sha: str | None = None,
                 sender: str = MAINTAINER, base: str | None = None,

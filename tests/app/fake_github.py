@@ -34,6 +34,9 @@ class Pull:
     author: str
     draft: bool = False
     state: str = "open"
+    # filename -> (status, patch): GitHub's `patch` is the unified diff of the file from
+    # its first "@@" hunk header on; None for binary files and diffs too large to show
+    diffs: dict[str, tuple[str, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,9 +202,19 @@ def create_app(state: FakeGitHub) -> FastAPI:
         pull = state.pulls.get((f"{owner}/{repo}", number))
         if pull is None:
             raise HTTPException(404, "Not Found")
-        items = [{"sha": "0" * 40, "filename": f, "status": "modified", "additions": 1,
-                  "deletions": 1, "changes": 2, "blob_url": "", "raw_url": "",
-                  "contents_url": ""} for f in pull.files]
+        items = []
+        for f in pull.files:
+            status, patch = pull.diffs.get(f, ("modified", None))
+            lines = (patch or "").splitlines()
+            additions = sum(line.startswith("+") for line in lines)
+            deletions = sum(line.startswith("-") for line in lines)
+            item = {"sha": "0" * 40, "filename": f, "status": status,
+                    "additions": additions, "deletions": deletions,
+                    "changes": additions + deletions, "blob_url": "", "raw_url": "",
+                    "contents_url": ""}
+            if patch is not None:
+                item["patch"] = patch
+            items.append(item)
         return _page(request, items)
 
     @app.get("/repos/{owner}/{repo}/collaborators/{login}/permission")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from app import store
 from tests.app.conftest import (
     REPO,
     descendants,
+    git,
     released_llama,
     start_worker_process,
     wait_until,
@@ -76,6 +78,11 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
     assert "pull/2/head" in body  # the reproduction command
     assert "| vs base |" in body and "| ❌ fail | **new** |" in body
     assert "also fails on base" not in body
+    # The Check Run annotates the swapped line itself, a line of the PR's diff.
+    annotations = bugged_run["output"]["annotations"]
+    assert annotations and {a["path"] for a in annotations} == {LLAMA}
+    head_llama = git(env.git_host.work, "show", f"{bugged}:{LLAMA}").splitlines()
+    assert all(SWAPPED[1] in head_llama[a["start_line"] - 1] for a in annotations), annotations
 
     # A push that breaks PR 1: the same comment is updated, with the clean SHA in history.
     # With the baseline off (VERIFY_BASELINE=0) the tables are as they were without it.
@@ -122,6 +129,53 @@ def test_findings_of_the_base_commit_are_not_new_and_a_new_model_file_has_none(e
     assert outcome_of(env, run)["base_status"] == "done"
 
 
+def test_annotations_go_only_on_lines_inside_the_diff(env):
+    """A base that already carries the swapped MLP, and a PR that edits only the top of
+    llama.py: the finding's line is in a changed file but not in the diff, so the Check
+    Run carries no annotation there (the comment still links it)."""
+    host = env.git_host
+    bugged_base = host.commit({LLAMA: SWAPPED}, host.base_sha, "refs/heads/bugged")
+    sha = open_and_run(env, 13, {LLAMA: HARMLESS}, base=bugged_base)
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "neutral", run["output"]  # the finding is the base's
+    results = store.get_run(env.redis, run["external_id"]).results
+    head_llama = git(host.work, "show", f"{sha}:{LLAMA}").splitlines()
+    located = [c.localization.mlx_call for r in results.reports for c in r.checks
+               if c.localization is not None and c.localization.mlx_call is not None]
+    assert located and all(SWAPPED[1] in head_llama[w.line - 1] for w in located)
+    patches = [body for method, path, body in env.github.writes
+               if method == "PATCH" and path.endswith(f"/check-runs/{run['id']}")]
+    assert patches and all("annotations" not in (body.get("output") or {})
+                           for body in patches)
+    (comment,) = env.comments(13)
+    assert f"blob/{sha}/{LLAMA}#L{located[0].line}" in comment["body"]
+
+
+def test_patch_ranges_read_githubs_hunk_headers(env):
+    """The new-side ranges of each hunk, from the `patch` (fake) GitHub serves for a real
+    two-hunk change, a removed file and an added one."""
+    from githubkit import GitHub
+
+    from app import github
+
+    host = env.git_host
+    lines = git(host.work, "show", f"{host.base_sha}:{LLAMA}").splitlines()
+    sha, files = host.make_pr(14, {LLAMA: "\n".join(
+        ["# top"] + lines[:100] + ["# middle"] + lines[100:]) + "\n",
+        "mlx_lm/models/mamba.py": None, "mlx_lm/models/new_model.py": "a = 1\nb = 2\n"})
+    env.open_pr(14, sha, files)
+    token = "ghs_patch_ranges_test"
+    env.github.tokens.add(token)
+    with GitHub(token, base_url=env.github.url) as gh:
+        names, ranges = github.changed_files_and_lines(gh, *REPO.split("/"), 14)
+    assert sorted(names) == sorted(files)
+    assert ranges[LLAMA] == [(1, 4), (99, 105)]  # 3 lines of context either side
+    assert ranges["mlx_lm/models/mamba.py"] == []  # removed: no line on the new side
+    assert ranges["mlx_lm/models/new_model.py"] == [(1, 2)]
+    assert github.patch_ranges("@@ -5 +5 @@\n-a\n+b\n@@ -9,0 +10,3 @@ def f():\n") == \
+        [(5, 5), (10, 12)]
+
+
 def test_shared_module_change_plans_the_dependent_models(env):
     tree = Path(mlx_lm.__file__).parent
     planned = planning.plan(tree, ["mlx_lm/models/rope_utils.py"])
@@ -138,6 +192,65 @@ def test_shared_module_change_plans_the_dependent_models(env):
                         serializer=JSONSerializer).return_value()
     assert outcome["model_types"] == ["llama"]  # VERIFY_MODEL_TYPES keeps the suite cheap
     assert set(planned) == set(outcome["planned"])
+
+
+def test_a_loading_change_runs_one_model_type_per_family_and_says_why(env):
+    """A PR that changes mlx_lm/utils.py (loading, sanitize plumbing) touches no model
+    file: it plans the representative set, and the comment says which file put it there."""
+    sha = open_and_run(env, 12, {"mlx_lm/utils.py": (
+        "import copy", "import copy  # a harmless edit")})
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "success", run["output"]
+    outcome = outcome_of(env, run)
+    families = list(planning.REPRESENTATIVE.values())
+    assert outcome["planned"] == families  # family order, the runner's cut keeps the first
+    assert len(set(families)) == 7
+    assert outcome["model_types"] == ["llama"]  # VERIFY_MODEL_TYPES keeps the suite cheap
+    job = Job.fetch(run["external_id"], connection=env.redis, serializer=JSONSerializer)
+    assert job.args[0]["changed_files"] == ["mlx_lm/utils.py"]
+    (comment,) = env.comments(12)
+    line = ("`mlx_lm/utils.py` changed: representative set: `llama` (dense), `qwen3_moe` "
+            "(MoE), `deepseek_v3` (MLA), `gemma3_text` (sliding-window), `mamba` (SSM), "
+            "`falcon_h1` (hybrid), `gemma3` (multimodal text).")
+    assert line in comment["body"]
+    assert line in run["output"]["summary"]
+    assert "Planned 7 model_types from the changed files; ran `llama`" in comment["body"]
+
+
+def test_plans_name_why_each_model_type_is_there():
+    tree = Path(mlx_lm.__file__).parent
+    for shared in ("mlx_lm/convert.py", "mlx_lm/generate.py", "mlx_lm/quant/awq.py",
+                   "mlx_lm/models/cache.py", "mlx_lm/models/base.py"):
+        plan = planning.make_plan(tree, [shared, "README.md", "tests/test_models.py"])
+        assert plan.model_types == list(planning.REPRESENTATIVE.values()), shared
+        assert plan.plumbing == [shared]
+        assert plan.reasons["mamba"] == f"representative set (SSM): {shared} changed"
+    # A model file and a shared file: both reasons, the representative set first.
+    plan = planning.make_plan(tree, ["mlx_lm/quant/gptq.py", LLAMA])
+    assert plan.model_types[:7] == list(planning.REPRESENTATIVE.values())
+    assert plan.reasons["llama"] == (f"{LLAMA} changed; representative set (dense): "
+                                     "mlx_lm/quant/gptq.py changed")
+    assert plan.reasons["mistral"] == f"MODEL_REMAPPING maps it onto {LLAMA} ({LLAMA} changed)"
+    assert "mistral" in plan.model_types and plan.model_types[7:] == sorted(plan.model_types[7:])
+    # rope_utils is shared too, but only by the files that import it: the import walk.
+    plan = planning.make_plan(tree, ["mlx_lm/models/rope_utils.py"])
+    assert plan.plumbing == [] and plan.model_types == sorted(plan.model_types)
+    assert plan.reasons["llama"] == "imports mlx_lm/models/rope_utils.py (changed)"
+    # A quantize function outside the listed files counts; a dequantize one does not.
+    assert planning.plumbing_files(tree, ["mlx_lm/tuner/dora.py", "mlx_lm/server.py"]) == []
+    assert planning.make_plan(tree, ["mlx_lm/server.py", "docs/x.md"]).model_types == []
+
+
+def test_a_quantize_function_elsewhere_in_the_package_plans_the_representative_set(tmp_path):
+    package = tmp_path / "mlx_lm"
+    shutil.copytree(Path(mlx_lm.__file__).parent / "models", package / "models")
+    (package / "utils.py").write_text("MODEL_REMAPPING = {}\n")
+    (package / "kernels").mkdir()
+    (package / "kernels" / "qmm.py").write_text("def fused_quantize_matmul(x):\n    return x\n")
+    (package / "kernels" / "dq.py").write_text("def dequantize_rows(x):\n    return x\n")
+    assert planning.plumbing_files(package, ["mlx_lm/kernels/qmm.py",
+                                             "mlx_lm/kernels/dq.py"]) == \
+        ["mlx_lm/kernels/qmm.py"]
 
 
 def opened_by_outsider(env, number: int, edits: dict) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -82,14 +83,20 @@ def test_malformed_verify_gets_usage_reply(env):
     assert "could not read the command" in reply["body"] and "@someone" not in reply["body"]
 
 
-def test_no_model_code_changed_gives_neutral_check_and_no_comment(env):
-    sha, files = env.git_host.make_pr(14, {"README.md": ("upstream", "the upstream")})
+@pytest.mark.parametrize("edits", [
+    {"README.md": ("upstream", "the upstream")},  # docs only
+    {"mlx_lm/LORA.md": ("LoRA", "LoRA (low-rank adapters)"),  # docs inside the package
+     "tests/test_models.py": "def test_nothing():\n    assert True\n"},  # and tests
+], ids=["docs", "docs-and-tests"])
+def test_no_model_code_changed_gives_neutral_check_and_no_comment(env, edits):
+    sha, files = env.git_host.make_pr(14, edits)
     env.open_pr(14, sha, files)
     env.send("pull_request", env.payload("pull_request.opened.payload.json", number=14,
                                          sha=sha))
     env.run_queue("report")
     (run,) = env.check_runs(sha)
     assert (run["status"], run["conclusion"]) == ("completed", "neutral")
+    assert "nothing to verify" in run["output"]["summary"]
     assert env.comments(14) == [] and queued(env, "verify") == 0
 
 
