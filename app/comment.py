@@ -7,9 +7,11 @@ code() (no @-mention pings, no HTML, no Markdown breakout), and chart labels are
 down to a safe alphabet. The comment stays under GitHub's 65,536 characters by dropping
 details, never rows of the verdict table.
 
-With a baseline (the same checks on the PR's base commit, see workers.verify), every
-failing row is marked "new" or "also fails on base <sha7>", and only new findings make
-the Check Run fail: all pre-existing is `neutral`.
+With the PR's base commit in the run (`--base`, see workers.verify), the results carry a
+row-by-row comparison with it (checks/differential.py): every failing row is marked new,
+worse, unchanged or better, and only new or worse rows make the Check Run fail; all
+unchanged is `neutral`. Outcomes of older runners carry a separate base run instead
+(`base_results`): there a failing row is "new" or "also fails on base <sha7>".
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def baseline_of(outcome: dict[str, Any]) -> Baseline | None:
     sha = re.sub(r"[^0-9a-f]", "", str(outcome.get("base_sha") or ""))[:40]
     if not status or not sha:
         return None
+    if status == "in-run" and outcome.get("results"):
+        return None  # the results carry their own PR-vs-base rows (results.differential)
     failing: set[tuple[str, str, str]] = set()
     base = Results.model_validate(outcome["base_results"]) \
         if outcome.get("base_results") else None

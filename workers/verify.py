@@ -9,10 +9,10 @@ One job checks one PR head SHA:
    with wall-time, address-space, file-size and process limits, output to files the
    runner opened;
 4. read back the results JSON, size-capped and validated against checks.schema;
-5. when the head has failing model_types and the baseline is on (the spec's `baseline`,
-   from VERIFY_BASELINE), fetch the PR's base commit into a second work dir and run the
-   same checks of those model_types there, the same way: the report tells findings the
-   PR introduced from findings its base already had;
+5. with the baseline on (the spec's `baseline`, from VERIFY_BASELINE), the PR's base
+   commit is checked out beside the head first, and each check run takes it as `--base`:
+   one process runs both trees on the same checkpoints and inputs (checks/differential.py)
+   and marks every row unchanged, fixed, new, worse or better;
 6. hand the outcome to a `report` job (the server side does every GitHub write);
 7. remove the work dirs.
 
@@ -152,7 +152,8 @@ def _tail(path: Path, size: int = STDERR_TAIL_BYTES) -> str:
 
 def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list[str],
               request: dict[str, Any], env: dict[str, str], tag: str,
-              config_file: Path | None = None) -> dict[str, Any]:
+              config_file: Path | None = None,
+              base_src: Path | None = None) -> dict[str, Any]:
     """One sandboxed `mlx-verify check`: {"code", "results" | None, "stderr", "timeout"}.
     Raises InfraError when the sandbox cannot be made (PR code is then not run)."""
     run_dir = work / f"run-{tag}"
@@ -167,6 +168,9 @@ def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list
     command = [sys.executable, "-I", "-m", "checks.cli", "check", *model_types,
                "--mlx-lm", str(src), "--json", f"/dev/fd/{out_fd}"]
     readable = [src]
+    if base_src is not None:  # the PR's base commit, run in the same process (--base)
+        command += ["--base", str(base_src)]
+        readable.append(base_src)
     if config_file is not None:
         command += ["--config", str(config_file)]
         readable.append(config_file)
@@ -220,7 +224,8 @@ def _last_line(text: str) -> str:
 def _merge(into: dict[str, Any] | None, results: dict[str, Any]) -> dict[str, Any]:
     if into is None:
         return results
-    into["reports"].extend(results["reports"])
+    for key in ("reports", "base_reports", "differential"):
+        into.setdefault(key, []).extend(results.get(key) or [])
     return into
 
 
@@ -237,7 +242,8 @@ Runs = list[tuple[list[str], Path | None]]  # (model_types, config file) per che
 
 
 def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str, Any],
-                env: dict[str, str]) -> tuple[dict[str, Any], Runs]:
+                env: dict[str, str],
+                base_src: Path | None = None) -> tuple[dict[str, Any], Runs]:
     """Plan and run the checks on a checked-out tree: the outcome dict for the report,
     and the runs it made (the baseline repeats them on the base commit)."""
     request = spec["request"]
@@ -282,19 +288,21 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
             continue
         outcome["model_types"].append(model_type)
         runs.append(([model_type], config))
-    done = run_all(settings, work, src, runs, request, env)
+    done = run_all(settings, work, src, runs, request, env, base_src)
     outcome["errors"].update(done.pop("errors"))  # after the Hub ones
     outcome.update(done)
     return outcome, runs
 
 
 def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
-            request: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+            request: dict[str, Any], env: dict[str, str],
+            base_src: Path | None = None) -> dict[str, Any]:
     """Every planned `mlx-verify check` run on one tree: {"results", "errors"}, plus
     {"status", ...} when a run timed out or crashed (the remaining runs are not made)."""
     done: dict[str, Any] = {"results": None, "errors": {}}
     for index, (types, config) in enumerate(runs):
-        run = run_check(settings, work, src, types, request, env, str(index), config)
+        run = run_check(settings, work, src, types, request, env, str(index), config,
+                        base_src)
         if run["timeout"]:
             done.update(status="timeout", timeout_s=settings.timeout_s,
                         stderr_tail=run["stderr"])
@@ -305,7 +313,7 @@ def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
             # One model_type could not run; find out which, keep the others' results.
             for single in types:
                 alone = run_check(settings, work, src, [single], request, env,
-                                  f"{index}-{single}")
+                                  f"{index}-{single}", base_src=base_src)
                 if alone["timeout"]:
                     done.update(status="timeout", timeout_s=settings.timeout_s,
                                 stderr_tail=alone["stderr"])
@@ -324,44 +332,20 @@ def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
     return done
 
 
-def failing_model_types(outcome: dict[str, Any]) -> set[str]:
-    """model_types of the head with a failing or erroring report (not the could-not-run
-    ones: with no head results there is nothing to compare)."""
-    reports = (outcome.get("results") or {}).get("reports") or []
-    return {r["model_type"] for r in reports if r.get("verdict") in ("fail", "error")}
-
-
-def verify_base(settings: RunnerSettings, spec: dict[str, Any], outcome: dict[str, Any],
-                head_runs: Runs) -> dict[str, Any]:
-    """The baseline: the head's failing model_types, checked the same way on the PR's
-    base commit in a work dir of its own (own HOME and caches: the head's code ran
-    before and must not reach into it). Returns the base_* fields of the outcome."""
-    failing = failing_model_types(outcome)
-    base: dict[str, Any] = {"base_sha": spec["base_sha"], "base_status": "skipped",
-                            "base_results": None, "base_errors": {}}
-    if outcome.get("status") != "done" or not failing:
-        return base  # nothing on the head to compare, or no comparable head results
-    runs: Runs = []
-    for types, config in head_runs:
-        kept = [t for t in types if t in failing]
-        if kept:  # a Hub run reuses the config.json the head run downloaded
-            runs.append((kept, config))
-    work = Path(tempfile.mkdtemp(prefix="base-", dir=settings.work_dir))
-    try:
-        env = scrubbed_env(work)
-        src = work / "src"
-        if not fetch_base(settings, spec["repo"], spec["base_sha"], src, env) or \
-                not (src / "mlx_lm" / "__init__.py").is_file():
-            base["base_status"] = "unavailable"
-            return base
-        done = run_all(settings, work, src, runs, spec["request"], env)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    # A model_type that cannot run on base (exit 2: e.g. the PR adds its file) has no
-    # baseline; that is recorded, not reported as an error.
-    base.update(base_status=done.get("status", "done"), base_results=done["results"],
-                base_errors=done["errors"])
-    return base
+def checkout_base(settings: RunnerSettings, spec: dict[str, Any], work: Path,
+                  env: dict[str, str]) -> tuple[Path | None, dict[str, Any]]:
+    """The PR's base commit, checked out beside the head: the check runs both trees in
+    one sandboxed process (`mlx-verify check --base`), on the same checkpoints, and marks
+    every row unchanged, fixed, new, worse or better. (None, base_* fields) when it
+    cannot be fetched (gone after a force-push) or holds no mlx_lm: no baseline then."""
+    src = work / "base"
+    status = "in-run"
+    if not fetch_base(settings, spec["repo"], spec["base_sha"], src, env):
+        status = "unavailable"
+    elif not (src / "mlx_lm" / "__init__.py").is_file():
+        status = "unavailable"
+    fields = {"base_sha": spec["base_sha"], "base_status": status}
+    return (src if status == "in-run" else None), fields
 
 
 def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
@@ -392,9 +376,11 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
         if not fetch(settings, spec["repo"], int(spec["number"]), spec["sha"], src, env):
             outcome: dict[str, Any] = {"status": "stale"}
         else:
-            outcome, runs = verify_tree(settings, work, src, spec, env)
+            base_src, base = None, {}
             if spec.get("baseline") and spec.get("base_sha"):
-                outcome.update(verify_base(settings, spec, outcome, runs))
+                base_src, base = checkout_base(settings, spec, work, env)
+            outcome, _ = verify_tree(settings, work, src, spec, env, base_src)
+            outcome.update(base)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outcome["duration_s"] = round(time.monotonic() - started, 1)

@@ -62,11 +62,14 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
     assert bugged_run["_history"][:3] == ["queued", "in_progress", "completed"]
     assert bugged_run["conclusion"] == "failure"
     assert "llama" in bugged_run["output"]["summary"]
-    assert outcome_of(env, clean_run)["base_status"] == "skipped"  # nothing to compare
-    assert outcome_of(env, bugged_run)["base_status"] == "done"
+    # the base commit runs in the same check process (--base), clean or not
+    assert outcome_of(env, clean_run)["base_status"] == "in-run"
+    assert outcome_of(env, bugged_run)["base_status"] == "in-run"
     base7 = env.git_host.base_sha[:7]
-    assert f"new finding(s)**; 0 finding(s) also fail on base `{base7}`" in \
-        bugged_run["output"]["summary"]
+    summary = bugged_run["output"]["summary"]
+    assert f"**Against the base commit** `{base7}`" in summary
+    assert "| **new** | your config | `llama` | default | layers |" in summary
+    assert "against base: " in bugged_run["output"]["title"]
 
     (clean_comment,) = env.comments(1)
     assert "mlx-verify: ✅ pass" in clean_comment["body"]
@@ -110,11 +113,12 @@ def test_findings_of_the_base_commit_are_not_new_and_a_new_model_file_has_none(e
     (run,) = env.check_runs(sha)
     assert run["conclusion"] == "neutral", run["output"]
     summary = run["output"]["summary"]
-    assert f"**No new findings**: all 1 finding(s) also fail on base `{released[:7]}`" \
-        in summary
+    assert f"**Against the base commit** `{released[:7]}`" in summary
     assert "rope\\_parameters" in summary and "**new**" not in summary
+    assert run["output"]["title"].startswith("➖ no new findings")
     (comment,) = env.comments(10)
-    assert f"| ❌ fail | also fails on base `{released[:7]}` |" in comment["body"]
+    assert "| latent | `llama` | config-format-rope\\_parameters | layers | ❌ fail | " \
+        "unchanged |" in comment["body"]
     assert outcome_of(env, run)["base_sha"] == released
 
     # A base without llama.py, and a PR that adds it: no baseline, so its finding is new.
@@ -122,11 +126,11 @@ def test_findings_of_the_base_commit_are_not_new_and_a_new_model_file_has_none(e
     sha = open_and_run(env, 11, {LLAMA: released_llama()}, base=gone)
     (run,) = env.check_runs(sha)
     assert run["conclusion"] == "failure", run["output"]
-    assert "No baseline for `llama`" in run["output"]["summary"]
+    assert "not on base" in run["output"]["summary"]
     (comment,) = env.comments(11)
     assert "| ❌ fail | **new** |" in comment["body"]
     assert "also fails on base `" not in comment["body"]
-    assert outcome_of(env, run)["base_status"] == "done"
+    assert outcome_of(env, run)["base_status"] == "in-run"
 
 
 def test_annotations_go_only_on_lines_inside_the_diff(env):
