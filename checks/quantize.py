@@ -69,8 +69,12 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     vocab = {f"t{i}": i for i in range(vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0",
-                            eos_token=f"t{vocab_size - 1}").save_pretrained(directory)
+    # Every special token named, in the vocabulary: the class transformers picks for the
+    # model_type (Qwen2Tokenizer, ...) adds its own default for any left out (Qwen2's pad
+    # "<|endoftext|>": 513 tokens for a vocabulary of 512).
+    last = f"t{vocab_size - 1}"
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", bos_token=last,
+                            eos_token=last, pad_token=last).save_pretrained(directory)
     # Read back as mlx-lm's loader reads it, here in our own frame: a tokenizer of ours
     # that does not load is our driver's error, not a finding of mlx_lm.convert.
     from transformers import AutoTokenizer

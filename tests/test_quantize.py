@@ -98,3 +98,17 @@ def test_sanitize_not_idempotent_is_localized(cache_dir: Path, tmp_path: Path) -
         assert r["localization"]["part"] == "norm", r["localization"]
         assert r["localization"]["module"] == "model.layers.0.input_layernorm"
         assert r["metrics"]["fidelity_max_rel_l2"] > 1e-2
+
+
+def test_a_real_qwen2_config_quantizes(cache_dir: Path, tmp_path: Path) -> None:
+    """Qwen2.5's real config: transformers picks Qwen2Tokenizer for the tiny tokenizer,
+    which adds a default pad token unless every special token is named (it read back with
+    513 tokens for 512 and the check was a driver error)."""
+    from tests.conftest import run_cli
+
+    config = Path(__file__).parent / "fixtures" / "configs" / "qwen2.5-7b-instruct.json"
+    run = run_cli(["check", "qwen2", "--config", str(config), "--checks", "quantize"],
+                  cache_dir, tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    verdicts = [c["verdict"] for c in run.report("qwen2")["checks"]]
+    assert verdicts == ["pass", "pass"], run.report("qwen2")["checks"]
