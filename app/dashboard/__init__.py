@@ -53,6 +53,7 @@ SESSION_MAX_AGE_S = 12 * 3600
 SESSION_KEY = "mlxv:session:"  # + session id -> login; deleted on logout
 RATE_KEY = "mlxv:ratelimit:"  # + who + minute -> actions posted in that minute
 TEMPLATES = Path(__file__).parent.parent / "templates"
+CHECK_TEMPLATES = Path(results_render.__file__).with_name("templates")
 # Check names -> the section heading of the run page.
 SECTION_TITLES = {"layers": "per-layer divergence", "dtype": "dtype trace",
                   "rope": "RoPE facts", "generation": "generation comparison",
@@ -263,10 +264,12 @@ def dashboard_router(settings: AppSettings | None, connection: redis.Redis,
     re-runs); None gives a read-only dashboard whose actions are refused."""
     from . import actions, auth, pages  # they import this module's names
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+    # checks/templates: the parts the run page shares with the standalone HTML report
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([TEMPLATES, CHECK_TEMPLATES]),
                              autoescape=True, trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined)
-    env.filters.update(num=results_render.num, age=fmt_age, time=fmt_time, urlquote=quote)
+    env.filters.update(num=results_render.num, cosine=results_render.cosine, age=fmt_age,
+                       time=fmt_time, urlquote=quote)
     # shared with the standalone HTML report (checks/render.py)
     env.globals.update(duration=fmt_duration, prefix=PREFIX, shape=results_render.shape,
                        paired=results_render.paired_lists, sources=results_render.sources,
