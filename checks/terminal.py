@@ -242,6 +242,8 @@ def render(results: Results, file: IO[str], tty: bool, verbose: bool = False) ->
 
     errors = [r for r in reports if r.error]
     groups = _groups(results)
+    if not verbose:  # a systemic cause is the one "systemic:" line above, not a line a type
+        groups = [g for g in groups if g[0].check.reach != "systemic"]
     if errors or groups:
         out.print(Text(f"Findings ({len(groups) + len(errors)})", style="bold"))
     for report in errors:

@@ -185,3 +185,25 @@ def test_a_real_config_exits_on_its_own_findings_not_on_latent_ones(tmp_path: Pa
         in plain.stdout, plain.stdout
     strict = run_cli([*args, "--fail-on", "any"], cache_dir)
     assert strict.returncode == 1
+
+
+def test_one_cause_across_architectures_is_reported_once(tmp_path: Path,
+                                                         cache_dir: Path) -> None:
+    """transformers 5's rope_parameters, unread by four released ports: one systemic
+    cause with its list, not four latent findings; each type's own finding stays."""
+    run = run_cli(["check", "llama", "mistral", "qwen2", "starcoder2", "--checks", "layers",
+                   "--variants", "default,config-format-rope_parameters"], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1
+    for model_type in ("llama", "mistral", "qwen2", "starcoder2"):
+        rows = {c["variant"]: c for c in run.report(model_type)["checks"]}
+        assert rows["config-format-rope_parameters"]["reach"] == "systemic"
+        assert rows["config-format-rope_parameters"]["details"]["systemic_with"] == [
+            "llama", "mistral", "qwen2", "starcoder2"]
+    assert run.report("starcoder2")["checks"][0]["reach"] == "config"  # its GELU finding
+    plain = run_cli(["report", str(tmp_path / "r.json")], cache_dir)
+    lines = plain.stdout.splitlines()
+    assert ("systemic: layers on variant config-format-rope_parameters fails in 4 "
+            "model_types: llama, mistral, qwen2, starcoder2") in lines
+    assert not [line for line in lines if "[systemic]" in line]  # not once per type
+    assert [line for line in lines if line.startswith("✗ starcoder2 layers  default config")]
