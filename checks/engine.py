@@ -83,23 +83,30 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
     default config is written in the legacy format most Hub checkpoints carry, unless
     the architecture has none (transformers refuses it, or the port reads only
     `rope_parameters`: its checkpoints were all written by transformers 5)."""
+    if from_file:
+        tiny = synth.shrink_config(source)
+        return [Variant(name="default", description="source config, sizes shrunk",
+                        config_format=synth.config_format(tiny), config=tiny)]
+    # keys transformers' default lacks and real checkpoints carry, each with its source
+    source, completed = synth.complete_default_config(source)
+    said = "".join(f"; {key} completed: {item['source']}" for key, item in completed.items())
+    overrides = {"completed": completed} if completed else {}
     tiny = synth.shrink_config(source)
     fmt = synth.config_format(tiny)
-    if from_file:
-        return [Variant(name="default", description="source config, sizes shrunk",
-                        config_format=fmt, config=tiny)]
     legacy = synth.to_legacy_format(tiny)
     if not synth.port_reads_rope_parameters_only(tiny) and synth.legacy_is_lossless(tiny, legacy):
         return [Variant(name="default",
                         description="transformers default config, sizes shrunk, "
-                                    "legacy format (top-level RoPE keys, Hub key names)",
-                        config_format=synth.config_format(legacy), config=legacy)]
+                                    "legacy format (top-level RoPE keys, Hub key names)" + said,
+                        config_format=synth.config_format(legacy), config=legacy,
+                        overrides=overrides)]
     # rope_parameters kept, with the Hub key names where those are lossless
     named = synth.hub_key_names(tiny)
     return [Variant(name="default",
                     description="transformers default config, sizes shrunk, "
-                                "transformers 5 format (no legacy form for this architecture)",
-                    config_format=fmt,
+                                "transformers 5 format (no legacy form for this architecture)"
+                                + said,
+                    config_format=fmt, overrides=overrides,
                     config=named if synth.legacy_is_lossless(tiny, named) else tiny)]
 
 
@@ -219,24 +226,18 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
     except Exception as e:
         raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
 
-    default_loads = True
+    default_weights: Any = None
     for variant in report.variants:
         start = time.perf_counter()
-        if not default_loads:
-            # the same load failure again on every variant would bury the report
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="skip",
-                summary="not run: the default variant's weights do not load"))
-            continue
         problem = mlx_side.config_problem(variant.config)
         if problem is not None:
-            if variant.name != "default":
-                report.checks.append(CheckResult(
-                    check="layers", variant=variant.name, verdict="error",
-                    summary=f"mlx-lm cannot read this variant's config: {problem}"))
-                continue
-            raise InputError(f"{found[0].name}: mlx-lm cannot read the config: "
-                             f"{problem}")
+            # measured: transformers reads this config, mlx-lm's ModelArgs does not
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="fail",
+                summary=f"mlx-lm cannot read this variant's config: {problem}",
+                first_divergent_layer="config", details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot read its config"))
+            continue
         say(f"{model_type}/{variant.name}: synthesizing tiny checkpoint")
         try:
             if variant.name.startswith("full-weights"):
@@ -258,20 +259,40 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         except Exception as e:
             report.checks.append(CheckResult(
                 check="layers", variant=variant.name, verdict="error",
-                summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}"))
+                summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}",
+                details={"side": "transformers"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "transformers cannot load its checkpoint"))
             continue
         try:
             mlx_model, _, weights = mlx_side.load(checkpoint)
         except mlx_side.PortCrash as e:
             report.checks.append(CheckResult(
                 check="layers", variant=variant.name, verdict="fail", summary=str(e),
-                first_divergent_layer="load", duration_s=time.perf_counter() - start))
-            default_loads = variant.name != "default"
+                first_divergent_layer="load", duration_s=time.perf_counter() - start,
+                details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot build the model"))
             continue
+        loaded_as = None
         if mlx_model is None:
-            report.checks.append(_weights_failure(variant.name, weights, start))
-            default_loads = variant.name != "default"
-            continue
+            failure = _weights_failure(variant.name, weights, start)
+            if variant.name == "default":
+                default_weights = weights
+            elif weights == default_weights:
+                failure.summary = f"the default variant's load finding again: {failure.summary}"
+            report.checks.append(failure)
+            # Behind the finding: the model the same weights give under the naming
+            # mlx-lm does read, when there is one; the checks say they ran on it.
+            try:
+                mlx_model, hf_model, checkpoint, loaded_as = behind_load_finding(
+                    checkpoint, weights, hf_model, dtype)
+            except mlx_side.PortCrash as e:
+                mlx_model, loaded_as = None, f"retry failed: {e}"
+            if mlx_model is None:
+                report.checks.extend(not_run(
+                    checks, variant.name, "mlx-lm does not load its weights strictly"
+                    + (f" ({loaded_as})" if loaded_as else "")))
+                continue
         if dtype != "float32":
             mlx_model.set_dtype(_mlx_dtype(dtype))
         subject = Subject(
@@ -282,9 +303,55 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         for check in checks:
             if applies(check, variant.name):
                 say(f"{model_type}/{variant.name}: {check}")
-                report.checks.extend(run_check(check, subject))
+                results = run_check(check, subject)
+                if loaded_as:
+                    for result in results:
+                        result.details["loaded_behind_load_finding"] = loaded_as
+                report.checks.extend(results)
     report.verdict = combine_verdicts([c.verdict for c in report.checks])
     return report
+
+
+def not_run(checks: tuple[str, ...], variant: str, why: str) -> list[CheckResult]:
+    """A skip row for every check (other than layers, which holds the finding) that
+    would have run on this variant: what was not measured, and why."""
+    return [CheckResult(check=check, variant=variant, verdict="skip", summary=f"not run: {why}")
+            for check in checks if check != "layers" and applies(check, variant)]
+
+
+def behind_load_finding(checkpoint: Path, weights: Any, hf_model: Any, dtype: str
+                        ) -> tuple[Any, Any, Path, str | None]:
+    """(mlx_model, hf_model, checkpoint, how) for the checks behind a weights load finding,
+    mlx_model None when nothing can be loaded:
+    - only unexpected tensors (every parameter of the MLX model is in the checkpoint):
+      mlx-lm's loader with strict=False, which drops them;
+    - the checkpoint's tensors under another top-level prefix (gpt2: transformers saves
+      `transformer.h.0...`, the original Hub checkpoints and the port use `h.0...`):
+      a copy of the checkpoint with that prefix removed, which transformers loads too
+      (its base-model prefix) and both sides then run."""
+    from . import compat, hf_side, mlx_side
+
+    if not weights.missing and not weights.mismatched:
+        model, _ = compat.mlx_load_model(checkpoint, strict=False)
+        return model, hf_model, checkpoint, (f"mlx-lm's loader with strict=False: "
+                                             f"{len(weights.unexpected)} unexpected tensor(s) "
+                                             "dropped")
+    prefix = f"{getattr(hf_model, 'base_model_prefix', '') or 'model'}."
+    copy_dir = synth.without_key_prefix(checkpoint, prefix)
+    if copy_dir is None:
+        return None, hf_model, checkpoint, None
+    model, _, again = mlx_side.load(copy_dir)
+    if model is None:
+        return None, hf_model, checkpoint, (f"nor with the prefix {prefix!r} removed: "
+                                            f"{len(again.missing)} missing, "
+                                            f"{len(again.unexpected)} unexpected")
+    try:
+        hf_renamed = hf_side.load(copy_dir, dtype=dtype)
+    except Exception as e:  # transformers does not take the renamed copy: not comparable
+        return None, hf_model, checkpoint, (f"transformers does not load the copy without "
+                                            f"{prefix!r}: {synth._one_line(e)}")
+    return model, hf_renamed, copy_dir, (f"the checkpoint's tensors without their {prefix!r} "
+                                         "prefix (mlx-lm loads that naming strictly)")
 
 
 def run_check(check: str, subject: Subject) -> list[CheckResult]:
