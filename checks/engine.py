@@ -229,7 +229,18 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
     default_weights: Any = None
     for variant in report.variants:
         start = time.perf_counter()
-        problem = mlx_side.config_problem(variant.config)
+        try:
+            problem = mlx_side.config_problem(variant.config)
+        except MlxLmError as e:
+            if not isinstance(e.__cause__, SystemExit):
+                raise  # the tree cannot be used (syntax error, bad import): bad input
+            # released olmo.py exits when a package transformers does not need is missing
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="fail", summary=str(e),
+                first_divergent_layer="import", details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "mlx-lm's model file exits at import"))
+            continue
         if problem is not None:
             # measured: transformers reads this config, mlx-lm's ModelArgs does not
             report.checks.append(CheckResult(
@@ -263,6 +274,25 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                 details={"side": "transformers"}))
             report.checks.extend(not_run(checks, variant.name,
                                          "transformers cannot load its checkpoint"))
+            continue
+        ids = synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed)
+        try:
+            hf_side.plain_forward(hf_model, ids)
+        except Exception as e:
+            if variant.name != "default":
+                # transformers builds this setting and cannot run it: no checkpoint has it
+                report.checks.append(CheckResult(
+                    check="layers", variant=variant.name, verdict="skip",
+                    summary=f"not applicable: transformers cannot run this variant: "
+                            f"{mlx_side.describe_import_error(e)}"))
+                continue
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="error",
+                summary=f"transformers cannot run its own model: "
+                        f"{mlx_side.describe_import_error(e)}",
+                details={"side": "transformers"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "transformers cannot run the model"))
             continue
         try:
             mlx_model, _, weights = mlx_side.load(checkpoint)
@@ -298,7 +328,7 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         subject = Subject(
             model_type=model_type, variant=variant, checkpoint=checkpoint,
             config=variant.config, dtype=dtype, seed=seed, hf_model=hf_model,
-            mlx_model=mlx_model, ids=synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed),
+            mlx_model=mlx_model, ids=ids,
         )
         for check in checks:
             if applies(check, variant.name):
@@ -370,9 +400,16 @@ def run_check(check: str, subject: Subject) -> list[CheckResult]:
         except compat.DriverError as e:
             results = [subject.result(check, verdict="error", summary=str(e))]
         except Exception as e:
-            results = [subject.result(check, verdict="error",
-                                      summary=f"{check} failed to run: "
-                                              f"{mlx_side.describe_import_error(e)}")]
+            side = raised_in(e)
+            if side == "mlx-lm":
+                # the port raises on a model transformers runs (checked at load): a finding
+                results = [subject.result(check, verdict="fail", details={"side": side},
+                                          summary=f"mlx-lm raises while running the model: "
+                                                  f"{mlx_side.describe_import_error(e)}")]
+            else:
+                results = [subject.result(check, verdict="error", details={"side": side},
+                                          summary=f"{check} failed to run: "
+                                                  f"{mlx_side.describe_import_error(e)}")]
     seen = list(dict.fromkeys(
         [f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
          f" ({Path(w.filename).name}:{w.lineno})" for w in caught] + logged))
@@ -382,6 +419,23 @@ def run_check(check: str, subject: Subject) -> list[CheckResult]:
         if seen:
             result.details["warnings"] = seen[:20]
     return results
+
+
+def raised_in(e: BaseException) -> str:
+    """Which side's code raised: the innermost traceback frame in mlx_lm's, transformers'
+    or our own package ("mlx-verify"), "unknown" when none is."""
+    side = "unknown"
+    tb = e.__traceback__
+    while tb is not None:
+        parts = Path(tb.tb_frame.f_code.co_filename).parts
+        if "mlx_lm" in parts:
+            side = "mlx-lm"
+        elif "transformers" in parts:
+            side = "transformers"
+        elif "checks" in parts and "mlx_lm" not in parts:
+            side = "mlx-verify"
+        tb = tb.tb_next
+    return side
 
 
 @contextmanager

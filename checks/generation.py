@@ -95,13 +95,19 @@ def hf_decode(model: Any, prompt: np.ndarray, forced: list[int]) -> Decode:
     import torch
 
     keyword = compat.hf_cache_keyword(model)
+    # each step's position said explicitly: without it some models ask the cache
+    # (granitemoehybrid's get_seq_length raises on a cache of linear-attention layers only)
+    positions = compat.hf_forward_has(model, "position_ids")
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
         cache = compat.hf_returned_cache(out, keyword)
         prompt_logits = out.logits[0].float().numpy().copy()
         steps_out = [prompt_logits[-1]]
-        for token in forced:
-            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
+        for step, token in enumerate(forced):
+            extra = ({"position_ids": torch.tensor([[prompt.shape[1] + step]])}
+                     if positions else {})
+            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache},
+                        **extra)
             cache = compat.hf_returned_cache(out, keyword)
             steps_out.append(out.logits[0, -1].float().numpy().copy())
     logits = np.stack(steps_out)
