@@ -196,6 +196,8 @@ def applies(check: str, variant: str) -> bool:
         return variant == "default" or variant.startswith("config-format")
     if check == "long":
         return variant in ("default", "sliding-window")
+    if check == "generation":  # head-dim: the quantized KV cache part only (generation.py)
+        return variant in ("default", "head-dim")
     return variant == "default"
 
 

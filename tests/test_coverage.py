@@ -83,3 +83,39 @@ def test_unreadable_variant_config_crash_and_completed_default(cache_dir: Path,
     completed = variant["overrides"]["completed"]["attn_config"]
     assert completed["value"]["clip_qkv"] == 8 and "dbrx-instruct" in completed["source"]
     assert "clip_qkv" in variant["description"]
+
+
+QUANTIZED_ATTENTION_UNSCALED = Edit(
+    "models/base.py",
+    "    queries *= scale\n\n    if n_repeats > 1:\n"
+    "        queries = mx.reshape(queries, (B, n_kv_heads, n_repeats, L, D))",
+    "    if n_repeats > 1:\n"
+    "        queries = mx.reshape(queries, (B, n_kv_heads, n_repeats, L, D))")
+
+
+def kv_quantized(run: Any, model_type: str, variant: str) -> dict[str, Any]:
+    [row] = [c for c in rows(run, model_type, "generation", variant)
+             if c["details"].get("part") == "kv-quantized"]
+    return row
+
+
+def test_quantized_kv_cache_path_is_exercised(cache_dir: Path, tmp_path: Path) -> None:
+    # --kv-bits: the head-dim variant (head_dim 32) is wide enough for MLX's groups of
+    # 32; the default's head_dim 16 is not, and says so
+    args = ["check", "llama", "--checks", "generation", "--variants", "default,head-dim"]
+    clean = run_cli(args, cache_dir, tmp_path / "clean.json")
+    assert clean.returncode == 0, clean.stderr
+    row = kv_quantized(clean, "llama", "head-dim")
+    assert row["verdict"] == "pass" and 0 < row["metrics"]["max_rel_l2"] < 0.1, row
+    assert "QuantizedKVCache" in row["details"]["caches"]
+    skipped = kv_quantized(clean, "llama", "default")
+    assert skipped["verdict"] == "skip" and "[16]" in skipped["summary"]
+    # the scale dropped in mlx-lm's quantized attention (base.py): only this part sees it
+    tree = copy_mlx_lm(tmp_path / "tree", [QUANTIZED_ATTENTION_UNSCALED])
+    buggy = run_cli([*args, "--mlx-lm", str(tree)], cache_dir, tmp_path / "buggy.json")
+    assert buggy.returncode == 1, buggy.stderr
+    row = kv_quantized(buggy, "llama", "head-dim")
+    assert row["verdict"] == "fail" and row["metrics"]["max_rel_l2"] > 0.1, row
+    others = [c for c in buggy.report("llama")["checks"]
+              if c["details"].get("part") != "kv-quantized"]
+    assert others and all(c["verdict"] == "pass" for c in others), others
