@@ -10,6 +10,8 @@ give a measured verdict.
 - A variant config mlx-lm cannot read is a fail on the mlx-lm side; a check that
   raises inside mlx-lm's code is a fail on the mlx-lm side; transformers' default
   config completed with a key real checkpoints carry says where the value came from.
+- The quantized KV cache (`--kv-bits`): a bug in mlx-lm's quantized attention is found
+  by the generation check's kv-quantized part and by nothing else.
 
 Each case runs the unedited tree too: the edited tree's failure is the edit's.
 """
