@@ -277,6 +277,16 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
             report.checks.extend(not_run(checks, variant.name,
                                          "transformers cannot load its checkpoint"))
             continue
+        try:
+            mlx_model, _, weights = mlx_side.load(checkpoint)
+        except mlx_side.PortCrash as e:
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="fail", summary=str(e),
+                first_divergent_layer="load", duration_s=time.perf_counter() - start,
+                details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot build the model"))
+            continue
+        # transformers runs its own model, or there is nothing to hold MLX to
         ids = synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed)
         try:
             hf_side.plain_forward(hf_model, ids)
@@ -295,15 +305,6 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                 details={"side": "transformers"}))
             report.checks.extend(not_run(checks, variant.name,
                                          "transformers cannot run the model"))
-            continue
-        try:
-            mlx_model, _, weights = mlx_side.load(checkpoint)
-        except mlx_side.PortCrash as e:
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="fail", summary=str(e),
-                first_divergent_layer="load", duration_s=time.perf_counter() - start,
-                details={"side": "mlx-lm"}))
-            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot build the model"))
             continue
         loaded_as = None
         if mlx_model is None:
