@@ -213,6 +213,11 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
 
     say = progress or (lambda message: None)
     found = resolve_sources(model_type, config_file, given)
+    if compat.hf_model_class_name(model_type) is None:
+        # transformers' model_type of this name is no text model (pixtral: a vision
+        # encoder): nothing on the transformers side to hold mlx-lm to
+        raise InputError(f"transformers has no causal LM or image-text-to-text model for "
+                         f"model_type {model_type!r}: nothing to compare mlx-lm with")
     report = ModelReport(model_type=model_type, source="; ".join(f.name for f in found),
                          seed=seed, dtype=dtype, verdict="skip",
                          config_diff=sources.config_diff(found))

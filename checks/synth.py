@@ -136,6 +136,18 @@ def _default_completions(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
         return {"is_moe_layer": ([t == "sparse" for t in config["mlp_layer_types"]],
                                  "transformers' mlp_layer_types (sparse -> true), which "
                                  "ExaoneMoeConfig computes from first_k_dense_replace")}
+    if model_type == "minimax":
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+        factor = config.get("partial_rotary_factor") or 1.0
+        out = {"shared_intermediate_size": (0, "transformers' modeling_minimax has no shared "
+                                               "expert (mlx-lm declares the key, never uses "
+                                               "it)")}
+        if isinstance(head_dim, int):
+            out["rotary_dim"] = (int(head_dim * factor),
+                                 "head_dim x partial_rotary_factor (None: 1.0), the dims "
+                                 "transformers' MiniMax rotary embedding covers")
+        return out
     if model_type == "solar_open":
         params = config.get("rope_parameters") or {}
         return {"first_k_dense_replace": (0, "transformers' modeling_solar_open: every "
