@@ -343,7 +343,8 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                 say(f"{model_type}/{variant.name}: {check}")
                 results = run_check(check, subject)
                 if loaded_as:
-                    for result in results:
+                    for result in results:  # said in the row itself, not only in details
+                        result.summary = f"behind the load finding: {result.summary}"
                         result.details["loaded_behind_load_finding"] = loaded_as
                 report.checks.extend(results)
     report.verdict = combine_verdicts([c.verdict for c in report.checks])
