@@ -94,6 +94,11 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
     tiny = synth.shrink_config(source)
     fmt = synth.config_format(tiny)
     legacy = synth.to_legacy_format(tiny)
+    nested = synth.text_config_to_legacy(legacy)
+    if nested is not None and _unreadable(legacy) and not _unreadable(nested):
+        # the port reads the legacy RoPE keys in text_config only (llama4); ports that
+        # read text_config's rope_parameters (qwen3_5) keep them
+        legacy = nested
     if not synth.port_reads_rope_parameters_only(tiny) and synth.legacy_is_lossless(tiny, legacy):
         return [Variant(name="default",
                         description="transformers default config, sizes shrunk, "
@@ -108,6 +113,15 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
                                 + said,
                     config_format=fmt, overrides=overrides,
                     config=named if synth.legacy_is_lossless(tiny, named) else tiny)]
+
+
+def _unreadable(config: dict[str, Any]) -> bool:
+    from .mlx_side import config_problem
+
+    try:
+        return config_problem(config) is not None
+    except MlxLmError:
+        return True
 
 
 def all_variants(model_type: str, source: dict[str, Any], from_file: bool,

@@ -254,11 +254,16 @@ def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
         if local and local.get("rope_theta") != theta:
             # gemma3-style local RoPE base
             out["rope_local_base_freq"] = local.get("rope_theta")
-    text = out.get("text_config")
-    if isinstance(text, dict) and "rope_parameters" in text:
-        # a multimodal config (llama4) keeps its RoPE in the text config: the same there
-        out["text_config"] = to_legacy_format(text)
     return hub_key_names(out)
+
+
+def text_config_to_legacy(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The config with its text_config's RoPE in the legacy format too (a multimodal
+    config keeps its RoPE there), None when the text config has no rope_parameters."""
+    text = config.get("text_config")
+    if not (isinstance(text, dict) and "rope_parameters" in text):
+        return None
+    return {**copy.deepcopy(config), "text_config": to_legacy_format(text)}
 
 
 def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
