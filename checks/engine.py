@@ -262,6 +262,17 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
             report.checks.extend(not_run(checks, variant.name,
                                          "mlx-lm's model file exits at import"))
             continue
+        if problem is not None and synth._cannot_build(variant.config):
+            # transformers' own model cannot be built from it either (lfm2_moe's default
+            # without layer_types): the config is the broken side, not mlx-lm
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="error",
+                summary=f"transformers cannot build its own model from this config, and "
+                        f"mlx-lm cannot read it ({problem}): nothing to compare",
+                details={"side": "transformers"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "transformers cannot build the model"))
+            continue
         if problem is not None:
             # measured: transformers reads this config, mlx-lm's ModelArgs does not
             report.checks.append(CheckResult(

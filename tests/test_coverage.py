@@ -18,6 +18,7 @@ Each case runs the unedited tree too: the edited tree's failure is the edit's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +122,17 @@ def test_quantized_kv_cache_path_is_exercised(cache_dir: Path, tmp_path: Path) -
     others = [c for c in buggy.report("llama")["checks"]
               if c["details"].get("part") != "kv-quantized"]
     assert others and all(c["verdict"] == "pass" for c in others), others
+
+
+def test_config_broken_for_transformers_too_blames_transformers(cache_dir: Path,
+                                                                tmp_path: Path) -> None:
+    # lfm2_moe without layer_types: transformers' own modeling indexes them (its default
+    # config has none), and mlx-lm cannot read the config either: not an mlx-lm finding
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "lfm2_moe", "num_hidden_layers": 2}))
+    run = run_cli(["check", "lfm2_moe", "--config", str(config), "--checks", "layers"],
+                  cache_dir, tmp_path / "out.json")
+    assert run.returncode == 1, run.stderr
+    [row] = rows(run, "lfm2_moe")
+    assert row["verdict"] == "error" and row["details"]["side"] == "transformers", row
+    assert "transformers cannot build its own model" in row["summary"]
