@@ -92,13 +92,42 @@ def hf_causal_lm_class_name(model_type: str) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def hf_load_causal_lm(checkpoint: Path, dtype: str) -> tuple[Any, dict[str, list[str]]]:
-    """AutoModelForCausalLM from a checkpoint directory with eager attention, and its
-    loading info (missing, unexpected, mismatched keys)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def hf_image_text_model_types() -> dict[str, str]:
+    """model_type -> class name of AutoModelForImageTextToText (multimodal models whose
+    text path is what mlx-lm ports); empty when this transformers has no such table."""
+    from transformers.models.auto import modeling_auto
 
-    loaded = AutoModelForCausalLM.from_pretrained(
+    names = getattr(modeling_auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", None)
+    return {k: v for k, v in names.items() if isinstance(v, str)} if isinstance(names, dict) else {}
+
+
+def hf_model_class_name(model_type: str) -> str | None:
+    """The class transformers builds a model_type's checkpoint with: its causal LM, or
+    for a multimodal model without one, the image-text-to-text model (run on text only,
+    the path mlx-lm ports)."""
+    return hf_causal_lm_class_name(model_type) or hf_image_text_model_types().get(model_type)
+
+
+def hf_auto_model(model_type: str) -> Any:
+    """AutoModelForCausalLM, or AutoModelForImageTextToText for a multimodal model_type
+    that has no causal LM (see hf_model_class_name)."""
+    import transformers
+
+    if (hf_causal_lm_class_name(model_type) is None
+            and model_type in hf_image_text_model_types()):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def hf_load_causal_lm(checkpoint: Path, dtype: str) -> tuple[Any, dict[str, list[str]]]:
+    """The model (hf_auto_model) from a checkpoint directory with eager attention, and its
+    loading info (missing, unexpected, mismatched keys)."""
+    import json
+
+    import torch
+
+    model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type", "")
+    loaded = hf_auto_model(model_type).from_pretrained(
         checkpoint, dtype=getattr(torch, dtype), attn_implementation="eager",
         output_loading_info=True)
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and isinstance(loaded[1], dict)):

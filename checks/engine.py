@@ -83,24 +83,45 @@ def make_variants(source: dict[str, Any], from_file: bool) -> list[Variant]:
     default config is written in the legacy format most Hub checkpoints carry, unless
     the architecture has none (transformers refuses it, or the port reads only
     `rope_parameters`: its checkpoints were all written by transformers 5)."""
+    if from_file:
+        tiny = synth.shrink_config(source)
+        return [Variant(name="default", description="source config, sizes shrunk",
+                        config_format=synth.config_format(tiny), config=tiny)]
+    # keys transformers' default lacks and real checkpoints carry, each with its source
+    source, completed = synth.complete_default_config(source)
+    said = "".join(f"; {key} completed: {item['source']}" for key, item in completed.items())
+    overrides = {"completed": completed} if completed else {}
     tiny = synth.shrink_config(source)
     fmt = synth.config_format(tiny)
-    if from_file:
-        return [Variant(name="default", description="source config, sizes shrunk",
-                        config_format=fmt, config=tiny)]
     legacy = synth.to_legacy_format(tiny)
+    nested = synth.text_config_to_legacy(legacy)
+    if nested is not None and _unreadable(legacy) and not _unreadable(nested):
+        # the port reads the legacy RoPE keys in text_config only (llama4); ports that
+        # read text_config's rope_parameters (qwen3_5) keep them
+        legacy = nested
     if not synth.port_reads_rope_parameters_only(tiny) and synth.legacy_is_lossless(tiny, legacy):
         return [Variant(name="default",
                         description="transformers default config, sizes shrunk, "
-                                    "legacy format (top-level RoPE keys, Hub key names)",
-                        config_format=synth.config_format(legacy), config=legacy)]
+                                    "legacy format (top-level RoPE keys, Hub key names)" + said,
+                        config_format=synth.config_format(legacy), config=legacy,
+                        overrides=overrides)]
     # rope_parameters kept, with the Hub key names where those are lossless
     named = synth.hub_key_names(tiny)
     return [Variant(name="default",
                     description="transformers default config, sizes shrunk, "
-                                "transformers 5 format (no legacy form for this architecture)",
-                    config_format=fmt,
+                                "transformers 5 format (no legacy form for this architecture)"
+                                + said,
+                    config_format=fmt, overrides=overrides,
                     config=named if synth.legacy_is_lossless(tiny, named) else tiny)]
+
+
+def _unreadable(config: dict[str, Any]) -> bool:
+    from .mlx_side import config_problem
+
+    try:
+        return config_problem(config) is not None
+    except MlxLmError:
+        return True
 
 
 def all_variants(model_type: str, source: dict[str, Any], from_file: bool,
@@ -189,6 +210,8 @@ def applies(check: str, variant: str) -> bool:
         return variant == "default" or variant.startswith("config-format")
     if check == "long":
         return variant in ("default", "sliding-window")
+    if check == "generation":  # head-dim: the quantized KV cache part only (generation.py)
+        return variant in ("default", "head-dim")
     return variant == "default"
 
 
@@ -204,6 +227,11 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
 
     say = progress or (lambda message: None)
     found = resolve_sources(model_type, config_file, given)
+    if compat.hf_model_class_name(model_type) is None:
+        # transformers' model_type of this name is no text model (pixtral: a vision
+        # encoder): nothing on the transformers side to hold mlx-lm to
+        raise InputError(f"transformers has no causal LM or image-text-to-text model for "
+                         f"model_type {model_type!r}: nothing to compare mlx-lm with")
     report = ModelReport(model_type=model_type, source="; ".join(f.name for f in found),
                          seed=seed, dtype=dtype, verdict="skip",
                          config_diff=sources.config_diff(found))
@@ -219,24 +247,40 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
     except Exception as e:
         raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
 
-    default_loads = True
+    default_weights: Any = None
     for variant in report.variants:
         start = time.perf_counter()
-        if not default_loads:
-            # the same load failure again on every variant would bury the report
+        try:
+            problem = mlx_side.config_problem(variant.config)
+        except MlxLmError as e:
+            if not isinstance(e.__cause__, SystemExit):
+                raise  # the tree cannot be used (syntax error, bad import): bad input
+            # released olmo.py exits when a package transformers does not need is missing
             report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="skip",
-                summary="not run: the default variant's weights do not load"))
+                check="layers", variant=variant.name, verdict="fail", summary=str(e),
+                first_divergent_layer="import", details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "mlx-lm's model file exits at import"))
             continue
-        problem = mlx_side.config_problem(variant.config)
+        if problem is not None and synth._cannot_build(variant.config):
+            # transformers' own model cannot be built from it either (lfm2_moe's default
+            # without layer_types): the config is the broken side, not mlx-lm
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="error",
+                summary=f"transformers cannot build its own model from this config, and "
+                        f"mlx-lm cannot read it ({problem}): nothing to compare",
+                details={"side": "transformers"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "transformers cannot build the model"))
+            continue
         if problem is not None:
-            if variant.name != "default":
-                report.checks.append(CheckResult(
-                    check="layers", variant=variant.name, verdict="error",
-                    summary=f"mlx-lm cannot read this variant's config: {problem}"))
-                continue
-            raise InputError(f"{found[0].name}: mlx-lm cannot read the config: "
-                             f"{problem}")
+            # measured: transformers reads this config, mlx-lm's ModelArgs does not
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="fail",
+                summary=f"mlx-lm cannot read this variant's config: {problem}",
+                first_divergent_layer="config", details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot read its config"))
+            continue
         say(f"{model_type}/{variant.name}: synthesizing tiny checkpoint")
         try:
             if variant.name.startswith("full-weights"):
@@ -258,31 +302,76 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         except Exception as e:
             report.checks.append(CheckResult(
                 check="layers", variant=variant.name, verdict="error",
-                summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}"))
+                summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}",
+                details={"side": "transformers"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "transformers cannot load its checkpoint"))
             continue
         try:
             mlx_model, _, weights = mlx_side.load(checkpoint)
         except mlx_side.PortCrash as e:
             report.checks.append(CheckResult(
                 check="layers", variant=variant.name, verdict="fail", summary=str(e),
-                first_divergent_layer="load", duration_s=time.perf_counter() - start))
-            default_loads = variant.name != "default"
+                first_divergent_layer="load", duration_s=time.perf_counter() - start,
+                details={"side": "mlx-lm"}))
+            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot build the model"))
             continue
+        # transformers runs its own model, or there is nothing to hold MLX to
+        ids = synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed)
+        try:
+            hf_side.plain_forward(hf_model, ids)
+        except Exception as e:
+            if variant.name != "default":
+                # transformers builds this setting and cannot run it: no checkpoint has it
+                report.checks.append(CheckResult(
+                    check="layers", variant=variant.name, verdict="skip",
+                    summary=f"not applicable: transformers cannot run this variant: "
+                            f"{mlx_side.describe_import_error(e)}"))
+                continue
+            report.checks.append(CheckResult(
+                check="layers", variant=variant.name, verdict="error",
+                summary=f"transformers cannot run its own model: "
+                        f"{mlx_side.describe_import_error(e)}",
+                details={"side": "transformers"}))
+            report.checks.extend(not_run(checks, variant.name,
+                                         "transformers cannot run the model"))
+            continue
+        loaded_as = None
         if mlx_model is None:
-            report.checks.append(_weights_failure(variant.name, weights, start))
-            default_loads = variant.name != "default"
-            continue
+            failure = _weights_failure(variant.name, weights, start)
+            if variant.name == "default":
+                default_weights = weights
+            elif weights == default_weights:
+                failure.summary = f"the default variant's load finding again: {failure.summary}"
+            report.checks.append(failure)
+            # Behind the finding: the model the same weights give under the naming
+            # mlx-lm does read, when there is one; the checks say they ran on it.
+            try:
+                mlx_model, hf_model, checkpoint, loaded_as = behind_load_finding(
+                    checkpoint, weights, hf_model, dtype)
+            except mlx_side.PortCrash as e:
+                mlx_model, loaded_as = None, f"retry failed: {e}"
+            if mlx_model is None:
+                report.checks.extend(not_run(
+                    checks, variant.name, "mlx-lm does not load its weights strictly"
+                    + (f" ({loaded_as})" if loaded_as else "")))
+                continue
         if dtype != "float32":
             mlx_model.set_dtype(_mlx_dtype(dtype))
         subject = Subject(
             model_type=model_type, variant=variant, checkpoint=checkpoint,
             config=variant.config, dtype=dtype, seed=seed, hf_model=hf_model,
-            mlx_model=mlx_model, ids=synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed),
+            mlx_model=mlx_model, ids=ids,
         )
         for check in checks:
             if applies(check, variant.name):
                 say(f"{model_type}/{variant.name}: {check}")
-                report.checks.extend(run_check(check, subject))
+                results = run_check(check, subject)
+                if loaded_as:
+                    for result in results:  # said in the row itself, not only in details
+                        result.summary = f"behind the load finding: {result.summary}"
+                        result.details["loaded_behind_load_finding"] = loaded_as
+                report.checks.extend(results)
     for result in report.checks:
         result.reach = reach_of(result)
     report.verdict = combine_verdicts([c.verdict for c in report.checks])
@@ -325,6 +414,48 @@ def mark_systemic(reports: list[ModelReport]) -> dict[tuple[str, str], list[str]
     return systemic
 
 
+def not_run(checks: tuple[str, ...], variant: str, why: str) -> list[CheckResult]:
+    """A skip row for every check (other than layers, which holds the finding) that
+    would have run on this variant: what was not measured, and why."""
+    return [CheckResult(check=check, variant=variant, verdict="skip", summary=f"not run: {why}")
+            for check in checks if check != "layers" and applies(check, variant)]
+
+
+def behind_load_finding(checkpoint: Path, weights: Any, hf_model: Any, dtype: str
+                        ) -> tuple[Any, Any, Path, str | None]:
+    """(mlx_model, hf_model, checkpoint, how) for the checks behind a weights load finding,
+    mlx_model None when nothing can be loaded:
+    - only unexpected tensors (every parameter of the MLX model is in the checkpoint):
+      mlx-lm's loader with strict=False, which drops them;
+    - the checkpoint's tensors under another top-level prefix (gpt2: transformers saves
+      `transformer.h.0...`, the original Hub checkpoints and the port use `h.0...`):
+      a copy of the checkpoint with that prefix removed, which transformers loads too
+      (its base-model prefix) and both sides then run."""
+    from . import compat, hf_side, mlx_side
+
+    if not weights.missing and not weights.mismatched:
+        model, _ = compat.mlx_load_model(checkpoint, strict=False)
+        return model, hf_model, checkpoint, (f"mlx-lm's loader with strict=False: "
+                                             f"{len(weights.unexpected)} unexpected tensor(s) "
+                                             "dropped")
+    prefix = f"{getattr(hf_model, 'base_model_prefix', '') or 'model'}."
+    copy_dir = synth.without_key_prefix(checkpoint, prefix)
+    if copy_dir is None:
+        return None, hf_model, checkpoint, None
+    model, _, again = mlx_side.load(copy_dir)
+    if model is None:
+        return None, hf_model, checkpoint, (f"nor with the prefix {prefix!r} removed: "
+                                            f"{len(again.missing)} missing, "
+                                            f"{len(again.unexpected)} unexpected")
+    try:
+        hf_renamed = hf_side.load(copy_dir, dtype=dtype)
+    except Exception as e:  # transformers does not take the renamed copy: not comparable
+        return None, hf_model, checkpoint, (f"transformers does not load the copy without "
+                                            f"{prefix!r}: {synth._one_line(e)}")
+    return model, hf_renamed, copy_dir, (f"the checkpoint's tensors without their {prefix!r} "
+                                         "prefix (mlx-lm loads that naming strictly)")
+
+
 def run_check(check: str, subject: Subject) -> list[CheckResult]:
     """One check on one subject; a crash inside it is an `error` verdict, not a crash."""
     from . import mlx_side
@@ -341,9 +472,16 @@ def run_check(check: str, subject: Subject) -> list[CheckResult]:
         except compat.DriverError as e:
             results = [subject.result(check, verdict="error", summary=str(e))]
         except Exception as e:
-            results = [subject.result(check, verdict="error",
-                                      summary=f"{check} failed to run: "
-                                              f"{mlx_side.describe_import_error(e)}")]
+            side = raised_in(e)
+            if side == "mlx-lm":
+                # the port raises on a model transformers runs (checked at load): a finding
+                results = [subject.result(check, verdict="fail", details={"side": side},
+                                          summary=f"mlx-lm raises while running the model: "
+                                                  f"{mlx_side.describe_import_error(e)}")]
+            else:
+                results = [subject.result(check, verdict="error", details={"side": side},
+                                          summary=f"{check} failed to run: "
+                                                  f"{mlx_side.describe_import_error(e)}")]
         # where transformers reads the config other than literally, failing rows say so
         from .config_keys import label_by_reading
 
@@ -357,6 +495,23 @@ def run_check(check: str, subject: Subject) -> list[CheckResult]:
         if seen:
             result.details["warnings"] = seen[:20]
     return results
+
+
+def raised_in(e: BaseException) -> str:
+    """Which side's code raised: the innermost traceback frame in mlx_lm's, transformers'
+    or our own package ("mlx-verify"), "unknown" when none is."""
+    side = "unknown"
+    tb = e.__traceback__
+    while tb is not None:
+        parts = Path(tb.tb_frame.f_code.co_filename).parts
+        if "mlx_lm" in parts:
+            side = "mlx-lm"
+        elif "transformers" in parts:
+            side = "transformers"
+        elif "checks" in parts and "mlx_lm" not in parts:
+            side = "mlx-verify"
+        tb = tb.tb_next
+    return side
 
 
 @contextmanager

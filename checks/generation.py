@@ -13,6 +13,12 @@ Three measurements, one result each (`details["part"]`):
   and the per-layer comparison names the layer and module.
 - batch: prompts of different lengths through mlx-lm's BatchGenerator (right-padded
   prefill rolled into left padding, batch caches) equal the single-prompt runs.
+- kv-quantized: what `--kv-bits` does (generate.maybe_quantize_kv_cache): after the
+  prompt every KV cache becomes a QuantizedKVCache (8 bits, groups of 32), and the
+  decode steps, fed the same tokens, stay within a calibrated bound of the
+  full-precision decode; the attention then runs mlx-lm's quantized path. Keys are
+  quantized along head_dim, so it needs head_dim a multiple of 32: the tiny default
+  (16) cannot, the head-dim variant (32) can, and runs only this part.
 
 Bounds are calibrated on correct ports; see docs/tolerances.md ("generation and long").
 """
@@ -49,6 +55,14 @@ SELF_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
 TIE_BOUND = {"float32": 1e-4, "bfloat16": 0.2, "float16": 5e-2}
 # Batched vs single: rel L2 of the log-probabilities (same kernels, padded shapes).
 BATCH_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
+# --kv-bits: 8-bit keys and values in groups of 32 (MLX's smallest group) against the
+# full-precision decode of the same tokens, rel L2 of each step's logits. Correct ports
+# measure 3.9e-3 (qwen3), 1.1e-2 (olmo2), 1.7e-2 (llama), 2.7e-2 (mistral) over 15 steps
+# on their head-dim variants; a port whose attention mishandles the quantized cache
+# raises or moves the logits by order 1.
+KV_BITS = 8
+KV_GROUP = 32
+KV_QUANT_TOLERANCE = 1e-1
 
 
 @dataclass
@@ -95,13 +109,19 @@ def hf_decode(model: Any, prompt: np.ndarray, forced: list[int]) -> Decode:
     import torch
 
     keyword = compat.hf_cache_keyword(model)
+    # each step's position said explicitly: without it some models ask the cache
+    # (granitemoehybrid's get_seq_length raises on a cache of linear-attention layers only)
+    positions = compat.hf_forward_has(model, "position_ids")
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(prompt), use_cache=True)
         cache = compat.hf_returned_cache(out, keyword)
         prompt_logits = out.logits[0].float().numpy().copy()
         steps_out = [prompt_logits[-1]]
-        for token in forced:
-            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache})
+        for step, token in enumerate(forced):
+            extra = ({"position_ids": torch.tensor([[prompt.shape[1] + step]])}
+                     if positions else {})
+            out = model(input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: cache},
+                        **extra)
             cache = compat.hf_returned_cache(out, keyword)
             steps_out.append(out.logits[0, -1].float().numpy().copy())
     logits = np.stack(steps_out)
@@ -143,9 +163,65 @@ def _error(subject: Subject, part: str, what: str, e: Exception) -> CheckResult:
                           f"{describe_import_error(e)}", details={"part": part})
 
 
+def kv_quantized_result(subject: Subject) -> CheckResult:
+    """Decoding with the KV caches quantized after the prompt (`--kv-bits 8`) against
+    the same decode in full precision."""
+    import mlx.core as mx
+
+    start = time.perf_counter()
+    details: dict[str, Any] = {"part": "kv-quantized", "bits": KV_BITS, "group_size": KV_GROUP}
+    model = subject.mlx_model
+    caches = compat.mlx_make_prompt_cache(model)
+    if not any(hasattr(c, "to_quantized") for c in caches):
+        return subject.result(CHECK, verdict="skip", details=details,
+                              summary="kv-quantized: measured nothing: no cache of this model "
+                                      "converts to a QuantizedKVCache")
+    logits = model(mx.array(subject.ids), cache=caches)
+    mx.eval(logits)
+    # the width quantized: the last axis of the keys each cache holds after the prompt
+    head_dims = sorted({int(c.keys.shape[-1]) for c in caches if hasattr(c, "to_quantized")
+                        and getattr(c, "keys", None) is not None})
+    odd = [d for d in head_dims if d % KV_GROUP]
+    if odd or not head_dims:
+        return subject.result(CHECK, verdict="skip", details=details,
+                              summary=f"kv-quantized: not measurable on this variant: cached "
+                                      f"key width {odd or 'unknown'} is not a multiple of MLX's "
+                                      f"smallest quantization group ({KV_GROUP})")
+    full = mlx_decode(model, subject.ids, DECODE_STEPS)
+    quantize = compat.mlx_lm_callable("mlx_lm.generate", "maybe_quantize_kv_cache",
+                                      ("prompt_cache", "quantized_kv_start", "kv_group_size",
+                                       "kv_bits"))
+    quantize(caches, 0, KV_GROUP, KV_BITS)
+    details["caches"] = _mlx_cache_types(caches)
+    if not any(type(c).__name__ == "QuantizedKVCache" for c in caches):
+        return subject.result(CHECK, verdict="skip", details=details,
+                              summary="kv-quantized: measured nothing: maybe_quantize_kv_cache "
+                                      "converted no cache")
+    steps = []
+    for token in full.tokens[:-1]:
+        out = model(mx.array([[token]]), cache=caches).astype(mx.float32)
+        steps.append(np.array(out[0, -1]))
+    rels = [_rel(step, full.step_logits[k + 1]) for k, step in enumerate(steps)]
+    worst = int(np.argmax(rels))
+    ok = rels[worst] <= KV_QUANT_TOLERANCE
+    details["step_rel_l2"] = [float(f"{r:.3g}") for r in rels]
+    return subject.result(
+        CHECK, verdict="pass" if ok else "fail", details=details,
+        duration_s=time.perf_counter() - start,
+        metrics={"max_rel_l2": rels[worst], "tolerance": KV_QUANT_TOLERANCE,
+                 "worst_step": worst + 1, "head_dim": head_dims[-1]},
+        summary=f"kv-quantized: {len(rels)} decode steps with {KV_BITS}-bit KV caches (group "
+                f"{KV_GROUP}) {'within' if ok else 'beyond'} the full-precision decode: max "
+                f"rel_l2 {rels[worst]:.2e} {'<=' if ok else '>'} {KV_QUANT_TOLERANCE:.0e} "
+                f"(step {worst + 1})")
+
+
 def run(subject: Subject) -> list[CheckResult]:
     from . import hf_side, mlx_side
 
+    if subject.variant.name != "default":
+        # head-dim variant: wide enough heads for the quantized KV cache (see above)
+        return [_guarded_kv_quantized(subject)]
     start = time.perf_counter()
     prompt = subject.ids
     try:
@@ -153,7 +229,7 @@ def run(subject: Subject) -> list[CheckResult]:
     except Exception as e:
         failed = _error(subject, "greedy", "MLX decoding with make_prompt_cache", e)
         return [failed, _error(subject, "kv-cache", "MLX decoding with make_prompt_cache", e),
-                batch_result(subject)]
+                batch_result(subject), _guarded_kv_quantized(subject)]
     try:
         forced = mlx_run.tokens[:-1]
         hf_run = hf_side.memo("hf_decode", subject.hf_model, (prompt, forced),
@@ -177,7 +253,32 @@ def run(subject: Subject) -> list[CheckResult]:
     for result in results:
         result.duration_s = time.perf_counter() - start
     results.append(batch_result(subject))
+    results.append(_guarded_kv_quantized(subject))
     return results
+
+
+def _guarded_kv_quantized(subject: Subject) -> CheckResult:
+    try:
+        return kv_quantized_result(subject)
+    except NotImplementedError as e:
+        # mlx-lm's own cache says it cannot (RotatingKVCache.to_quantized): --kv-bits is
+        # not supported for this model, in mlx-lm itself
+        from .mlx_side import describe_import_error
+
+        return subject.result(CHECK, verdict="skip", details={"part": "kv-quantized"},
+                              summary=f"kv-quantized: not supported by mlx-lm for this model: "
+                                      f"{describe_import_error(e)}")
+    except Exception as e:
+        from .engine import raised_in
+        from .mlx_side import describe_import_error
+
+        if raised_in(e) == "mlx-lm":
+            # the port's attention raises on mlx-lm's own quantized cache
+            return subject.result(CHECK, verdict="fail", details={"part": "kv-quantized",
+                                                                  "side": "mlx-lm"},
+                                  summary=f"kv-quantized: mlx-lm raises decoding with "
+                                          f"{KV_BITS}-bit KV caches: {describe_import_error(e)}")
+        return _error(subject, "kv-quantized", "decoding with quantized KV caches", e)
 
 
 def reference_decoding_problem(subject: Subject, hf_run: Decode,

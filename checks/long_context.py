@@ -107,6 +107,11 @@ def run(subject: Subject) -> list[CheckResult]:
     tol = LONG_TOLERANCE[subject.dtype]
     window_sizes = windows(subject.config)
     planned = sequence_length(window_sizes)
+    text = layers.decoder_config(subject.config)
+    max_pos = text.get("max_position_embeddings") or text.get("n_positions")
+    if isinstance(max_pos, int) and 0 < max_pos < planned:
+        # no longer than the model's positions: a learned table (gpt2) has no row beyond
+        planned = max_pos
     vocab = int(subject.hf_model.config.get_text_config().vocab_size or synth.VOCAB)
     length, probe_s, projected_s = affordable_length(subject, planned, vocab)
     ids = synth.token_ids(vocab, length, subject.seed + 1)

@@ -205,7 +205,10 @@ def mlx_rotations(model: Any, head_dim: int,
                     None)
         if rope is None:
             continue
-        dims = head_dim
+        # a layer with its own head width (gemma4's global layers: global_head_dim)
+        own = next((m.head_dim for _, m in layer.named_modules()
+                    if isinstance(getattr(m, "head_dim", None), int)), None)
+        dims = own or head_dim
         eye = mx.eye(dims).reshape(dims, 1, 1, dims)  # batch of one-hot vectors
         try:
             rotated = rope(eye, offset=offset)

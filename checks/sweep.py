@@ -96,7 +96,13 @@ def run_one(context: multiprocessing.context.BaseContext, main: CliMain, model_t
         row["error"] = lines[-1] if code == 2 and lines else why
         results_file.unlink(missing_ok=True)
     else:
-        row["verdict"] = Results.model_validate_json(results_file.read_text()).verdict
+        results = Results.model_validate_json(results_file.read_text())
+        verdicts = [c.verdict for report in results.reports for c in report.checks]
+        # A measured disagreement is the model's verdict even where another row could
+        # not be measured; those rows are counted beside it, never dropped.
+        row["verdict"] = "fail" if "fail" in verdicts else results.verdict
+        if verdicts.count("error"):
+            row["error_rows"] = verdicts.count("error")
     return row
 
 
@@ -121,7 +127,9 @@ def summary(rows: list[dict[str, Any]], matrix: dict[str, dict[str, str]],
     for row in sorted(rows, key=lambda r: r["model_type"]):
         verdicts = matrix.get(row["model_type"], {})
         cells = [verdicts.get(c, "–") for c in checks]
-        lines.append(f"| {row['model_type']} | {row['verdict']} | " + " | ".join(cells)
+        verdict = row["verdict"] + (f" (+{row['error_rows']} error rows)"
+                                    if row.get("error_rows") and row["verdict"] != "error" else "")
+        lines.append(f"| {row['model_type']} | {verdict} | " + " | ".join(cells)
                      + f" | {row['seconds']} |")
     errors = [r for r in rows if "error" in r]  # could not run at all (exit 2, timeout)
     if errors:

@@ -89,10 +89,81 @@ def default_config(model_type: str) -> dict[str, Any]:
     return out
 
 
-def _causal_lm_class(model_type: str) -> str | None:
-    from .compat import hf_causal_lm_class_name
+def complete_default_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """transformers' default config with the keys of `_default_completions` filled in,
+    and what was filled: key -> {"value", "source"}."""
+    out = copy.deepcopy(config)
+    done: dict[str, Any] = {}
+    for key, (value, source) in _default_completions(out).items():
+        if out.get(key) is None or isinstance(value, dict):  # dicts: completed inside
+            out[key] = value
+            done[key] = {"value": value, "source": source}
+    return out, done
 
-    return hf_causal_lm_class_name(model_type)
+
+# Keys transformers' default config leaves out (or None) that every real checkpoint of
+# the architecture carries, and without which one side cannot build the model: key ->
+# (value, where the value comes from). Applied to transformers' default config only,
+# where the key is absent or None; the variant lists each completion (`completions`).
+def _default_completions(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    model_type = config.get("model_type")
+    layers = config.get("num_hidden_layers")
+    if model_type == "dbrx":
+        attn = dict(config.get("attn_config") or {})
+        if attn.get("clip_qkv") is not None:
+            return {}
+        attn["clip_qkv"] = 8
+        return {"attn_config": (attn, "attn_config.clip_qkv 8, from the config.json of "
+                                      "databricks/dbrx-base and dbrx-instruct; transformers' "
+                                      "default None makes both sides clamp with no bound")}
+    if model_type == "lfm2_moe" and isinstance(layers, int):
+        pattern = ["conv", "conv", "full_attention"]
+        return {"layer_types": ([pattern[i % 3] for i in range(layers)],
+                                "chosen by mlx-verify (conv, conv, full_attention repeated) so "
+                                "both layer kinds run: transformers' default has no layer_types "
+                                "and its own model cannot be built without them "
+                                "(modeling_lfm2_moe indexes config.layer_types)")}
+    if model_type == "longcat_flash":
+        return {"attention_method": ("MLA", "the one attention transformers' "
+                                            "modeling_longcat_flash implements"),
+                "zero_expert_type": ("identity", "transformers' modeling_longcat_flash: zero "
+                                                 "experts return their input"),
+                "mla_scale_q_lora": (True, "transformers' modeling_longcat_flash always scales "
+                                           "q by (hidden_size / q_lora_rank) ** 0.5"),
+                "mla_scale_kv_lora": (True, "transformers' modeling_longcat_flash always scales "
+                                            "k by (hidden_size / kv_lora_rank) ** 0.5")}
+    if model_type == "exaone_moe" and isinstance(config.get("mlp_layer_types"), list):
+        return {"is_moe_layer": ([t == "sparse" for t in config["mlp_layer_types"]],
+                                 "transformers' mlp_layer_types (sparse -> true), which "
+                                 "ExaoneMoeConfig computes from first_k_dense_replace")}
+    if model_type == "minimax":
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        head_dim = config.get("head_dim") or (hidden // heads if hidden and heads else None)
+        factor = config.get("partial_rotary_factor") or 1.0
+        out = {"shared_intermediate_size": (0, "transformers' modeling_minimax has no shared "
+                                               "expert (mlx-lm declares the key, never uses "
+                                               "it)")}
+        if isinstance(head_dim, int):
+            out["rotary_dim"] = (int(head_dim * factor),
+                                 "head_dim x partial_rotary_factor (None: 1.0), the dims "
+                                 "transformers' MiniMax rotary embedding covers")
+        return out
+    if model_type == "solar_open":
+        params = config.get("rope_parameters") or {}
+        return {"first_k_dense_replace": (0, "transformers' modeling_solar_open: every "
+                                             "decoder layer is a SolarOpenMoE"),
+                "partial_rotary_factor": (params.get("partial_rotary_factor", 1.0),
+                                          "transformers' modeling_solar_open reads it from "
+                                          "rope_parameters, 1.0 when absent"),
+                "intermediate_size": (config.get("moe_intermediate_size"),
+                                      "unused (no dense layer); moe_intermediate_size")}
+    return {}
+
+
+def _causal_lm_class(model_type: str) -> str | None:
+    from .compat import hf_model_class_name
+
+    return hf_model_class_name(model_type)
 
 
 # Legacy names of RoPE keys that transformers 5 still reads (it pops them while
@@ -184,6 +255,15 @@ def to_legacy_format(config: dict[str, Any]) -> dict[str, Any]:
             # gemma3-style local RoPE base
             out["rope_local_base_freq"] = local.get("rope_theta")
     return hub_key_names(out)
+
+
+def text_config_to_legacy(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The config with its text_config's RoPE in the legacy format too (a multimodal
+    config keeps its RoPE there), None when the text config has no rope_parameters."""
+    text = config.get("text_config")
+    if not (isinstance(text, dict) and "rope_parameters" in text):
+        return None
+    return {**copy.deepcopy(config), "text_config": to_legacy_format(text)}
 
 
 def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
@@ -457,13 +537,13 @@ def _cannot_build(config: dict[str, Any]) -> bool:
     """transformers fails to build a (meta-device) model from this config: None used as a
     number."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     data = {k: v for k, v in config.items() if k != "model_type"}
     try:
         hf_config = AutoConfig.for_model(config.get("model_type", ""), **data)
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(hf_config)
+            compat.hf_auto_model(config.get("model_type", "")).from_config(hf_config)
     except TypeError:
         return True
     except Exception:
@@ -752,7 +832,7 @@ def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") 
         return target
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -765,7 +845,8 @@ def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") 
         raise SynthError(f"transformers rejects the config: {_one_line(e)}") from e
     torch.manual_seed(seed)
     try:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+        model = compat.hf_auto_model(hf_config.model_type).from_config(
+            hf_config, dtype=torch.float32)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SynthError(f"transformers cannot build the model: {_one_line(e)}") from e
@@ -777,6 +858,30 @@ def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") 
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     gen_config = tmp / "generation_config.json"
     gen_config.unlink(missing_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def without_key_prefix(checkpoint: Path, prefix: str) -> Path | None:
+    """A copy of a checkpoint whose tensor names lose `prefix` (the base model's naming:
+    what a checkpoint saved from the base model class carries), None when no name has
+    it. Cached next to the checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    target = checkpoint.with_name(checkpoint.name + "-base-names")
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    tensors = {name: t for f in files for name, t in load_file(f).items()}
+    if not any(name.startswith(prefix) for name in tensors):
+        return None
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(checkpoint / "config.json", tmp / "config.json")
+    save_file({name.removeprefix(prefix): t for name, t in tensors.items()},
+              str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target

@@ -57,15 +57,25 @@ def test_syntax_error_in_model_file_names_the_file(cache_dir: Path, tmp_path: Pa
     assert_cannot_run(run, "SyntaxError", str(tree / "mlx_lm" / "models" / "llama.py"))
 
 
-def test_config_missing_required_keys(cache_dir: Path, tmp_path: Path) -> None:
+def test_config_missing_required_keys_is_an_mlx_finding(cache_dir: Path, tmp_path: Path) -> None:
     # transformers fills hidden_size and num_attention_heads with defaults; mlx-lm's
-    # ModelArgs requires them: refused before any checkpoint is synthesized
+    # ModelArgs requires them: a measured disagreement on the mlx-lm side, found before
+    # any checkpoint is synthesized
     config = write_json(tmp_path / "config.json", {
         "model_type": "llama", "num_hidden_layers": 2, "intermediate_size": 128,
         "vocab_size": 512, "rms_norm_eps": 1e-6,
     })
-    run = run_cli(["check", "llama", "--config", str(config)], cache_dir, tmp_path / "out.json")
-    assert_cannot_run(run, str(config), "hidden_size", "num_attention_heads")
+    run = run_cli(["check", "llama", "--config", str(config), "--checks", "layers,dtype"],
+                  cache_dir, tmp_path / "out.json")
+    assert run.returncode == 1, run.stderr
+    rows = run.report("llama")["checks"]
+    load = [c for c in rows if c["check"] == "layers" and c["variant"] == "default"]
+    assert len(load) == 1 and load[0]["verdict"] == "fail", load
+    assert load[0]["details"]["side"] == "mlx-lm" and load[0]["first_divergent_layer"] == "config"
+    assert "hidden_size" in load[0]["summary"] and "num_attention_heads" in load[0]["summary"]
+    dtype = [c for c in rows if c["check"] == "dtype"]
+    assert [c["verdict"] for c in dtype] == ["skip"]
+    assert dtype[0]["summary"] == "not run: mlx-lm cannot read its config"
 
 
 def test_config_file_that_does_not_exist(cache_dir: Path, tmp_path: Path) -> None:
@@ -128,10 +138,14 @@ def test_port_crashing_while_building_the_model_is_a_finding(cache_dir: Path,
     assert "exaone4.py:" in check["summary"]
 
 
-def test_model_file_calling_sys_exit_on_import_is_a_clear_error(cache_dir: Path) -> None:
-    # released olmo.py calls sys.exit(1) when the ai2-olmo package is missing
-    run = run_cli(["check", "olmo", "--checks", "layers", "--variants", "default"], cache_dir)
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and "SystemExit" in lines[0] and "olmo.py:" in lines[0]
+def test_model_file_calling_sys_exit_on_import_is_an_mlx_finding(cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    # released olmo.py calls sys.exit(1) when the ai2-olmo package is missing, a package
+    # transformers does not need for olmo: mlx-lm cannot run a model transformers runs
+    run = run_cli(["check", "olmo", "--checks", "layers", "--variants", "default"], cache_dir,
+                  tmp_path / "out.json")
+    assert run.returncode == 1, run.stderr
+    check = run.layers_check("olmo")
+    assert check["verdict"] == "fail" and check["details"]["side"] == "mlx-lm"
+    assert "SystemExit" in check["summary"] and "olmo.py:" in check["summary"]
     assert "Traceback" not in run.stderr

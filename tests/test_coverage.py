@@ -1,0 +1,138 @@
+"""Coverage: one finding does not hide the rest, and architectures that did not run now
+give a measured verdict.
+
+- A bug behind a load finding: released gpt2.py does not load the checkpoint names
+  transformers saves (`transformer.h.0...`); the checks still run on the base-model
+  naming mlx-lm reads, so a bug injected into the port is found behind the finding.
+- A multimodal model_type without a causal LM in transformers (llava) runs through
+  transformers' image-text model on text only; a bug injected into the text model's
+  mlx-lm file (llama.py) is found there.
+- A variant config mlx-lm cannot read is a fail on the mlx-lm side; a check that
+  raises inside mlx-lm's code is a fail on the mlx-lm side; transformers' default
+  config completed with a key real checkpoints carry says where the value came from.
+- The quantized KV cache (`--kv-bits`): a bug in mlx-lm's quantized attention is found
+  by the generation check's kv-quantized part and by nothing else.
+
+Each case runs the unedited tree too: the edited tree's failure is the edit's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Edit, copy_mlx_lm, run_cli
+
+GPT2_EXACT_GELU = Edit("models/gpt2.py", "return self.c_proj(nn.gelu_approx(self.c_fc(x)))",
+                       "return self.c_proj(nn.gelu(self.c_fc(x)))")
+LLAMA_ROPE_FLIPPED = Edit("models/llama.py", "            args.rope_traditional,\n",
+                          "            not args.rope_traditional,\n")
+
+
+def rows(run: Any, model_type: str, check: str = "layers",
+         variant: str = "default") -> list[dict[str, Any]]:
+    return [c for c in run.report(model_type)["checks"]
+            if c["check"] == check and c["variant"] == variant]
+
+
+def test_bugs_behind_a_load_finding_and_in_a_multimodal_text_model(cache_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    args = ["check", "gpt2", "llava", "--checks", "layers,weights", "--variants", "default"]
+    clean = run_cli(args, cache_dir, tmp_path / "clean.json")
+    assert clean.returncode == 1, clean.stderr  # gpt2's released load finding
+    load, behind = rows(clean, "gpt2")
+    assert load["verdict"] == "fail" and load["first_divergent_layer"] == "load"
+    assert "model.h.0.attn.c_attn.bias" in load["weights"]["missing"]
+    assert behind["verdict"] == "pass", behind["summary"]
+    assert "'transformer.'" in behind["details"]["loaded_behind_load_finding"]
+    weights = rows(clean, "gpt2", "weights")
+    assert [w["verdict"] for w in weights] == ["pass"], weights
+    [llava] = rows(clean, "llava")
+    assert llava["verdict"] == "pass", llava["summary"]
+    assert len(llava["layers"]) >= 3  # stages measured, not a skip
+    assert clean.report("llava")["variants"][0]["config"]["model_type"] == "llava"
+
+    tree = copy_mlx_lm(tmp_path / "tree", [GPT2_EXACT_GELU, LLAMA_ROPE_FLIPPED])
+    buggy = run_cli([*args, "--mlx-lm", str(tree)], cache_dir, tmp_path / "buggy.json")
+    assert buggy.returncode == 1, buggy.stderr
+    load, behind = rows(buggy, "gpt2")
+    assert load["verdict"] == "fail" and load["first_divergent_layer"] == "load"
+    assert behind["verdict"] == "fail", behind["summary"]
+    assert behind["localization"]["part"] == "mlp", behind["localization"]
+    [llava] = rows(buggy, "llava")
+    assert llava["verdict"] == "fail" and llava["localization"]["part"] == "attention", llava
+
+
+def test_unreadable_variant_config_crash_and_completed_default(cache_dir: Path,
+                                                              tmp_path: Path) -> None:
+    run = run_cli(["check", "helium", "exaone", "dbrx", "--checks", "layers",
+                   "--variants", "default,config-format-rope_parameters,head-dim"],
+                  cache_dir, tmp_path / "out.json")
+    assert run.returncode == 1, run.stderr
+    # helium's ModelArgs requires rope_theta: the transformers 5 format has none
+    [helium] = rows(run, "helium", variant="config-format-rope_parameters")
+    assert helium["verdict"] == "fail" and helium["details"]["side"] == "mlx-lm"
+    assert helium["first_divergent_layer"] == "config" and "rope_theta" in helium["summary"]
+    assert [c["verdict"] for c in rows(run, "helium")] == ["pass"]
+    # released exaone.py ignores head_dim and raises in a reshape: the port's crash
+    [exaone] = rows(run, "exaone", variant="head-dim")
+    assert exaone["verdict"] == "fail" and exaone["details"]["side"] == "mlx-lm", exaone
+    assert "exaone.py:" in exaone["summary"]
+    # transformers' dbrx default has clip_qkv None (both sides crash): completed, said where
+    [dbrx] = rows(run, "dbrx")
+    assert dbrx["verdict"] == "pass", dbrx["summary"]
+    variant = next(v for v in run.report("dbrx")["variants"] if v["name"] == "default")
+    completed = variant["overrides"]["completed"]["attn_config"]
+    assert completed["value"]["clip_qkv"] == 8 and "dbrx-instruct" in completed["source"]
+    assert "clip_qkv" in variant["description"]
+
+
+QUANTIZED_ATTENTION_UNSCALED = Edit(
+    "models/base.py",
+    "    queries *= scale\n\n    if n_repeats > 1:\n"
+    "        queries = mx.reshape(queries, (B, n_kv_heads, n_repeats, L, D))",
+    "    if n_repeats > 1:\n"
+    "        queries = mx.reshape(queries, (B, n_kv_heads, n_repeats, L, D))")
+
+
+def kv_quantized(run: Any, model_type: str, variant: str) -> dict[str, Any]:
+    [row] = [c for c in rows(run, model_type, "generation", variant)
+             if c["details"].get("part") == "kv-quantized"]
+    return row
+
+
+def test_quantized_kv_cache_path_is_exercised(cache_dir: Path, tmp_path: Path) -> None:
+    # --kv-bits: the head-dim variant (head_dim 32) is wide enough for MLX's groups of
+    # 32; the default's head_dim 16 is not, and says so
+    args = ["check", "llama", "--checks", "generation", "--variants", "default,head-dim"]
+    clean = run_cli(args, cache_dir, tmp_path / "clean.json")
+    assert clean.returncode == 0, clean.stderr
+    row = kv_quantized(clean, "llama", "head-dim")
+    assert row["verdict"] == "pass" and 0 < row["metrics"]["max_rel_l2"] < 0.1, row
+    assert "QuantizedKVCache" in row["details"]["caches"]
+    skipped = kv_quantized(clean, "llama", "default")
+    assert skipped["verdict"] == "skip" and "[16]" in skipped["summary"]
+    # the scale dropped in mlx-lm's quantized attention (base.py): only this part sees it
+    tree = copy_mlx_lm(tmp_path / "tree", [QUANTIZED_ATTENTION_UNSCALED])
+    buggy = run_cli([*args, "--mlx-lm", str(tree)], cache_dir, tmp_path / "buggy.json")
+    assert buggy.returncode == 1, buggy.stderr
+    row = kv_quantized(buggy, "llama", "head-dim")
+    assert row["verdict"] == "fail" and row["metrics"]["max_rel_l2"] > 0.1, row
+    others = [c for c in buggy.report("llama")["checks"]
+              if c["details"].get("part") != "kv-quantized"]
+    assert others and all(c["verdict"] == "pass" for c in others), others
+
+
+def test_config_broken_for_transformers_too_blames_transformers(cache_dir: Path,
+                                                                tmp_path: Path) -> None:
+    # lfm2_moe without layer_types: transformers' own modeling indexes them (its default
+    # config has none), and mlx-lm cannot read the config either: not an mlx-lm finding
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "lfm2_moe", "num_hidden_layers": 2}))
+    run = run_cli(["check", "lfm2_moe", "--config", str(config), "--checks", "layers"],
+                  cache_dir, tmp_path / "out.json")
+    assert run.returncode == 1, run.stderr
+    [row] = rows(run, "lfm2_moe")
+    assert row["verdict"] == "error" and row["details"]["side"] == "transformers", row
+    assert "transformers cannot build its own model" in row["summary"]
