@@ -148,6 +148,11 @@ def _default_completions(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
                                  "head_dim x partial_rotary_factor (None: 1.0), the dims "
                                  "transformers' MiniMax rotary embedding covers")
         return out
+    if model_type == "gpt_bigcode" and isinstance(config.get("n_embd"), int):
+        return {"n_inner": (4 * config["n_embd"],
+                            "4 x n_embd: what transformers' GPTBigCodeMLP uses when n_inner is "
+                            "None, and what bigcode/starcoder and santacoder's config.json "
+                            "carry; mlx-lm builds its MLP from n_inner")}
     if model_type == "solar_open":
         params = config.get("rope_parameters") or {}
         return {"first_k_dense_replace": (0, "transformers' modeling_solar_open: every "

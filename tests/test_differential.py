@@ -207,3 +207,34 @@ def test_one_cause_across_architectures_is_reported_once(tmp_path: Path,
             "model_types: llama, mistral, qwen2, starcoder2") in lines
     assert not [line for line in lines if "[systemic]" in line]  # not once per type
     assert [line for line in lines if line.startswith("✗ starcoder2 layers  default config")]
+
+
+def test_bugs_behind_a_load_finding_and_behind_a_crash(tmp_path: Path, base_tree: Path,
+                                                       cache_dir: Path) -> None:
+    """gpt2's released load finding (transformers' checkpoint names) and gemma2's batch
+    generation crash stay unchanged; the bugs behind them are new: gpt2's MLP measured on
+    the checkpoint mlx-lm does load, gemma2's dropped final softcap in the generation
+    rows that still run beside the crash."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/gpt2.py", "return self.c_proj(nn.gelu_approx(self.c_fc(x)))",
+             "return self.c_proj(nn.gelu(self.c_fc(x)))"),
+        Edit("models/gemma2.py",
+             "        out = mx.tanh(out / self.final_logit_softcapping)\n"
+             "        out = out * self.final_logit_softcapping\n", ""),
+    ])
+    run = run_cli(["check", "gpt2", "gemma2", "--checks", "layers,generation",
+                   "--variants", "default", "--mlx-lm", str(tree), "--base", str(base_tree)],
+                  cache_dir, tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    rows = [r for r in run.results["differential"] if r["model_type"] == "gpt2"
+            and r["check"] == "layers"]
+    load = [r for r in rows if r["verdict"] == "fail" and not r["stages"]]
+    behind = [r for r in rows if r["stages"]]
+    assert load and all(r["change"] == "unchanged" for r in load), rows
+    assert behind and behind[0]["change"] == "new", rows
+    assert behind[0]["first_changed_stage"] == "layers.0"
+    gen = {r["part"]: r for r in run.results["differential"]
+           if r["model_type"] == "gemma2" and r["check"] == "generation"}
+    assert gen["batch"]["verdict"] == gen["batch"]["base_verdict"] == "fail"
+    assert gen["batch"]["change"] == "unchanged", gen["batch"]
+    assert gen["kv-cache"]["change"] == "new", gen["kv-cache"]
