@@ -118,8 +118,36 @@ def checks_matrix(out_dir: Path, model_types: list[str]) -> dict[str, dict[str, 
     return matrix
 
 
+def reach_lines(out_dir: Path, model_types: list[str]) -> list[str]:
+    """Findings by reach over the whole sweep: how many model_types fail on transformers'
+    default config itself, and each systemic cause once, with its architectures (each
+    model_type ran in a process of its own, so only here are they seen together)."""
+    from .engine import mark_systemic
+
+    reports = []
+    for model_type in model_types:
+        file = out_dir / f"{model_type}.json"
+        if file.exists():
+            reports.extend(Results.model_validate_json(file.read_text()).reports)
+    systemic = mark_systemic(reports)
+    on_config = sorted({r.model_type for r in reports if r.error or any(
+        c.verdict in ("fail", "error") and c.reach in ("config", None) for c in r.checks)})
+    latent_only = sorted({r.model_type for r in reports if r.model_type not in on_config
+                          and any(c.verdict in ("fail", "error") for c in r.checks)})
+    lines = ["", "## Findings by reach", "",
+             f"- on the config under test (transformers' default): {len(on_config)} "
+             "model_types",
+             f"- on latent variants or keys only: {len(latent_only)} model_types"
+             + (f" ({', '.join(latent_only)})" if latent_only else "")]
+    for (check, variant), types in sorted(systemic.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"- systemic: {check} on variant {variant} fails in {len(types)} "
+                     f"model_types: {', '.join(types)}")
+    return lines
+
+
 def summary(rows: list[dict[str, Any]], matrix: dict[str, dict[str, str]],
-            previous: dict[str, dict[str, str]] | None, header: str) -> str:
+            previous: dict[str, dict[str, str]] | None, header: str,
+            by_reach: list[str] | None = None) -> str:
     checks = sorted({c for verdicts in matrix.values() for c in verdicts})
     lines = ["# mlx-verify sweep", "", header, "",
              "| model_type | verdict | " + " | ".join(checks) + " | seconds |",
@@ -131,6 +159,7 @@ def summary(rows: list[dict[str, Any]], matrix: dict[str, dict[str, str]],
                                     if row.get("error_rows") and row["verdict"] != "error" else "")
         lines.append(f"| {row['model_type']} | {verdict} | " + " | ".join(cells)
                      + f" | {row['seconds']} |")
+    lines += by_reach or []
     errors = [r for r in rows if "error" in r]  # could not run at all (exit 2, timeout)
     if errors:
         lines += ["", "## Could not run", ""]
@@ -198,5 +227,6 @@ def sweep(main: CliMain, model_types: list[str], out_dir: Path, options: list[st
               f"mlx {fingerprint.get('mlx', '?')}, torch {fingerprint.get('torch', '?')}, "
               f"options `{' '.join(options) or '(defaults)'}`; {len(rows)} model_types")
     summary_file = out_dir / "summary.md"
-    summary_file.write_text(summary(rows, checks_matrix(out_dir, model_types), previous, header))
+    summary_file.write_text(summary(rows, checks_matrix(out_dir, model_types), previous, header,
+                                    reach_lines(out_dir, model_types)))
     return rows, summary_file
