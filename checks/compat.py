@@ -277,6 +277,16 @@ def mlx_args_fields(args_class: Any) -> set[str]:
     return set(_parameters(args_class))
 
 
+def mlx_args_defaults(args_class: Any) -> dict[str, Any]:
+    """The defaults a ModelArgs class declares, where it declares one (a dataclass field
+    or an __init__ keyword)."""
+    if dataclasses.is_dataclass(args_class):
+        return {f.name: f.default for f in dataclasses.fields(args_class)
+                if f.default is not dataclasses.MISSING}
+    return {name: param.default for name, param in _parameters(args_class).items()
+            if param.default is not inspect.Parameter.empty}
+
+
 def mlx_load_config(checkpoint: Path) -> dict[str, Any]:
     from mlx_lm.utils import load_config
 

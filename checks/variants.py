@@ -14,6 +14,8 @@ Which variants an architecture gets:
   declares sliding_window or the source config sets one.
 - softcap: active softcaps lowered so they engage strongly, where the config has them.
 - eps: large, distinct norm epsilons, so a hard-coded or swapped eps shows.
+- feature-switches: features transformers' default config leaves off and the port's own
+  ModelArgs defaults turn on (booleans, and layer counts such as num_kv_shared_layers).
 - config-format-*: the same config in the other format (transformers 5 `rope_parameters`
   vs top-level rope_theta/rope_scaling), with a non-default base so a dropped base shows.
 """
@@ -198,6 +200,13 @@ def bug_finding_variants(model_type: str, default: Variant,
         add("eps", "large, distinct norm epsilons: " +
             ", ".join(f"{k}={v}" for k, v in overrides.items()), new, overrides)
 
+    switches = feature_switches(config)
+    if switches:
+        new = {**copy.deepcopy(config), **switches}
+        add("feature-switches", "switched on as the port's own ModelArgs defaults have them "
+            "(its checkpoints' settings), off in transformers' default: " +
+            ", ".join(f"{k}={v}" for k, v in switches.items()), new, switches)
+
     if other_format is not None and _rope_base(other_format) is not None:
         theta = _alt_theta(other_format)
         new = _set_rope_base(other_format, theta)
@@ -206,6 +215,56 @@ def bug_finding_variants(model_type: str, default: Variant,
             f"the same config in the {other} format, RoPE base {theta:g}", new,
             {"format": other, "rope_theta": theta}, config_format=other)
     return out
+
+
+def feature_switches(config: dict[str, Any]) -> dict[str, Any]:
+    """Features transformers' default config leaves off that the port's ModelArgs turns on
+    by default (mlx-lm's defaults follow the checkpoints it was written for): a boolean
+    False here and True there, or a layer count 0 here and positive there (gemma4_text's
+    num_kv_shared_layers: 0 in transformers' default, 20 of 35 in mlx-lm's and in real
+    Gemma 4 checkpoints), scaled to the tiny layer count. Without them the code behind
+    those switches is never run."""
+    from .mlx_side import MlxLmError, model_classes
+
+    try:
+        _, args_class = model_classes(config)
+    except MlxLmError:
+        return {}
+    defaults = compat.mlx_args_defaults(args_class)
+    layers = config.get("num_hidden_layers")
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "tie_word_embeddings":
+            continue  # the tied-embeddings variant
+        port = defaults.get(key)
+        if value is False and port is True:
+            out[key] = True
+        elif (value == 0 and not isinstance(value, bool) and isinstance(port, int)
+              and not isinstance(port, bool) and port > 0 and key.endswith("_layers")
+              and isinstance(layers, int) and layers >= 2):
+            count = _shared_layer_count(config, layers)
+            types = config.get("layer_types")
+            if count is None and isinstance(types, list) and len(types) == layers:
+                # one period of the layer pattern has no earlier layer of the last one's
+                # type (gemma4: 5 sliding, 1 full): two periods, the second reusing
+                out.update(num_hidden_layers=2 * layers, layer_types=types * 2)
+                count = layers
+            if count:
+                out[key] = count
+    return out
+
+
+def _shared_layer_count(config: dict[str, Any], layers: int) -> int | None:
+    """The most of the last layers (at most half) that can reuse earlier ones: with a
+    layer_types list, the layers kept must include every type of those that reuse
+    (transformers refuses a KV-shared layer with no earlier layer of its type)."""
+    types = config.get("layer_types")
+    for count in range(max(1, layers // 2), 0, -1):
+        if not isinstance(types, list) or len(types) != layers:
+            return count
+        if set(types[layers - count:]) <= set(types[:layers - count]):
+            return count
+    return None
 
 
 def to_rope_parameters_format(config: dict[str, Any]) -> dict[str, Any] | None:

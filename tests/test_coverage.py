@@ -136,3 +136,30 @@ def test_config_broken_for_transformers_too_blames_transformers(cache_dir: Path,
     [row] = rows(run, "lfm2_moe")
     assert row["verdict"] == "error" and row["details"]["side"] == "transformers", row
     assert "transformers cannot build its own model" in row["summary"]
+
+
+def test_a_kv_sharing_bug_is_reached_by_the_feature_switches_variant(cache_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """transformers' gemma4_text default has num_kv_shared_layers 0; mlx-lm's ModelArgs
+    (and real Gemma 4 checkpoints) share KV across many layers. The feature-switches
+    variant turns it on, so a bug in the KV-shared layers (each takes the KV of the first
+    earlier layer of its type, not the last) fails there; the default cannot see it."""
+    from tests.conftest import run_cli
+
+    bug = Edit("models/gemma4_text.py",
+               "                kvs_by_type[self.layers[i].layer_type] = i\n",
+               "                kvs_by_type.setdefault(self.layers[i].layer_type, i)\n")
+    args = ["check", "gemma4_text", "--checks", "layers",
+            "--variants", "default,feature-switches"]
+    clean = run_cli(args, cache_dir, tmp_path / "clean.json")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    variants = {v["name"]: v for v in clean.report("gemma4_text")["variants"]}
+    assert variants["feature-switches"]["overrides"]["num_kv_shared_layers"] >= 1
+    ran = {c["variant"]: c for c in clean.report("gemma4_text")["checks"]}
+    assert ran["feature-switches"]["verdict"] == "pass", ran["feature-switches"]
+    tree = copy_mlx_lm(tmp_path / "tree", [bug])
+    buggy = run_cli([*args, "--mlx-lm", str(tree)], cache_dir, tmp_path / "buggy.json")
+    rows = {c["variant"]: c for c in buggy.report("gemma4_text")["checks"]}
+    assert rows["default"]["verdict"] == "pass"
+    assert rows["feature-switches"]["verdict"] == "fail", rows["feature-switches"]
+    assert rows["feature-switches"]["reach"] == "latent"
