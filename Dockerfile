@@ -13,6 +13,7 @@ RUN useradd --create-home verify
 WORKDIR /opt/mlx-verify
 COPY pyproject.toml README.md ./
 COPY constraints ./constraints
+COPY mlx_verify ./mlx_verify
 COPY checks ./checks
 COPY app ./app
 COPY workers ./workers

@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from checks import render as shared
-from checks.render import VERDICT_MARK, code, escape
-from checks.schema import CheckResult, Results, SourceLocation, combine_verdicts
+from mlx_verify.checks import render as shared
+from mlx_verify.checks.render import VERDICT_MARK, code, escape
+from mlx_verify.checks.schema import CheckResult, Results, SourceLocation, combine_verdicts
 
 MARKER = "<!-- mlx-verify:sticky -->"
 COMMENT_LIMIT = 65_536

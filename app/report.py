@@ -36,11 +36,18 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app import comment, github, store
-from app.commands import USAGE, Command, CommandError, VerifyRequest, find_command_line, parse
-from app.settings import AppSettings, connect_redis, load_app_settings
-from workers import planning
-from workers.jobs import (
+from mlx_verify.app import comment, github, store
+from mlx_verify.app.commands import (
+    USAGE,
+    Command,
+    CommandError,
+    VerifyRequest,
+    find_command_line,
+    parse,
+)
+from mlx_verify.app.settings import AppSettings, connect_redis, load_app_settings
+from mlx_verify.workers import planning
+from mlx_verify.workers.jobs import (
     REPORT_QUEUE,  # noqa: F401 (the queue this job runs on; callers read it here)
     JobSpecError,
     RequestSpec,
@@ -417,9 +424,9 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         max_model_types=settings.max_model_types,
     ).model_dump(mode="json")
     Queue(queue_name, connection=connection, serializer=JSONSerializer).enqueue(
-        "workers.verify.run_verify", spec, job_id=job_id, job_timeout=VERIFY_JOB_TIMEOUT,
+        "mlx_verify.workers.verify.run_verify", spec, job_id=job_id, job_timeout=VERIFY_JOB_TIMEOUT,
         retry=Retry(max=2, interval=[10, 60]), result_ttl=7 * 86400,
-        failure_ttl=30 * 86400, on_failure=Callback("workers.verify.on_verify_failure"),
+        failure_ttl=30 * 86400, on_failure=Callback("mlx_verify.workers.verify.on_verify_failure"),
         description=f"verify {repo}#{number} @ {sha[:12]}")
     store.record_job(connection, job_id, "queued")
     return f"enqueued {job_id}"

@@ -127,7 +127,7 @@ def create_app(settings: AppSettings, connection: redis.Redis,
         safe_delivery = "".join(c if c.isalnum() or c in "-_" else "_" for c in delivery)
         try:
             job = report_queue.enqueue(
-                "app.report.handle_event", event, delivery, payload,
+                "mlx_verify.app.report.handle_event", event, delivery, payload,
                 job_id=f"event-{safe_delivery}", retry=Retry(max=3, interval=[5, 30, 120]),
                 job_timeout=600, result_ttl=86400, failure_ttl=7 * 86400,
                 description=f"{event}.{payload.get('action')} {delivery}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.settings import (  # noqa: F401 (SettingsError, connect_redis: app's imports)
+from mlx_verify.workers.settings import (  # noqa: F401 (SettingsError, connect_redis: app's imports)
     SettingsError,
     connect_redis,
     env_value,

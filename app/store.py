@@ -39,7 +39,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, Field
 
-from checks.schema import Results, check_verdicts, combine_verdicts
+from mlx_verify.checks.schema import Results, check_verdicts, combine_verdicts
 
 from .settings import load_store_limits
 

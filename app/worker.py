@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workers.jobs import REPORT_QUEUE
-from workers.worker import serve
+from mlx_verify.workers.jobs import REPORT_QUEUE
+from mlx_verify.workers.worker import serve
 
 from .settings import SettingsError, connect_redis, load_app_settings
 

@@ -47,7 +47,7 @@ def check_times(json_path: str) -> dict[str, float]:
 
 def capture_overhead(model_type: str, repeat: int) -> tuple[float, float, float, float]:
     """(plain, captured) best times in ms for transformers and MLX."""
-    from checks import engine, hf_side, mlx_side, synth
+    from mlx_verify.checks import engine, hf_side, mlx_side, synth
 
     source, _ = engine.source_config(model_type, None)
     variant = engine.make_variants(source, from_file=False)[0]
@@ -102,7 +102,7 @@ def main() -> None:
             print(f"| {model_type} | {cold:.1f} | {warm:.1f} | {full_cold:.1f} | {full_warm:.1f} "
                   f"| {cells} |", flush=True)
         os.environ["MLX_VERIFY_CACHE"] = cache
-        from checks.mlx_side import use_mlx_lm
+        from mlx_verify.checks.mlx_side import use_mlx_lm
 
         use_mlx_lm(None)
         print()

@@ -34,9 +34,9 @@ from fastapi import FastAPI
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import store  # noqa: E402
-from app.dashboard import DashboardSettings, dashboard_router  # noqa: E402
-from checks.schema import Results  # noqa: E402
+from mlx_verify.app import store  # noqa: E402
+from mlx_verify.app.dashboard import DashboardSettings, dashboard_router  # noqa: E402
+from mlx_verify.checks.schema import Results  # noqa: E402
 
 REPOS = ("ml-explore/mlx-lm", "ml-explore/mlx-lm-fork", "someone/mlx-lm")
 RUNS_PER_PR = 5

@@ -15,9 +15,9 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from checks import dtypes, engine, quantize
-from checks.mlx_side import use_mlx_lm
-from checks.schema import CheckResult
+from mlx_verify.checks import dtypes, engine, quantize
+from mlx_verify.checks.mlx_side import use_mlx_lm
+from mlx_verify.checks.schema import CheckResult
 
 
 def dtype_row(r: CheckResult) -> dict[str, Any]:

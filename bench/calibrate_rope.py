@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from checks import engine, layers, rope  # noqa: E402
+from mlx_verify.checks import engine, layers, rope  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "configs"
 # (label, model_type, config file under tests/fixtures/configs or None, variants)

@@ -60,7 +60,7 @@ def fail(message: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app.server import serve
+    from mlx_verify.app.server import serve
 
     return serve(args)
 
@@ -69,9 +69,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # the report worker holds the App key (app/), runners must not import it (workers/)
     queues = args.queue if isinstance(args.queue, list) else [args.queue]
     if "report" in queues:
-        from app.worker import worker
+        from mlx_verify.app.worker import worker
     else:
-        from workers.worker import worker
+        from mlx_verify.workers.worker import worker
     return worker(args)
 
 
@@ -341,7 +341,7 @@ def run_in_environment_that_knows(model_types: list[str], argv: list[str]) -> in
         return fail(line)
     print(f"mlx-verify: {line}", file=sys.stderr, flush=True)
     env = {**os.environ, environments.CHOSEN_FLAG: chosen.python}
-    os.execve(chosen.python, [chosen.python, "-m", "checks.cli", *argv], env)
+    os.execve(chosen.python, [chosen.python, "-m", "mlx_verify.checks.cli", *argv], env)
     return None  # not reached
 
 
@@ -429,7 +429,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows, summary = sweeping.sweep(main, types, Path(args.out), options, args.jobs, fingerprint,
                                    Path(args.previous) if args.previous else None, Progress())
     if connection is not None:
-        from app import store
+        from mlx_verify.app import store
 
         store.import_sweep_dir(connection, Path(args.out))
     print(summary.read_text(), end="")

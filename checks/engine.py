@@ -188,14 +188,14 @@ Progress = Callable[[str], None]
 
 # check name -> module defining `run(subject) -> list[CheckResult]`
 CHECK_MODULES = {
-    "layers": "checks.layers",
-    "rope": "checks.rope",
-    "config": "checks.config_keys",
-    "weights": "checks.weights",
-    "dtype": "checks.dtypes",
-    "generation": "checks.generation",
-    "long": "checks.long_context",
-    "quantize": "checks.quantize",
+    "layers": "mlx_verify.checks.layers",
+    "rope": "mlx_verify.checks.rope",
+    "config": "mlx_verify.checks.config_keys",
+    "weights": "mlx_verify.checks.weights",
+    "dtype": "mlx_verify.checks.dtypes",
+    "generation": "mlx_verify.checks.generation",
+    "long": "mlx_verify.checks.long_context",
+    "quantize": "mlx_verify.checks.quantize",
 }
 ALL_CHECKS = tuple(CHECK_MODULES)
 

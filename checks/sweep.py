@@ -36,7 +36,7 @@ CliMain = Callable[[list[str]], int]  # `mlx-verify ARGV` -> exit code
 
 # Imported once in the forkserver; each model_type's process starts from there.
 PRELOAD = ["torch", "transformers", "mlx.core", "mlx.nn", "mlx_lm", "mlx_lm.utils",
-           "checks.cli", "checks.engine", *(f"checks.{m}" for m in (
+           *(f"mlx_verify.checks.{m}" for m in ("cli", "engine",
                "layers", "rope", "config_keys", "weights", "dtypes", "generation",
                "long_context", "quantize", "synth", "hf_side", "mlx_side"))]
 

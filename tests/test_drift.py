@@ -22,8 +22,8 @@ from tests.conftest import Edit, copy_mlx_lm, run_cli
 @pytest.fixture(scope="module")
 def llama(cache_dir: Path) -> Any:
     os.environ["MLX_VERIFY_CACHE"] = str(cache_dir)
-    from checks import engine
-    from checks.mlx_side import use_mlx_lm
+    from mlx_verify.checks import engine
+    from mlx_verify.checks.mlx_side import use_mlx_lm
 
     use_mlx_lm(None)
     return engine.load_subject("llama")
@@ -59,7 +59,7 @@ def by_part(results: list[Any]) -> dict[str, Any]:
 
 
 def test_a_cache_keyword_renamed_away_is_a_reference_error(llama: Any) -> None:
-    from checks import generation
+    from mlx_verify.checks import generation
 
     original = llama.hf_model.forward
 
@@ -77,7 +77,7 @@ def test_a_cache_keyword_renamed_away_is_a_reference_error(llama: Any) -> None:
 def test_a_swallowed_cache_keyword_is_caught_by_the_reference_self_check(llama: Any) -> None:
     """transformers 5.24: an unknown keyword vanishes into **kwargs and every decode step
     runs one token at position 0. The driver's keyword is in the signature, but ignored."""
-    from checks import generation
+    from mlx_verify.checks import generation
 
     original = llama.hf_model.forward
 
@@ -95,7 +95,7 @@ def test_a_swallowed_cache_keyword_is_caught_by_the_reference_self_check(llama: 
 
 
 def test_cos_and_sin_are_told_apart_by_value_not_order() -> None:
-    from checks import compat
+    from mlx_verify.checks import compat
 
     angles = np.array([0.0, 0.5, 0.25])
     cos, sin = np.cos(angles), np.sin(angles)
@@ -110,7 +110,7 @@ def test_cos_and_sin_are_told_apart_by_value_not_order() -> None:
 
 
 def test_swapped_rotary_tensors_give_the_same_rotation_facts(llama: Any) -> None:
-    from checks import rope
+    from mlx_verify.checks import rope
 
     plain = rope.compare_rotations(llama)
     layers = [m for p, m in llama.hf_model.named_modules() if p.endswith(("layers.0",
@@ -132,7 +132,7 @@ def test_swapped_rotary_tensors_give_the_same_rotation_facts(llama: Any) -> None
 
 
 def test_rotary_tensors_that_are_neither_cos_nor_sin_are_a_reference_error(llama: Any) -> None:
-    from checks import rope
+    from mlx_verify.checks import rope
 
     layers = [m for p, m in llama.hf_model.named_modules() if p.endswith("layers.0")]
 
@@ -153,7 +153,7 @@ def test_rotary_tensors_that_are_neither_cos_nor_sin_are_a_reference_error(llama
 def test_an_unknown_cache_class_is_an_error_not_offset_zero(llama: Any) -> None:
     from mlx_lm.models.cache import KVCache
 
-    from checks import rope
+    from mlx_verify.checks import rope
 
     class OwnCache:  # behaves like a KVCache, derives from no class the driver knows
         def __init__(self) -> None:
@@ -175,8 +175,8 @@ def test_an_unknown_cache_class_is_an_error_not_offset_zero(llama: Any) -> None:
 
 def test_a_transformers_loader_that_raises_is_an_error(cache_dir: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from checks import engine, hf_side
-    from checks.mlx_side import use_mlx_lm
+    from mlx_verify.checks import engine, hf_side
+    from mlx_verify.checks.mlx_side import use_mlx_lm
 
     monkeypatch.setenv("MLX_VERIFY_CACHE", str(cache_dir))
     use_mlx_lm(None)
@@ -210,7 +210,7 @@ def test_a_renamed_batch_generator_argument_is_an_mlx_driver_error(cache_dir: Pa
 
 
 def test_the_compat_module_reads_the_cache_keyword_off_the_signature(llama: Any) -> None:
-    from checks import compat
+    from mlx_verify.checks import compat
 
     keyword = compat.hf_cache_keyword(llama.hf_model)
     assert keyword in inspect.signature(llama.hf_model.forward).parameters
@@ -226,7 +226,7 @@ def test_a_tiny_tokenizer_that_does_not_load_is_a_driver_error(
     load must not read as "convert fails on this model" (a finding against MLX)."""
     import transformers
 
-    from checks import engine
+    from mlx_verify.checks import engine
 
     monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained",
                         lambda self, directory, **kwargs: None)  # writes nothing

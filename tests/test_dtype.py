@@ -33,10 +33,10 @@ NORMS_FLOAT32 = Edit(
 
 RUNNER = """
 import json, sys
-from checks.mlx_side import use_mlx_lm
+from mlx_verify.checks.mlx_side import use_mlx_lm
 use_mlx_lm(sys.argv[1] if sys.argv[1] != "-" else None)
 import importlib
-from checks import engine
+from mlx_verify.checks import engine
 out = {}
 for model_type in sys.argv[3].split(","):
     subject = engine.load_subject(model_type)
@@ -51,7 +51,7 @@ def run_checks(checks: list[str], model_types: list[str], mlx_lm_root: Path | No
                cache_dir: Path, tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
     """Check results by model_type from a fresh process: the CLI when every check is
     registered, else the modules called after use_mlx_lm."""
-    from checks import engine
+    from mlx_verify.checks import engine
 
     if all(c in engine.CHECK_MODULES for c in checks):
         found = {}
@@ -95,7 +95,7 @@ def write_checkpoint(path: Path, config: dict[str, Any], tensors: dict[str, np.n
 
 
 def test_dtype_from_config_keys_nested_and_header(tmp_path: Path) -> None:
-    from checks.dtypes import infer_checkpoint_dtype
+    from mlx_verify.checks.dtypes import infer_checkpoint_dtype
 
     half = np.zeros((4, 4), dtype=np.float16)
     norm = np.ones((4,), dtype=np.float32)

@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LOWEST = Path(os.environ.get("MLX_VERIFY_LOWEST_PYTHON", REPO / ".venv-lowest/bin/python"))
-ARGS = ["-m", "checks.cli", "check", "exaone", "--checks", "layers", "--variants", "default"]
+ARGS = ["-m", "mlx_verify.checks.cli", "check", "exaone", "--checks", "layers",
+        "--variants", "default"]
 
 
 def lowest_python() -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from checks import config_keys, engine, rope, synth
+from mlx_verify.checks import config_keys, engine, rope, synth
 from tests.conftest import CliRun, Edit, copy_mlx_lm, run_cli
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"

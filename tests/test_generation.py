@@ -21,7 +21,7 @@ WINDOW_OVERRIDES = {"sliding_window": 16}
 
 
 def window_config(tmp_dir: Path, model_type: str, **overrides: Any) -> str:
-    from checks import synth
+    from mlx_verify.checks import synth
 
     config = synth.to_legacy_format(synth.default_config(model_type))
     config.update(overrides)
@@ -32,8 +32,8 @@ def window_config(tmp_dir: Path, model_type: str, **overrides: Any) -> str:
 
 def run_in_process(model_type: str, cache_dir: Path, config_file: str | None = None):
     os.environ["MLX_VERIFY_CACHE"] = str(cache_dir)
-    from checks import engine, generation
-    from checks.mlx_side import use_mlx_lm
+    from mlx_verify.checks import engine, generation
+    from mlx_verify.checks.mlx_side import use_mlx_lm
 
     use_mlx_lm(None)
     subject = engine.load_subject(model_type, config_file=config_file)
@@ -44,7 +44,7 @@ def run_check_subprocess(check: str, model_type: str, mlx_lm_root: Path, cache_d
                          tmp_path: Path, extra: list[str] | None = None) -> list[dict[str, Any]]:
     """The check's results (as JSON dicts) from a fresh process importing mlx_lm from
     `mlx_lm_root`: the real CLI when the check is registered, else the module."""
-    from checks import engine
+    from mlx_verify.checks import engine
 
     if check in engine.CHECK_MODULES:
         run = run_cli(["check", model_type, "--mlx-lm", str(mlx_lm_root),
@@ -53,7 +53,8 @@ def run_check_subprocess(check: str, model_type: str, mlx_lm_root: Path, cache_d
                       cache_dir, tmp_path / "results.json")
         assert run.returncode in (0, 1), run.stderr[-2000:]
         return [c for c in run.report(model_type)["checks"] if c["variant"] == "default"]
-    module = {"generation": "checks.generation", "long": "checks.long_context"}[check]
+    module = {"generation": "mlx_verify.checks.generation",
+              "long": "mlx_verify.checks.long_context"}[check]
     config = extra[extra.index("--config") + 1] if extra and "--config" in extra else None
     code = (
         "import json, sys\n"

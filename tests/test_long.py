@@ -15,8 +15,8 @@ from tests.test_generation import run_check_subprocess, window_config
 
 def run_in_process(model_type: str, cache_dir: Path, config_file: str | None = None):
     os.environ["MLX_VERIFY_CACHE"] = str(cache_dir)
-    from checks import engine, long_context
-    from checks.mlx_side import use_mlx_lm
+    from mlx_verify.checks import engine, long_context
+    from mlx_verify.checks.mlx_side import use_mlx_lm
 
     use_mlx_lm(None)
     subject = engine.load_subject(model_type, config_file=config_file)
@@ -25,7 +25,7 @@ def run_in_process(model_type: str, cache_dir: Path, config_file: str | None = N
 
 
 def test_windows_and_length() -> None:
-    from checks import long_context
+    from mlx_verify.checks import long_context
 
     assert long_context.windows({"sliding_window": 16}) == [16]
     assert long_context.windows({"sliding_window": 16, "use_sliding_window": False}) == []

@@ -102,7 +102,7 @@ def test_reading_a_config_leaves_it_alone() -> None:
     it is given: the engine's config, written next as the checkpoint's, must not change."""
     import copy
 
-    from checks import mlx_side, synth
+    from mlx_verify.checks import mlx_side, synth
 
     mlx_side.use_mlx_lm(None)
     config = synth.shrink_config(synth.default_config("gemma3"))

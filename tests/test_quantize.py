@@ -41,7 +41,7 @@ CONV_TRANSPOSE_UNGUARDED = Edit(
 
 
 def test_next_token_stats() -> None:
-    from checks.quantize import next_token_stats
+    from mlx_verify.checks.quantize import next_token_stats
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(1, 5, 32)).astype(np.float32)

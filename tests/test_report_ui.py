@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from checks import terminal
-from checks.schema import Results
+from mlx_verify.checks import terminal
+from mlx_verify.checks.schema import Results
 from tests.conftest import MLX_VERIFY, Edit, copy_mlx_lm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_html_report_in_chromium(run: Run, browser) -> None:
 
 
 def test_html_report_keeps_untrusted_text_inert(run: Run, browser, tmp_path: Path) -> None:
-    from checks import html
+    from mlx_verify.checks import html
 
     hostile = '<script>document.title="owned"</script><img src=x onerror="document.title=1">'
     results = run.results.model_copy(deep=True)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import SettingsError
+from mlx_verify.app.settings import SettingsError
+from mlx_verify.workers import sandbox, verify
 from tests.conftest import installed_mlx_lm
-from workers import sandbox, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = sandbox.SandboxSettings(enabled=True, max_processes=256, disk_mb=512, uid=65534)
@@ -39,7 +39,7 @@ def test_the_check_gives_the_same_results_inside_the_sandbox(tmp_path):
                            ("unsandboxed", sandbox.SandboxSettings(False, 256, 512, 65534))):
         out = tmp_path / f"{name}.json"
         fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        command = [sys.executable, "-I", "-m", "checks.cli", "check", "llama",
+        command = [sys.executable, "-I", "-m", "mlx_verify.checks.cli", "check", "llama",
                    "--checks", "layers", "--variants", "default", "--mlx-lm", str(src),
                    "--json", f"/dev/fd/{fd}"]
         with open(tmp_path / f"{name}.out", "wb") as stdout, \
@@ -153,7 +153,7 @@ def test_without_bubblewrap_the_runner_refuses_to_run_pr_code(tmp_path, monkeypa
     work, env = job_dir(tmp_path)
     src = work / "src"
     src.mkdir()
-    from workers.settings import RunnerSettings
+    from mlx_verify.workers.settings import RunnerSettings
 
     settings = RunnerSettings(redis_url="redis://127.0.0.1:1/0", git_url="file:///x",
                               work_dir=str(tmp_path), timeout_s=60, memory_mb=4096)

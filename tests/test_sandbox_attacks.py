@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 import redis
 
+from mlx_verify.workers import sandbox
 from tests.conftest import installed_mlx_lm
-from workers import sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret-redis-password"
@@ -40,8 +40,8 @@ ATTACK_EXIT = 3
 RUNNER = """
 import json, sys
 from pathlib import Path
-from workers.settings import load_runner_settings
-from workers import verify
+from mlx_verify.workers.settings import load_runner_settings
+from mlx_verify.workers import verify
 work, src = Path(sys.argv[1]), Path(sys.argv[2])
 # an open connection, as an rq work horse holds to Redis, even marked inheritable
 import socket

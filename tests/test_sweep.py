@@ -8,7 +8,7 @@ import glob
 import json
 from pathlib import Path
 
-from checks.mlx_side import OPENBLAS_GLOB
+from mlx_verify.checks.mlx_side import OPENBLAS_GLOB
 
 from .conftest import Edit, copy_mlx_lm, run_cli
 

@@ -21,15 +21,28 @@ REPORT_QUEUE = "report"  # beside the server: the only worker that holds the App
 RUNNER_REPORT_PREFIX = "runner-report-"
 RUNNER_WORKER_PREFIX = "runner-"
 # What the server and runners enqueue (app/server.py, app/report.py, workers/verify.py).
-RUNNER_FUNCTIONS = frozenset({"workers.verify.run_verify"})
-RUNNER_CALLBACKS = frozenset({"workers.verify.on_verify_failure"})
+VERIFY_FUNCTION = "mlx_verify.workers.verify.run_verify"
+RUNNER_FUNCTIONS = frozenset({VERIFY_FUNCTION})
+RUNNER_CALLBACKS = frozenset({"mlx_verify.workers.verify.on_verify_failure"})
 REPORT_FUNCTIONS = frozenset({
-    "app.report.handle_event", "app.report.verify_started", "app.report.verify_finished",
-    "app.report.verify_requeued", "app.report.verify_failed",
+    f"mlx_verify.app.report.{name}" for name in (
+        "handle_event", "verify_started", "verify_finished", "verify_requeued", "verify_failed")
 })
 # The report job lived in workers/ until 2026-12 (it holds the App key, so it moved to
 # app/): jobs queued under the old paths still run, as the same functions.
-RENAMED = {f"workers.report.{name.rsplit('.', 1)[1]}": name for name in REPORT_FUNCTIONS}
+# Since 2026-12 the packages import as mlx_verify.*: jobs queued under the bare paths
+# (app.report.*, workers.verify.*) run too.
+RENAMED = {f"{old}.{name.rsplit('.', 1)[1]}": name for name in REPORT_FUNCTIONS
+           for old in ("workers.report", "app.report")}
+RUNNER_RENAMED = {"workers.verify.run_verify": VERIFY_FUNCTION}
+RUNNER_CALLBACKS_RENAMED = {"workers.verify.on_verify_failure":
+                            "mlx_verify.workers.verify.on_verify_failure"}
+
+
+def current_name(func_name: str | None) -> str:
+    """A job function's path under the current package names."""
+    name = func_name or ""
+    return RENAMED.get(name) or RUNNER_RENAMED.get(name) or name
 REPORT_CALLBACKS: frozenset[str] = frozenset()
 
 
@@ -50,6 +63,7 @@ class AllowlistedJob(Job):
     functions: frozenset[str] = frozenset()
     callbacks: frozenset[str] = frozenset()
     renamed: dict[str, str] = {}
+    callbacks_renamed: dict[str, str] = {}
 
     @property
     def func(self) -> Any:
@@ -59,6 +73,8 @@ class AllowlistedJob(Job):
         return import_attribute(name)
 
     def _callback(self, name: str | None, resolve: Any) -> Any:
+        if name and name in self.callbacks_renamed:
+            return import_attribute(self.callbacks_renamed[name])
         if name and name not in self.callbacks:
             return _refuse("the callback", name, self.role)
         return resolve.fget(self)
@@ -80,6 +96,8 @@ class RunnerJob(AllowlistedJob):
     role = "runner"
     functions = RUNNER_FUNCTIONS
     callbacks = RUNNER_CALLBACKS
+    renamed = RUNNER_RENAMED
+    callbacks_renamed = RUNNER_CALLBACKS_RENAMED
 
 
 class ReportJob(AllowlistedJob):
@@ -125,7 +143,7 @@ class Versioned(BaseModel):
 
 
 class RequestSpec(BaseModel):
-    """app.commands.VerifyRequest.to_dict()."""
+    """mlx_verify.app.commands.VerifyRequest.to_dict()."""
     model_config = ConfigDict(extra="forbid")
     model_types: list[str] = Field(default_factory=list, max_length=64)
     hub: list[str] = Field(default_factory=list, max_length=16)

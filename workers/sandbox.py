@@ -95,11 +95,15 @@ def kind() -> str:
 def system_paths() -> list[Path]:
     """What the check process reads: the system, the Python install, the venv, the engine
     (an editable install's source too). Read-only; nested paths are dropped."""
-    import checks
-    from checks import compat, environments
+    import mlx_verify
+    import mlx_verify.checks
+    from mlx_verify.checks import compat, environments
 
+    # the package's own folder and checks/ (a source tree maps mlx_verify.checks there)
     paths = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix),
-             Path(sys.executable).resolve().parent, Path(checks.__file__).resolve().parent]
+             Path(sys.executable).resolve().parent,
+             Path(mlx_verify.__file__).resolve().parent,
+             Path(mlx_verify.checks.__file__).resolve().parent]
     # the validated locks (environment.lock), and the other validated environments the
     # check may run in for a model_type only a newer transformers knows
     paths += [d for d in compat.lock_dirs() if d.is_dir()]

@@ -40,10 +40,16 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 
-from checks.mlx_side import fast_blas_env
-from workers import planning, sandbox
-from workers.jobs import REPORT_QUEUE, RUNNER_REPORT_PREFIX, JobSpecError, VerifyOutcome, VerifySpec
-from workers.settings import RunnerSettings, load_runner_settings
+from mlx_verify.checks.mlx_side import fast_blas_env
+from mlx_verify.workers import planning, sandbox
+from mlx_verify.workers.jobs import (
+    REPORT_QUEUE,
+    RUNNER_REPORT_PREFIX,
+    JobSpecError,
+    VerifyOutcome,
+    VerifySpec,
+)
+from mlx_verify.workers.settings import RunnerSettings, load_runner_settings
 
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
 STDERR_TAIL_BYTES = 4096
@@ -65,7 +71,7 @@ def report(connection, function: str, *args: Any) -> None:
     from rq import Retry
 
     Queue(REPORT_QUEUE, connection=connection, serializer=JSONSerializer).enqueue(
-        f"app.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
+        f"mlx_verify.app.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
         job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400,
         job_id=f"{RUNNER_REPORT_PREFIX}{uuid.uuid4().hex}")
 
@@ -165,7 +171,7 @@ def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list
     sandbox_settings = sandbox.load_sandbox_settings()
     # -I: no PYTHON* variables, no user site, and the cwd is not on sys.path, so the
     # PR tree cannot shadow our own modules; mlx_lm comes from --mlx-lm only.
-    command = [sys.executable, "-I", "-m", "checks.cli", "check", *model_types,
+    command = [sys.executable, "-I", "-m", "mlx_verify.checks.cli", "check", *model_types,
                "--mlx-lm", str(src), "--json", f"/dev/fd/{out_fd}"]
     readable = [src]
     if base_src is not None:  # the PR's base commit, run in the same process (--base)
@@ -203,7 +209,7 @@ def run_check(settings: RunnerSettings, work: Path, src: Path, model_types: list
             if data:
                 from pydantic import ValidationError
 
-                from checks.schema import Results
+                from mlx_verify.checks.schema import Results
 
                 try:
                     results = Results.model_validate_json(data).model_dump(mode="json")

@@ -41,7 +41,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.routing import APIRoute
 
-from checks import render as results_render
+from mlx_verify.checks import render as results_render
 
 from ..settings import AppSettings, SettingsError, secret
 

@@ -16,6 +16,8 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
+from mlx_verify.workers.jobs import VERIFY_FUNCTION, current_name
+
 from .. import store
 from . import PREFIX, Dashboard, DashboardRoute, Refused
 from .auth import signed_in_to_act
@@ -56,7 +58,7 @@ def router(dash: Dashboard) -> APIRouter:
                     login_name: str = Depends(act)) -> Response:
         """A failed report job runs again; a failed verify job is re-run (new Check Run)."""
         job = await authorised_job(dash, request, job_id, login_name)
-        if job.func_name == "workers.verify.run_verify":
+        if current_name(job.func_name) == VERIFY_FUNCTION:
             run = store.get_run(dash.connection, job_id)
             if run is None:
                 return dash.message(request, "Not re-run", "This job has no stored run.", 409)
@@ -151,7 +153,7 @@ def rerun_run(dash: Dashboard, run: store.Run, login_name: str) -> tuple[str, st
 
 def cancel_job(dash: Dashboard, job: Job, login_name: str) -> str:
     status = job.get_status()
-    if job.func_name == "workers.verify.run_verify" and \
+    if current_name(job.func_name) == VERIFY_FUNCTION and \
             dash.connection.hget(f"mlxv:job:{job.id}", "state") == b"cancelling":
         # cancelled before, but GitHub failed then: complete its Check Run now
         return close_or_explain(dash, job.id, login_name,
@@ -167,7 +169,7 @@ def cancel_job(dash: Dashboard, job: Job, login_name: str) -> str:
     except InvalidJobOperation as e:
         return f"job {job.id} could not be cancelled: {e}"
     done = f"job {job.id} ({status.value}) cancelled by {login_name}"
-    if job.func_name == "workers.verify.run_verify":
+    if current_name(job.func_name) == VERIFY_FUNCTION:
         return close_or_explain(dash, job.id, login_name, done)
     return done
 

@@ -16,8 +16,9 @@ from rq import Queue, Worker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from checks import render
-from checks import report as markdown
+from mlx_verify.checks import render
+from mlx_verify.checks import report as markdown
+from mlx_verify.workers.jobs import VERIFY_FUNCTION, current_name
 
 from .. import store
 from . import PREFIX, Dashboard, DashboardRoute
@@ -229,9 +230,9 @@ def memory_class(queues: list[str]) -> str:
 def job_repository(connection: redis.Redis, job: Job) -> str | None:
     """The repository a job acts on, from its own arguments or the report job's state."""
     args = list(job.args or [])
-    if job.func_name == "workers.verify.run_verify" and args and isinstance(args[0], dict):
+    if current_name(job.func_name) == VERIFY_FUNCTION and args and isinstance(args[0], dict):
         return args[0].get("repo")
-    if job.func_name in ("app.report.handle_event", "workers.report.handle_event") \
+    if current_name(job.func_name) == "mlx_verify.app.report.handle_event" \
             and len(args) >= 3:
         return ((args[2] or {}).get("repository") or {}).get("full_name")
     if args and isinstance(args[0], str):
@@ -248,7 +249,7 @@ def job_row(job: Job) -> dict[str, Any]:
             "func": job.func_name, "status": job.get_status(refresh=False),
             "enqueued": ts(job.enqueued_at), "started": ts(job.started_at),
             "ended": ts(job.ended_at), "worker": job.worker_name or "",
-            "verify": job.func_name == "workers.verify.run_verify"}
+            "verify": current_name(job.func_name) == VERIFY_FUNCTION}
 
 
 def _safe(text: str) -> str:

@@ -280,8 +280,8 @@ def app_env(redis_url, app_key, github_fake, git_host, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(app_env):
-    from app.server import create_app
-    from app.settings import connect_redis, load_app_settings
+    from mlx_verify.app.server import create_app
+    from mlx_verify.app.settings import connect_redis, load_app_settings
 
     settings = load_app_settings()
     port = free_port()
@@ -296,7 +296,7 @@ def server(app_env):
 @pytest.fixture
 def env(server, app_env, github_fake, git_host, redis_url):
     """A clean slate for one test: empty Redis, empty fake GitHub."""
-    from app import report
+    from mlx_verify.app import report
 
     connection = redis.Redis.from_url(redis_url)
     connection.flushdb()
@@ -335,7 +335,7 @@ class Env:
 
     def run_queue(self, name: str) -> None:
         """An in-process burst worker (forks a work horse per job, like production)."""
-        from workers.worker import make_worker
+        from mlx_verify.workers.worker import make_worker
 
         make_worker([name], self.redis).work(burst=True, with_scheduler=True)
 

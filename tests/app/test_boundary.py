@@ -12,15 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import workers
+import mlx_verify.workers
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
 
 def test_runner_modules_import_no_app_code_and_no_github_client() -> None:
-    modules = sorted(f"workers.{m.name}" for m in pkgutil.iter_modules(workers.__path__))
-    assert {"workers.verify", "workers.sandbox", "workers.planning", "workers.settings",
-            "workers.worker", "workers.jobs"} <= set(modules)
+    modules = sorted(f"mlx_verify.workers.{m.name}"
+                     for m in pkgutil.iter_modules(mlx_verify.workers.__path__))
+    assert {f"mlx_verify.workers.{name}" for name in (
+        "verify", "sandbox", "planning", "settings", "worker", "jobs")} <= set(modules)
     code = ("import importlib, json, sys\n"
             f"for name in {modules!r}: importlib.import_module(name)\n"
             "print(json.dumps(sorted(sys.modules)))")
@@ -28,5 +29,6 @@ def test_runner_modules_import_no_app_code_and_no_github_client() -> None:
                           cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = json.loads(proc.stdout)
-    forbidden = [m for m in loaded if m.split(".")[0] in ("app", "githubkit", "fastapi")]
+    forbidden = [m for m in loaded if m.startswith("mlx_verify.app")
+                 or m.split(".")[0] in ("app", "githubkit", "fastapi")]
     assert forbidden == []

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.commands import CommandError, find_command_line, parse
-from app.comment import COMMENT_LIMIT, render
-from checks.schema import (
+from mlx_verify.app.commands import CommandError, find_command_line, parse
+from mlx_verify.app.comment import COMMENT_LIMIT, render
+from mlx_verify.checks.schema import (
     CheckResult,
     Environment,
     LayerRow,
@@ -196,7 +196,7 @@ def test_more_than_fifty_annotations_go_in_batches_of_fifty(github_fake):
     API 50 per request."""
     from githubkit import GitHub
 
-    from app import github
+    from mlx_verify.app import github
 
     types = [f"model_{i}" for i in range(120)]
     out = render({"status": "done", "results": located(types, list(range(1, 121))),
@@ -230,7 +230,7 @@ def test_the_environment_line_names_the_lock_the_run_matched():
 def test_a_config_finding_links_the_model_args_field():
     """The config check's finding names where ModelArgs declares the key (or the class
     that lacks it), linked to the PR's blob like the other source locations."""
-    from checks.schema import CheckResult, ModelReport, Results
+    from mlx_verify.checks.schema import CheckResult, ModelReport, Results
 
     fact = ("sliding_window: transformers' logits move 8.43e-02, MLX's do not (ModelArgs at "
             "mlx_lm/models/gemma2.py:13 has no field sliding_window: from_dict drops it)")

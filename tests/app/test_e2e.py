@@ -16,7 +16,8 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import store
+from mlx_verify.app import store
+from mlx_verify.workers import planning
 from tests.app.conftest import (
     REPO,
     descendants,
@@ -25,7 +26,6 @@ from tests.app.conftest import (
     start_worker_process,
     wait_until,
 )
-from workers import planning
 
 LLAMA = "mlx_lm/models/llama.py"
 HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # a harmless edit")
@@ -160,7 +160,7 @@ def test_patch_ranges_read_githubs_hunk_headers(env):
     two-hunk change, a removed file and an added one."""
     from githubkit import GitHub
 
-    from app import github
+    from mlx_verify.app import github
 
     host = env.git_host
     lines = git(host.work, "show", f"{host.base_sha}:{LLAMA}").splitlines()

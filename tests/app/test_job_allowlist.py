@@ -17,8 +17,8 @@ from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from workers.jobs import REPORT_QUEUE, JobNotAllowed, RunnerJob
-from workers.worker import make_worker
+from mlx_verify.workers.jobs import REPORT_QUEUE, JobNotAllowed, RunnerJob
+from mlx_verify.workers.worker import make_worker
 
 
 def enqueue(connection: redis.Redis, queue: str, function: str, *args: object,
@@ -50,12 +50,13 @@ def test_a_runner_refuses_a_report_job_and_a_hostile_callback(redis_url: str,
     connection = redis.Redis.from_url(redis_url)
     marker = tmp_path / "ran"
     # a report function on a runner queue: the runner must not act as the report worker
-    report_job = enqueue(connection, "verify", "app.report.verify_finished", "x", {})
+    report_job = enqueue(connection, "verify", "mlx_verify.app.report.verify_finished", "x", {})
     # the runner's own function, with a failure callback of the sender's choice
-    hostile = enqueue(connection, "verify", "workers.verify.run_verify", {"not": "a spec"},
+    hostile = enqueue(connection, "verify", "mlx_verify.workers.verify.run_verify",
+                      {"not": "a spec"},
                       on_failure=Callback("os.system"))
     make_worker(["verify"], connection).work(burst=True)
-    assert "refused the job function 'app.report.verify_finished'" in refusal(report_job)
+    assert "refused the job function 'mlx_verify.app.report.verify_finished'" in refusal(report_job)
     hostile.refresh()
     assert hostile.get_status() == JobStatus.FAILED
     assert not marker.exists()
@@ -70,14 +71,28 @@ def test_a_runner_refuses_a_report_job_and_a_hostile_callback(redis_url: str,
 def test_report_jobs_queued_under_their_old_paths_still_run(redis_url: str) -> None:
     """The report job moved from workers/ to app/ (it holds the App key): a job queued
     before the move names workers.report.*, and resolves to the same function."""
-    from app import report
-    from workers.jobs import ReportJob
+    from mlx_verify.app import report
+    from mlx_verify.workers.jobs import ReportJob
 
     connection = redis.Redis.from_url(redis_url)
-    old = enqueue(connection, "report-old-paths", "workers.report.verify_started", "nope")
-    as_report_worker = ReportJob.fetch(old.id, connection=connection,
-                                       serializer=JSONSerializer)
-    assert as_report_worker.func is report.verify_started
+    for path in ("workers.report.verify_started", "app.report.verify_started"):
+        old = enqueue(connection, "report-old-paths", path, "nope")
+        as_report_worker = ReportJob.fetch(old.id, connection=connection,
+                                           serializer=JSONSerializer)
+        assert as_report_worker.func is report.verify_started
+        as_runner = RunnerJob.fetch(old.id, connection=connection, serializer=JSONSerializer)
+        with pytest.raises(JobNotAllowed, match=path):
+            as_runner.func("nope")
+
+
+def test_verify_jobs_queued_before_the_mlx_verify_namespace_still_run(redis_url: str) -> None:
+    """Before the packages imported as mlx_verify.*, a verify job named
+    workers.verify.run_verify and its failure callback workers.verify.on_verify_failure."""
+    from mlx_verify.workers import verify
+
+    connection = redis.Redis.from_url(redis_url)
+    old = enqueue(connection, "verify", "workers.verify.run_verify", {"not": "a spec"},
+                  on_failure=Callback("workers.verify.on_verify_failure"))
     as_runner = RunnerJob.fetch(old.id, connection=connection, serializer=JSONSerializer)
-    with pytest.raises(JobNotAllowed, match="workers.report.verify_started"):
-        as_runner.func("nope")
+    assert as_runner.func is verify.run_verify
+    assert as_runner.failure_callback is verify.on_verify_failure

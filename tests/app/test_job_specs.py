@@ -10,8 +10,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app import store
-from workers.jobs import JOB_SPEC_VERSION, JobSpecError, VerifyOutcome, VerifySpec
+from mlx_verify.app import store
+from mlx_verify.workers.jobs import JOB_SPEC_VERSION, JobSpecError, VerifyOutcome, VerifySpec
 
 LLAMA = "mlx_lm/models/llama.py"
 HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # ok")
@@ -83,7 +83,7 @@ def test_a_spec_the_runner_cannot_read_fails_once_with_one_line_and_can_be_rerun
 
 
 def test_an_outcome_the_report_worker_cannot_read_is_recorded_as_failed(env):
-    from workers.verify import report as runner_report
+    from mlx_verify.workers.verify import report as runner_report
 
     _, run, job = queued_job(env, 41)
     runner_report(env.redis, "verify_started", job.id)

@@ -88,9 +88,9 @@ def run_runner(runner_url: str) -> subprocess.CompletedProcess:
 
 
 def test_a_runner_does_its_job_and_cannot_read_the_apps_tokens(env, acl_redis, monkeypatch):
-    from app import report
-    from app.server import create_app
-    from app.settings import connect_redis, load_app_settings
+    from mlx_verify.app import report
+    from mlx_verify.app.server import create_app
+    from mlx_verify.app.settings import connect_redis, load_app_settings
 
     app_url, runner_url, port = acl_redis
     monkeypatch.setenv("REDIS_URL", app_url)  # the server and the report worker
@@ -152,7 +152,7 @@ def test_a_runner_does_its_job_and_cannot_read_the_apps_tokens(env, acl_redis, m
     # A report job under a name of the runner's choice is refused; its own prefix works.
     with pytest.raises(redis.exceptions.NoPermissionError):
         Queue("report", connection=runner, serializer=JSONSerializer).enqueue(
-            "app.report.verify_started", job_id, job_id="forged-id")
+            "mlx_verify.app.report.verify_started", job_id, job_id="forged-id")
     assert runner.hget(f"rq:job:{job_id}", "status") == b"finished"  # its own job: readable
     # Without a password (the default user is off) nothing is served.
     with pytest.raises(redis.exceptions.AuthenticationError):

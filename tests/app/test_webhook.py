@@ -144,8 +144,8 @@ def test_missing_or_invalid_settings_stop_start_up_with_one_line(app_env, monkey
                                                                   capsys):
     import argparse
 
-    from app.server import serve
-    from workers.worker import worker
+    from mlx_verify.app.server import serve
+    from mlx_verify.workers.worker import worker
 
     monkeypatch.delenv("GITHUB_APP_ID")
     assert serve(argparse.Namespace(host="127.0.0.1", port=0)) == 2
@@ -161,7 +161,7 @@ def test_missing_or_invalid_settings_stop_start_up_with_one_line(app_env, monkey
 
 
 def test_runner_environment_carries_no_secrets(app_env, tmp_path, monkeypatch):
-    from workers.verify import scrubbed_env
+    from mlx_verify.workers.verify import scrubbed_env
 
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
@@ -360,7 +360,7 @@ def queue_verify_job(env, number: int) -> tuple[str, str]:
 
 def runner_reports(env, job_id: str, outcome: dict) -> None:
     """What a runner does at the end of a job (workers.verify.report)."""
-    from workers.verify import report as runner_report
+    from mlx_verify.workers.verify import report as runner_report
 
     runner_report(env.redis, "verify_started", job_id)
     runner_report(env.redis, "verify_finished", job_id, outcome)
@@ -369,7 +369,7 @@ def runner_reports(env, job_id: str, outcome: dict) -> None:
 def test_a_github_error_on_the_comment_is_retried_until_the_comment_is_written(env):
     import time
 
-    from app import store
+    from mlx_verify.app import store
 
     sha, job_id = queue_verify_job(env, 35)
     outcome = {"status": "done", "results": None, "errors": {"llama": "ImportError: boom"},
@@ -395,7 +395,7 @@ def test_a_github_error_on_the_comment_is_retried_until_the_comment_is_written(e
 
 
 def test_a_huge_report_stays_under_githubs_limits_and_completes_its_check_run(env):
-    from app.github import COMMENT_BODY_MAX
+    from mlx_verify.app.github import COMMENT_BODY_MAX
 
     sha, job_id = queue_verify_job(env, 36)
     # 3000 model_types that could not run, each with a long reason: far over 64 KiB
@@ -420,7 +420,7 @@ def test_placeholder_or_short_secrets_stop_start_up_with_one_line(app_env, monke
                                                                    capsys):
     import argparse
 
-    from app.server import serve
+    from mlx_verify.app.server import serve
 
     for value, error in (
             ("change-me", "GITHUB_WEBHOOK_SECRET is a placeholder; set a long random string"),
@@ -447,7 +447,7 @@ def test_placeholder_or_short_secrets_stop_start_up_with_one_line(app_env, monke
 
 def padded_results(kb: int) -> dict:
     """Results of one failing llama report, padded to about kb KiB."""
-    from checks.schema import CheckResult, Environment, ModelReport, Results
+    from mlx_verify.checks.schema import CheckResult, Environment, ModelReport, Results
 
     env = Environment(python="3.11", platform="Linux", machine="x86_64", mlx="0.32",
                       mlx_device="cpu", torch="2.13", transformers="5.23",
@@ -463,7 +463,7 @@ def padded_results(kb: int) -> dict:
 def test_stored_results_are_bounded_and_never_crowd_out_webhooks(env, monkeypatch):
     import time
 
-    from app import store
+    from mlx_verify.app import store
 
     monkeypatch.setenv("STORE_MAX_MB", "2")
     monkeypatch.setenv("STORE_RESULTS_MAX_KB", "256")

@@ -21,11 +21,11 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from app import store
-from app.commands import VerifyRequest
-from app.dashboard import DashboardSettings
-from app.settings import AppSettings
-from checks.schema import Results
+from mlx_verify.app import store
+from mlx_verify.app.commands import VerifyRequest
+from mlx_verify.app.dashboard import DashboardSettings
+from mlx_verify.app.settings import AppSettings
+from mlx_verify.checks.schema import Results
 from tests.app import fake_github
 from tests.app.conftest import (
     ServerThread,
@@ -145,7 +145,7 @@ class Live:
 
 
 def run_id(number: int, sha: str) -> str:
-    from app import report
+    from mlx_verify.app import report
 
     return report.verify_job_id(REPO, number, sha, REQUEST)
 
@@ -192,7 +192,7 @@ def seed(connection: redis.Redis, results: dict[str, Results], tmp: Path) -> dic
 
 @pytest.fixture(scope="session")
 def live(dash_redis, fake, app_key, real_results, tmp_path_factory) -> Live:
-    from app.server import create_app
+    from mlx_verify.app.server import create_app
 
     settings = AppSettings(
         redis_url=f"redis://127.0.0.1:{dash_redis.connection_pool.connection_kwargs['port']}",

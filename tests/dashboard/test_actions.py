@@ -15,8 +15,8 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import github, report, store
-from app.commands import VerifyRequest
+from mlx_verify.app import github, report, store
+from mlx_verify.app.commands import VerifyRequest
 from tests.app import fake_github
 from tests.app.conftest import (
     descendants,
@@ -49,7 +49,7 @@ def worker_env(live, tmp_path, git_host=None) -> dict[str, str]:
 
 def run_report_queue(live) -> None:
     """An in-process burst report worker, as tests/app runs it."""
-    from workers.worker import make_worker
+    from mlx_verify.workers.worker import make_worker
 
     make_worker([report.REPORT_QUEUE], live.connection).work(burst=True)
 
@@ -59,7 +59,7 @@ def check_processes(pid: int) -> list[int]:
     found = []
     for child in descendants(pid):
         with contextlib.suppress(OSError):
-            if b"checks.cli" in open(f"/proc/{child}/cmdline", "rb").read():
+            if b"mlx_verify.checks.cli" in open(f"/proc/{child}/cmdline", "rb").read():
                 found.append(child)
     return found
 
@@ -131,7 +131,7 @@ def test_retry_runs_a_failed_report_job_again(page, live, monkeypatch, tmp_path)
                               base="0" * 40)
     report_queue = Queue(report.REPORT_QUEUE, connection=live.connection,
                          serializer=JSONSerializer)
-    job = report_queue.enqueue("app.report.handle_event", "pull_request",
+    job = report_queue.enqueue("mlx_verify.app.report.handle_event", "pull_request",
                                str(uuid.uuid4()), payload, job_id=f"event-{uuid.uuid4()}",
                                failure_ttl=3600)
     run_report_queue(live)

@@ -11,7 +11,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import report, store
+from mlx_verify.app import report, store
 
 from .conftest import (
     HOSTILE_TITLE,

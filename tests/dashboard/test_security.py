@@ -12,7 +12,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.dashboard import COOKIE, DashboardSettings, dashboard_router
+from mlx_verify.app.dashboard import COOKIE, DashboardSettings, dashboard_router
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, MAINTAINER, SESSION_SECRET
 
@@ -115,9 +115,9 @@ def test_a_cancel_that_github_fails_can_be_completed_by_cancelling_again(db, fak
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from app import github, report, store
-    from app.commands import VerifyRequest
-    from app.settings import AppSettings
+    from mlx_verify.app import github, report, store
+    from mlx_verify.app.commands import VerifyRequest
+    from mlx_verify.app.settings import AppSettings
     from tests.app import fake_github
 
     from .conftest import REPO

@@ -11,10 +11,10 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app import store
-from app.dashboard import DashboardSettings, dashboard_router, read_session, sign_session
-from app.settings import SettingsError
-from checks.schema import Results
+from mlx_verify.app import store
+from mlx_verify.app.dashboard import DashboardSettings, dashboard_router, read_session, sign_session
+from mlx_verify.app.settings import SettingsError
+from mlx_verify.checks.schema import Results
 from tests.app.conftest import free_port
 from tests.conftest import run_cli
 from tests.dashboard.conftest import REPO, start_redis
@@ -177,7 +177,7 @@ def test_session_cookie_is_signed_and_expires():
     assert read_session("y" * 40, cookie) == {}
     old = sign_session(secret, {"login": "a"})
     assert read_session(secret, old) != {}
-    import app.dashboard as dashboard
+    import mlx_verify.app.dashboard as dashboard
 
     saved = dashboard.SESSION_MAX_AGE_S
     dashboard.SESSION_MAX_AGE_S = -1
