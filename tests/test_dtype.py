@@ -196,3 +196,20 @@ def test_float32_norm_weights_are_located(cache_dir: Path, tmp_path: Path) -> No
     root = copy_mlx_lm(tmp_path / "tree", [NORMS_FLOAT32])
     found = run_checks(["layers", "dtype"], ["llama"], root, cache_dir, tmp_path)
     assert_located(found["llama"], EXPECT["norms"])
+
+
+def test_a_float32_ssm_parameter_in_half_precision_is_located(cache_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """An SSM parameter cast to float32 in the scan (mamba's A): the state, and with it
+    the layer's output, leave bfloat16 at the mixer, between the projections."""
+    cast = Edit("models/mamba.py", "        A = -mx.exp(self.A_log)\n",
+                "        A = -mx.exp(self.A_log.astype(mx.float32))\n")
+    run = run_cli(["check", "mamba", "--checks", "dtype", "--mlx-lm",
+                   str(copy_mlx_lm(tmp_path / "tree", [cast]))], cache_dir, tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    rows = [c for c in run.report("mamba")["checks"] if c["check"] == "dtype"]
+    assert {r["metrics"]["dtype"] for r in rows} == {"bfloat16", "float16"}
+    for row in rows:
+        assert row["verdict"] == "fail", row["summary"]
+        assert row["metrics"]["first_non_half_stage"] == "layers.0"
+        assert "backbone.layers.0.mixer" in row["summary"], row["summary"]
