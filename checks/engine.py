@@ -18,7 +18,7 @@ from typing import Any
 
 from . import compat, sources, synth
 from .mlx_side import MlxLmError, MlxLmInfo, blas_library
-from .schema import CheckResult, Environment, ModelReport, Reach, Variant, combine_verdicts
+from .schema import CheckResult, Environment, ModelReport, Reach, Variant, Verdict, combine_verdicts
 from .sources import Source
 from .subject import Subject
 
@@ -248,6 +248,15 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
 
     default_weights: Any = None
+
+    def blocked(variant: str, verdict: Verdict, side: str, summary: str, why: str,
+                **fields: Any) -> None:
+        """The layers row saying why this variant stops here (and whose side failed), then
+        a skip row for every other check that would have run on it."""
+        report.checks.append(CheckResult(check="layers", variant=variant, verdict=verdict,
+                                         summary=summary, details={"side": side}, **fields))
+        report.checks.extend(not_run(checks, variant, why))
+
     for variant in report.variants:
         start = time.perf_counter()
         try:
@@ -256,30 +265,22 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
             if not isinstance(e.__cause__, SystemExit):
                 raise  # the tree cannot be used (syntax error, bad import): bad input
             # released olmo.py exits when a package transformers does not need is missing
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="fail", summary=str(e),
-                first_divergent_layer="import", details={"side": "mlx-lm"}))
-            report.checks.extend(not_run(checks, variant.name,
-                                         "mlx-lm's model file exits at import"))
+            blocked(variant.name, "fail", "mlx-lm", str(e),
+                    "mlx-lm's model file exits at import", first_divergent_layer="import")
             continue
         if problem is not None and synth._cannot_build(variant.config):
             # transformers' own model cannot be built from it either (lfm2_moe's default
             # without layer_types): the config is the broken side, not mlx-lm
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="error",
-                summary=f"transformers cannot build its own model from this config, and "
-                        f"mlx-lm cannot read it ({problem}): nothing to compare",
-                details={"side": "transformers"}))
-            report.checks.extend(not_run(checks, variant.name,
-                                         "transformers cannot build the model"))
+            blocked(variant.name, "error", "transformers",
+                    f"transformers cannot build its own model from this config, and mlx-lm "
+                    f"cannot read it ({problem}): nothing to compare",
+                    "transformers cannot build the model")
             continue
         if problem is not None:
             # measured: transformers reads this config, mlx-lm's ModelArgs does not
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="fail",
-                summary=f"mlx-lm cannot read this variant's config: {problem}",
-                first_divergent_layer="config", details={"side": "mlx-lm"}))
-            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot read its config"))
+            blocked(variant.name, "fail", "mlx-lm",
+                    f"mlx-lm cannot read this variant's config: {problem}",
+                    "mlx-lm cannot read its config", first_divergent_layer="config")
             continue
         say(f"{model_type}/{variant.name}: synthesizing tiny checkpoint")
         try:
@@ -300,21 +301,15 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         try:
             hf_model = hf_side.load(checkpoint, dtype=dtype)
         except Exception as e:
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="error",
-                summary=f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}",
-                details={"side": "transformers"}))
-            report.checks.extend(not_run(checks, variant.name,
-                                         "transformers cannot load its checkpoint"))
+            blocked(variant.name, "error", "transformers",
+                    f"transformers cannot load the tiny checkpoint: {synth._one_line(e)}",
+                    "transformers cannot load its checkpoint")
             continue
         try:
             mlx_model, _, weights = mlx_side.load(checkpoint)
         except mlx_side.PortCrash as e:
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="fail", summary=str(e),
-                first_divergent_layer="load", duration_s=time.perf_counter() - start,
-                details={"side": "mlx-lm"}))
-            report.checks.extend(not_run(checks, variant.name, "mlx-lm cannot build the model"))
+            blocked(variant.name, "fail", "mlx-lm", str(e), "mlx-lm cannot build the model",
+                    first_divergent_layer="load", duration_s=time.perf_counter() - start)
             continue
         # transformers runs its own model, or there is nothing to hold MLX to
         ids = synth.token_ids(_vocab(variant.config), PARITY_TOKENS, seed)
@@ -328,13 +323,9 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                     summary=f"not applicable: transformers cannot run this variant: "
                             f"{mlx_side.describe_import_error(e)}"))
                 continue
-            report.checks.append(CheckResult(
-                check="layers", variant=variant.name, verdict="error",
-                summary=f"transformers cannot run its own model: "
-                        f"{mlx_side.describe_import_error(e)}",
-                details={"side": "transformers"}))
-            report.checks.extend(not_run(checks, variant.name,
-                                         "transformers cannot run the model"))
+            blocked(variant.name, "error", "transformers",
+                    f"transformers cannot run its own model: "
+                    f"{mlx_side.describe_import_error(e)}", "transformers cannot run the model")
             continue
         loaded_as = None
         if mlx_model is None:
