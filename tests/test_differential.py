@@ -238,3 +238,23 @@ def test_bugs_behind_a_load_finding_and_behind_a_crash(tmp_path: Path, base_tree
     assert gen["batch"]["verdict"] == gen["batch"]["base_verdict"] == "fail"
     assert gen["batch"]["change"] == "unchanged", gen["batch"]
     assert gen["kv-cache"]["change"] == "new", gen["kv-cache"]
+
+
+def test_a_precision_loss_within_tolerance_is_worse(tmp_path: Path, base_tree: Path,
+                                                    cache_dir: Path) -> None:
+    """The float32 cast dropped from the gated delta net's decay (qwen3_next's linear
+    attention) costs a quarter of the float16 budget and still passes: alone, nothing
+    fails; against base the float16 row reads worse."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/gated_delta.py",
+             "return mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))",
+             "return mx.exp(-mx.exp(A_log) * nn.softplus(a + dt_bias))")])
+    run = run_cli(["check", "qwen3_next", "--checks", "dtype", "--variants", "default",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    rows = {r["part"]: r for r in run.results["differential"] if r["check"] == "dtype"}
+    half = rows["float16"]
+    assert half["verdict"] == half["base_verdict"] == "pass"
+    assert half["change"] == "worse" and half["basis"] == "distance within tolerance", half
+    assert half["distance"] > half["base_distance"]
