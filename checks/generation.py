@@ -178,15 +178,17 @@ def kv_quantized_result(subject: Subject) -> CheckResult:
                                       "converts to a QuantizedKVCache")
     logits = model(mx.array(subject.ids), cache=caches)
     mx.eval(logits)
-    # the width quantized: the last axis of the keys each cache holds after the prompt
-    head_dims = sorted({int(c.keys.shape[-1]) for c in caches if hasattr(c, "to_quantized")
-                        and getattr(c, "keys", None) is not None})
+    # the widths quantized: the last axis of the keys and of the values each cache holds
+    # after the prompt (MLA caches hold values narrower than their keys)
+    head_dims = sorted({int(getattr(c, name).shape[-1]) for c in caches
+                        if hasattr(c, "to_quantized") for name in ("keys", "values")
+                        if getattr(c, name, None) is not None})
     odd = [d for d in head_dims if d % KV_GROUP]
     if odd or not head_dims:
         return subject.result(CHECK, verdict="skip", details=details,
                               summary=f"kv-quantized: not measurable on this variant: cached "
-                                      f"key width {odd or 'unknown'} is not a multiple of MLX's "
-                                      f"smallest quantization group ({KV_GROUP})")
+                                      f"key/value width {odd or 'unknown'} is not a multiple "
+                                      f"of MLX's smallest quantization group ({KV_GROUP})")
     full = mlx_decode(model, subject.ids, DECODE_STEPS)
     quantize = compat.mlx_lm_callable("mlx_lm.generate", "maybe_quantize_kv_cache",
                                       ("prompt_cache", "quantized_kv_start", "kv_group_size",

@@ -143,3 +143,21 @@ def test_ssm_conv_state_bug_fails_kv_cache_not_layers(cache_dir: Path, tmp_path:
     # the batch path prefills through the same state: a real failure, not the
     # "ignores padding" skip
     assert parts["batch"]["verdict"] == "fail", parts["batch"]["summary"]
+
+
+def test_quantized_kv_cache_on_a_real_mla_config_is_no_false_alarm(cache_dir, tmp_path):
+    """DeepSeek-V3's real config, shrunk: its MLA cache holds values 8 wide, which MLX
+    cannot quantize in groups of 32. That is a limit of the tiny sizes (the real ones are
+    multiples of 64), said as a skip, never an mlx-lm fail."""
+    from pathlib import Path
+
+    from tests.conftest import run_cli
+
+    config = Path(__file__).parent / "fixtures" / "configs" / "deepseek-v3.json"
+    run = run_cli(["check", "deepseek_v3", "--config", str(config), "--checks", "generation"],
+                  cache_dir, tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    kv = [c for c in run.report("deepseek_v3")["checks"]
+          if c["details"].get("part") == "kv-quantized"]
+    assert kv and kv[0]["verdict"] == "skip", kv
+    assert "not a multiple" in kv[0]["summary"]
