@@ -344,19 +344,9 @@ def compare(pr_reports: list[ModelReport], base_reports: list[ModelReport],
     return rows
 
 
-def counts(rows: list[DiffRow]) -> dict[str, int]:
-    found = Counter(row.change for row in rows)
-    return {change: found[change] for change in
-            ("new", "worse", "fixed", "better", "unchanged", "added", "gone") if found[change]}
-
-
 def blocking(rows: list[DiffRow]) -> list[DiffRow]:
     """The rows that fail a differential run (exit 1, the Check Run): new or worse."""
     return [row for row in rows if row.change in ("new", "worse")]
-
-
-def describe_tree(info: Any) -> str:
-    return f"{info.path} ({info.version}{', ' + info.git_sha[:7] if info.git_sha else ''})"
 
 
 def verify_trees(model_types: list[str], pr_tree: str | None, base_tree: str,
