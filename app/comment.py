@@ -279,11 +279,14 @@ def _verdict_table(results: Results | None, errors: dict[str, str], skipped: lis
 
 def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
            request: dict[str, Any], history: list[dict[str, str]],
-           dashboard_url: str | None, changed_files: list[str]) -> Rendered:
+           dashboard_url: str | None, changed_files: list[str],
+           untrusted: str | None = None) -> Rendered:
     """Check Run output and comment for a finished verify job.
 
     outcome: the runner's answer, see workers.verify.run_verify.
     history: earlier SHAs of this PR, newest first: {"sha", "verdict", "counts"}.
+    untrusted: who wrote the head without write access (app.report.untrusted_code): the
+    results come from the process that ran that code, so their pass is no gate.
     """
     status = outcome.get("status")
     short = sha[:12]
@@ -331,9 +334,16 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
             conclusion = "neutral"
         elif blocking:
             conclusion = "failure"
+    # A pass computed by code of someone without write access could be that code's own
+    # writing (a results file and exit 0): reported, but never a green gate.
+    not_a_gate = untrusted is not None and conclusion == "success"
+    if not_a_gate:
+        conclusion = "neutral"
     # the heading says what the conclusion says: findings the base has too are not this PR's
     mark = "➖ no new findings" if conclusion == "neutral" and (
         baseline is not None or differential) else VERDICT_MARK[verdict]
+    if not_a_gate:
+        mark += " (not a gate)"
     title = f"{mark}: {counts}" if not failure else f"⚠️ {failure}"
     model_types = [str(t) for t in outcome.get("model_types") or []]
     head = [MARKER, f"### mlx-verify: {mark} at `{short}`", ""]
@@ -344,6 +354,13 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         if tail_lines:
             head.extend(["Last lines of its error output:", ""] +
                          [f"    {line}" for line in tail_lines] + [""])
+    if not_a_gate:
+        head.extend([f"**Not a gate: {escape(str(untrusted), 80)} has no write access.** "
+                     "These results were written by the sandboxed process that imported this "
+                     "PR's code, which could have written them itself: a forged pass needs "
+                     "only code in an imported `mlx_lm` module that writes a valid results "
+                     "JSON to the `--json` descriptor and exits 0. The Check Run is neutral; "
+                     "review the diff.", ""])
     head.extend(plan_lines(outcome))
     planned = outcome.get("planned") or []
     if len(planned) > len(model_types):

@@ -129,6 +129,28 @@ def note_head_seen(connection: redis.Redis, payload: dict[str, Any]) -> None:
     pipe.execute()
 
 
+def _pushers_key(repo: str, number: int) -> str:
+    return f"mlxv:pushers:{_pr_key(repo, number)}"
+
+
+def untrusted_code(gh: GitHub, connection: redis.Redis, repo: str, number: int, sha: str,
+                   author: str) -> str | None:
+    """Who wrote code of this head without write access to the repository: "author
+    LOGIN", "pusher LOGIN", "pusher unknown", or None when both have it. The PR's code
+    runs in the process that computes its results, so a pass from such code is not a
+    gate (docs/deploy.md, section 4, "Trust")."""
+    owner, name = _split(repo)
+    if not author or not github.has_write_permission(gh, owner, name, author):
+        return f"author {author or 'unknown'}"
+    raw = connection.hget(_pushers_key(repo, number), sha)
+    if raw is None:  # the head arrived unseen (or before pushers were recorded)
+        return "pusher unknown"
+    pusher = raw.decode()
+    if pusher != author and not github.has_write_permission(gh, owner, name, pusher):
+        return f"pusher {pusher}"
+    return None
+
+
 def head_seen(connection: redis.Redis, repo: str, number: int, sha: str) -> float | None:
     raw = connection.hget(_heads_key(repo, number), sha)
     return float(raw) if raw else None
@@ -193,6 +215,11 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
         return f"stale event: the PR's head is now {current['head']['sha'][:12]}"
     store.note_pr(connection, repo, number, current.get("title") or pull.get("title"))
     record_head(settings, connection, gh, repo, number, sha)
+    sender = (payload.get("sender") or {}).get("login", "")
+    if payload.get("action") in ("opened", "synchronize") and sender:
+        # whoever put this head there (reopen and ready-for-review are not pushes)
+        connection.hset(_pushers_key(repo, number), sha, sender)
+        connection.expire(_pushers_key(repo, number), STATE_TTL)
     files, lines = github.changed_files_and_lines(gh, owner, name, number)
     if not planning.touches_models(files):
         github.create_check_run(
@@ -205,7 +232,6 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
     # Both the PR's author and whoever sent this event (the pusher, for synchronize)
     # must have write access; any doubt is a no.
     author = (pull.get("user") or {}).get("login", "")
-    sender = (payload.get("sender") or {}).get("login", "")
     untrusted = [(role, login) for role, login in (("author", author), ("pusher", sender))
                  if login and not github.has_write_permission(gh, owner, name, login)]
     if untrusted or not author or not sender:
@@ -223,7 +249,8 @@ def on_pull_request(settings, connection, app_gh, payload) -> str:
         return f"{role} not trusted: waiting for /verify"
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
                         VerifyRequest(), files, rerun=False, base_sha=base_sha,
-                        changed_lines=lines)
+                        changed_lines=lines,
+                        untrusted=untrusted_code(gh, connection, repo, number, sha, author))
 
 
 def reply(gh: GitHub, repo: str, number: int, text: str) -> None:
@@ -280,9 +307,11 @@ def on_comment(settings, connection, app_gh, payload) -> str:
     github.react(gh, owner, name, comment_id, "eyes")
     record_head(settings, connection, gh, repo, number, sha)
     files, lines = github.changed_files_and_lines(gh, owner, name, number)
+    author = (pull.get("user") or {}).get("login", "")
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
                         command.request, files, rerun=False,
-                        base_sha=(pull.get("base") or {}).get("sha"), changed_lines=lines)
+                        base_sha=(pull.get("base") or {}).get("sha"), changed_lines=lines,
+                        untrusted=untrusted_code(gh, connection, repo, number, sha, author))
 
 
 def on_rerequest(settings, connection, app_gh, payload, sha: str,
@@ -317,9 +346,11 @@ def on_rerequest(settings, connection, app_gh, payload, sha: str,
         request = VerifyRequest.from_dict(json.loads(job[b"request"]))
     record_head(settings, connection, gh, repo, number, sha)
     files, lines = github.changed_files_and_lines(gh, owner, name, number)
+    author = (pull.get("user") or {}).get("login", "")
     return start_verify(settings, connection, gh, installation_id, repo, number, sha,
                         request, files, rerun=True,
-                        base_sha=(pull.get("base") or {}).get("sha"), changed_lines=lines)
+                        base_sha=(pull.get("base") or {}).get("sha"), changed_lines=lines,
+                        untrusted=untrusted_code(gh, connection, repo, number, sha, author))
 
 
 # ---- queue ----------------------------------------------------------------------------
@@ -379,11 +410,13 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
                  installation_id: int, repo: str, number: int, sha: str,
                  request: VerifyRequest, files: list[str], rerun: bool,
                  base_sha: str | None = None,
-                 changed_lines: dict[str, list[tuple[int, int]]] | None = None) -> str:
+                 changed_lines: dict[str, list[tuple[int, int]]] | None = None, *,
+                 untrusted: str | None) -> str:
     """Create the Check Run and enqueue the verify job, once per job id. base_sha: the
     PR's base commit as the pull request payload gives it (the baseline's tree);
     changed_lines: the new-side line ranges of each file's diff hunks (annotations go
-    only there)."""
+    only there); untrusted: who wrote the head without write access (untrusted_code),
+    whose pass is then reported but is not a gate."""
     if request.source == "auto" and not request.checks and settings.auto_checks:
         request = VerifyRequest(checks=settings.auto_checks)
     job_id = verify_job_id(repo, number, sha, request)
@@ -406,7 +439,7 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         "repo": repo, "number": number, "sha": sha, "installation_id": installation_id,
         "request": json.dumps(request.to_dict()), "check_run_id": check_run_id,
         "state": "queued", "changed_files": json.dumps(files[:3000]),
-        "base_sha": base_sha or "", "check_run_done": "0",
+        "base_sha": base_sha or "", "check_run_done": "0", "untrusted_code": untrusted or "",
         **({"changed_lines": json.dumps({f: changed_lines[f] for f in files[:3000]
                                          if f in changed_lines})}
            if changed_lines is not None else {}),
@@ -513,7 +546,9 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
         rendered = comment.render(
             outcome, repo=repo, number=number, sha=sha, request=json.loads(info["request"]),
             history=[h for h in history if h["sha"] != sha], dashboard_url=dashboard,
-            changed_files=json.loads(info.get("changed_files", "[]")))
+            changed_files=json.loads(info.get("changed_files", "[]")),
+            # a job queued before trust was recorded: not known to be trusted
+            untrusted=info.get("untrusted_code", "not recorded for this job") or None)
     except Exception as e:  # results that pass the runner's check but not ours
         rendered = comment.Rendered(
             "neutral", "unreadable results",

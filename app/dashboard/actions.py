@@ -143,7 +143,10 @@ def rerun_run(dash: Dashboard, run: store.Run, login_name: str) -> tuple[str, st
     request = VerifyRequest.from_dict({k: v for k, v in run.request.items() if k in fields})
     text = report.start_verify(dash.settings, dash.connection, gh, installation_id,
                                run.repository, run.pr, run.head_sha, request, files, rerun=True,
-                               base_sha=(pull.get("base") or {}).get("sha"))
+                               base_sha=(pull.get("base") or {}).get("sha"),
+                               untrusted=report.untrusted_code(
+                                   gh, dash.connection, run.repository, run.pr, run.head_sha,
+                                   (pull.get("user") or {}).get("login", "")))
     job_id = report.verify_job_id(run.repository, run.pr, run.head_sha, request)
     if text.startswith("enqueued"):  # "already queued/started": that run stands
         store.record_job(dash.connection, job_id, "queued", requested_by=login_name,

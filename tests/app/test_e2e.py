@@ -373,3 +373,50 @@ def test_pr_code_sees_no_secrets_and_a_hang_times_out(env, monkeypatch):
     assert leaked == []
     assert not any(os.environ["GITHUB_PRIVATE_KEY"][30:90] in v for v in seen.values())
     assert seen["HOME"] != os.environ.get("HOME")
+
+
+# A PR whose llama.py, once imported, writes an all-pass results JSON to the descriptor
+# the runner passed as --json, and exits 0 before any check runs: the whole of a forged
+# pass, since the process that imports the PR's code writes the results.
+FORGED_PASS = '''import json as _j, os as _o, sys as _s
+from mlx_verify.checks import schema as _schema
+_out = _s.argv[_s.argv.index("--json") + 1]
+_env = {k: "forged" for k in _schema.Environment.model_fields if k not in ("blas", "lock")}
+_r = _schema.Results(command="forged", environment=_env, reports=[_schema.ModelReport(
+    model_type="llama", source="forged", seed=0, dtype="float32", verdict="pass",
+    checks=[_schema.CheckResult(check="layers", variant="default", verdict="pass",
+                                summary="forged")])])
+_fd = _o.open(_out, _o.O_WRONLY)
+_o.write(_fd, _r.model_dump_json().encode())
+_o._exit(0)
+import mlx.core as mx'''
+
+
+def test_a_pass_from_an_untrusted_authors_code_is_never_a_green_gate(env):
+    """An outsider's PR that forges an all-pass report before any check runs. A
+    maintainer's /verify runs it: the forged pass reaches the report (the sandbox cannot
+    stop the code from writing its own results), but the Check Run is neutral, not
+    success, and the comment says why."""
+    sha = opened_by_outsider(env, 9, {LLAMA: ("import mlx.core as mx", FORGED_PASS)})
+    payload = env.payload("issue_comment.created.payload.json")
+    payload["issue"]["number"] = 9
+    payload["comment"]["body"] = "/verify llama --checks layers\n"
+    assert env.send("issue_comment", payload).status_code == 202
+    env.drain()
+    waiting, run = env.check_runs(sha)
+    assert waiting["output"]["title"] == "waiting for a maintainer"
+    assert (run["status"], run["conclusion"]) == ("completed", "neutral")
+    assert run["output"]["title"].startswith("✅ pass (not a gate)")
+    (comment,) = env.comments(9)
+    assert "Not a gate: author outsider-1 has no write access." in comment["body"]
+    # the same forged tree from a maintainer's own PR is reported as the pass it claims:
+    # what the trust rule, not the sandbox, stands between
+    sha, files = env.git_host.make_pr(10, {LLAMA: ("import mlx.core as mx", FORGED_PASS)})
+    env.open_pr(10, sha, files)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=10,
+                                         sha=sha))
+    env.drain()
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "success"
+    (comment,) = env.comments(10)
+    assert "Not a gate" not in comment["body"]

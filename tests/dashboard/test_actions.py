@@ -76,7 +76,7 @@ def test_cancel_stops_a_running_job(page, live, git_host, monkeypatch, tmp_path)
     request = VerifyRequest(model_types=("llama",), checks=("layers",), source="command")
     started = report.start_verify(live.settings, live.connection, gh,
                                   live.fake.github.installation_id, REPO, 21, sha, request,
-                                  files, rerun=False)
+                                  files, rerun=False, untrusted=None)
     job_id = report.verify_job_id(REPO, 21, sha, request)
     assert started == f"enqueued {job_id}"
     job = Job.fetch(job_id, connection=live.connection, serializer=JSONSerializer)

@@ -135,7 +135,8 @@ def test_a_cancel_that_github_fails_can_be_completed_by_cancelling_again(db, fak
     gh = github.installation_client(settings, db, fake.github.installation_id)
     request = VerifyRequest(model_types=("llama",), source="command")
     report.start_verify(settings, db, gh, fake.github.installation_id, REPO, 41, sha,
-                        request, ["mlx_lm/models/llama.py"], rerun=False)
+                        request, ["mlx_lm/models/llama.py"], rerun=False,
+                        untrusted=None)
     job_id = report.verify_job_id(REPO, 41, sha, request)
     (check_run,) = fake.github.check_runs.values()
 
