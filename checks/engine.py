@@ -334,6 +334,13 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                 default_weights = weights
             elif weights == default_weights:
                 failure.summary = f"the default variant's load finding again: {failure.summary}"
+            quantized = declared_quantization(variant.name, found)
+            if quantized:
+                # the tiny checkpoint is written unquantized (synth drops
+                # quantization_config): a layout this config's own checkpoint does not have
+                failure.details["reach"] = "latent"
+                failure.details["facts"] = [quantized]
+                failure.summary = f"{failure.summary}; latent: {quantized}"
             report.checks.append(failure)
             # Behind the finding: the model the same weights give under the naming
             # mlx-lm does read, when there is one; the checks say they ran on it.
@@ -403,6 +410,26 @@ def mark_systemic(reports: list[ModelReport]) -> dict[tuple[str, str], list[str]
                 result.reach = "systemic"
                 result.details["systemic_with"] = types
     return systemic
+
+
+def declared_quantization(variant: str, found: list[Source]) -> str | None:
+    """The fact, when the source config behind this variant declares a quantized checkpoint
+    (gpt-oss: MXFP4 experts). Its tiny checkpoint is written unquantized, so a load
+    finding is about the unquantized layout transformers saves (fine-tunes, dequantized
+    copies), not about the checkpoint this config describes."""
+    if variant == "default":
+        source = found[0]
+    elif variant.startswith("source-") and variant[len("source-"):].isdigit():
+        source = found[int(variant[len("source-"):])]
+    else:
+        return None
+    quantization = source.config.get("quantization_config")
+    if not source.from_file or not isinstance(quantization, dict):
+        return None
+    method = quantization.get("quant_method", "unnamed")
+    return (f"this config's checkpoint is quantized (quantization_config quant_method "
+            f"{method!r}); the tiny checkpoint is written unquantized, a layout this "
+            "checkpoint does not have")
 
 
 def not_run(checks: tuple[str, ...], variant: str, why: str) -> list[CheckResult]:
