@@ -303,6 +303,16 @@ REAL_CONFIGS: dict[str, tuple[str, set[str], str | None]] = {
         "gpt_neox", {"layers", "rope@64", "rope@1024", "rope@2032"},
         "gpt_neox: tanh-approximate GELU where the config says exact gelu"),
     "qwen3-0.6b.json": ("qwen3", set(), None),
+    "deepseek-v3.2.json": ("deepseek_v32", set(), None),
+    "glm-5.json": ("glm_moe_dsa", set(), None),
+    # loaded only since the per-layer-kind sizes shrink (swa_num_key_value_heads)
+    "mimo-v2-flash.json": ("mimo_v2_flash", set(), None),
+    "minimax-m2.7.json": ("minimax_m2", set(), None),
+    "mixtral-8x22b-v0.1.json": ("mixtral", set(), None),
+    # loaded only since head_dim follows transformers' class default (attention_head_dim)
+    "nemotron-h-56b-base-8k.json": (
+        "nemotron_h", {"layers", "rope@64", "rope@4096"},
+        "nemotron_h: dt clamped at 0 instead of time_step_min"),
 }
 
 
@@ -359,3 +369,71 @@ def test_load_finding_of_a_quantized_config_is_latent(
     load = next(r for r in plain.checks if r.check == "layers")
     assert load.verdict == "fail" and load.reach == "config"
     assert "quantization_config" not in load.summary
+
+
+def test_quantized_config_keeps_a_load_finding_of_unquantized_modules(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only tensors the quantization stores in another layout make a load finding latent:
+    with the experts in modules_to_not_convert (kept unquantized in the real checkpoint),
+    the unquantized-experts finding is the config's own."""
+    monkeypatch.setenv("MLX_VERIFY_CACHE", str(cache_dir))
+    config = json.loads((CONFIGS / "gpt-oss-20b.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"].append("model.layers.*.mlp.experts")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    report = engine.verify("gpt_oss", config_file=str(tmp_path / "config.json"),
+                           checks=("layers",), variant_names=("default",))
+    load = next(r for r in report.checks if r.check == "layers")
+    assert load.verdict == "fail" and load.reach == "config"
+
+
+# --- sizes of real configs the tiny checkpoint keeps consistent ----------------------------
+
+
+def test_head_dim_left_to_transformers_class_default_shrinks() -> None:
+    """Nemotron-H-56B carries attention_head_dim (read by neither side) and no head_dim:
+    transformers takes its class default 128 (= 8192 / 64 there), mlx-lm hidden / heads.
+    Shrunk without head_dim, transformers kept 128 over hidden 64: k_proj (256, 64) vs
+    MLX (32, 64), a load failure of the config under test."""
+    source = json.loads((CONFIGS / "nemotron-h-56b-base-8k.json").read_text())
+    assert "head_dim" not in source
+    tiny = synth.shrink_config(source)
+    assert tiny["head_dim"] == tiny["hidden_size"] // tiny["num_attention_heads"]
+    # a head_dim the file carries, different from hidden / heads, keeps differing
+    nano = synth.shrink_config(json.loads((CONFIGS / "nemotron-3-nano-30b-a3b.json").read_text()))
+    assert nano["head_dim"] != nano["hidden_size"] // nano["num_attention_heads"]
+
+
+def test_layer_kind_sizes_shrink_with_the_model_wide_ones() -> None:
+    """MiMo-V2-Flash's sliding layers: swa_num_attention_heads 64 stayed 64 over a 64-wide
+    hidden state, and transformers hard-codes their KV heads as 2 x num_key_value_heads
+    (8 = 2 x 4 in the file), so swa_num_key_value_heads keeps that multiple."""
+    source = json.loads((CONFIGS / "mimo-v2-flash.json").read_text())
+    tiny = synth.shrink_config(source)
+    assert tiny["swa_num_attention_heads"] == tiny["num_attention_heads"]
+    assert tiny["swa_num_key_value_heads"] == 2 * tiny["num_key_value_heads"]
+    assert tiny["swa_head_dim"] == tiny["head_dim"]
+    assert tiny["swa_v_head_dim"] == tiny["v_head_dim"]
+
+
+def test_topk_group_perturbed_within_n_group() -> None:
+    """GLM-5 routes over n_group 1: topk_group went to 2, which transformers' torch.topk
+    cannot run ("selected index k out of range"), an `error` row on a real config."""
+    glm = synth.shrink_config(json.loads((CONFIGS / "glm-5.json").read_text()))
+    assert glm["n_group"] == 1
+    assert "topk_group" not in dict(config_keys.candidates(glm))
+    ds = synth.shrink_config(json.loads((CONFIGS / "deepseek-v3.json").read_text()))
+    perturbed = dict(config_keys.candidates(ds))["topk_group"]["topk_group"]
+    assert 1 <= perturbed <= ds["n_group"] and perturbed != ds["topk_group"]
+
+
+def test_no_legacy_variant_for_a_port_that_reads_rope_parameters_only() -> None:
+    """GLM-5's port (glm_moe_dsa.py) requires rope_parameters and declares no legacy RoPE
+    key: every checkpoint it was written for is in transformers 5's format, so the legacy
+    form of the config is no checkpoint's (it read `fail`: ModelArgs missing
+    rope_parameters). A port reading both forms keeps the variant (deepseek-v3.2)."""
+    glm = json.loads((CONFIGS / "glm-5.json").read_text())
+    names = [v.name for v in engine.all_variants("glm_moe_dsa", glm, True)]
+    assert "config-format-legacy" not in names and "default" in names
+    ds = json.loads((CONFIGS / "deepseek-v3.2.json").read_text())
+    assert "config-format-rope_parameters" in [
+        v.name for v in engine.all_variants("deepseek_v32", ds, True)]
