@@ -480,11 +480,10 @@ LAYER_KIND_SIZES = ("num_attention_heads", "num_key_value_heads", "head_dim", "v
 
 
 def _shrink_layer_kind_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
-    """A layer kind's own attention sizes shrink with the model-wide ones: equal ones stay
-    equal, a whole multiple stays that multiple; others keep their relation (grouped KV
-    heads stay grouped, a head width that differs from the model's keeps differing), or
-    the tiny layers of that kind would keep
-    the real sizes (64 heads over a 64-wide hidden state: a checkpoint no one has)."""
+    """A layer kind's own attention sizes shrink with the model-wide ones, or its tiny
+    layers keep the real sizes (64 heads over a 64-wide hidden state: no checkpoint's).
+    Equal ones stay equal, a whole multiple stays that multiple; others keep their
+    relation (grouped KV heads stay grouped, a head width of its own stays distinct)."""
     for prefix in LAYER_KIND_PREFIXES:
         for base in LAYER_KIND_SIZES:
             key, value, model_wide = prefix + base, source.get(prefix + base), source.get(base)
