@@ -739,6 +739,11 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(vocab, int):
         for key in TOKEN_ID_KEYS:
             value = out.get(key)
+            if key not in out:
+                # left to transformers' class default (smollm3's pad_token_id 128004): a
+                # row of the real vocabulary, past the tiny one (the embedding refuses it)
+                default = _class_default(out.get("model_type"), key)
+                value = default if isinstance(default, int) and default >= vocab else None
             if isinstance(value, int) and value >= vocab:
                 out[key] = vocab - 1 - TOKEN_ID_KEYS.index(key)
             elif isinstance(value, list):

@@ -309,6 +309,9 @@ REAL_CONFIGS: dict[str, tuple[str, set[str], str | None]] = {
     "mimo-v2-flash.json": ("mimo_v2_flash", set(), None),
     "minimax-m2.7.json": ("minimax_m2", set(), None),
     "mixtral-8x22b-v0.1.json": ("mixtral", set(), None),
+    # exited 2 ("Padding_idx must be within num_embeddings") before token ids left to
+    # transformers' class defaults were moved into the tiny vocabulary
+    "smollm3-3b-partial.json": ("smollm3", set(), None),
     # loaded only since head_dim follows transformers' class default (attention_head_dim)
     "nemotron-h-56b-base-8k.json": (
         "nemotron_h", {"layers", "rope@64", "rope@4096"},
@@ -437,3 +440,15 @@ def test_no_legacy_variant_for_a_port_that_reads_rope_parameters_only() -> None:
     ds = json.loads((CONFIGS / "deepseek-v3.2.json").read_text())
     assert "config-format-rope_parameters" in [
         v.name for v in engine.all_variants("deepseek_v32", ds, True)]
+
+
+def test_token_ids_left_to_class_defaults_stay_in_the_tiny_vocabulary() -> None:
+    """SmolLM3's file (as copied) has no pad_token_id: transformers' SmolLM3Config default
+    128004 is a row of the real vocabulary, past the tiny one, and transformers refused
+    to build the model ("Padding_idx must be within num_embeddings")."""
+    tiny = synth.shrink_config(json.loads((CONFIGS / "smollm3-3b-partial.json").read_text()))
+    assert all(0 <= tiny[key] < tiny["vocab_size"] for key in synth.TOKEN_ID_KEYS)
+    # a file's own token ids inside the vocabulary, and absent ones with no default past
+    # it, are left as they are
+    qwen = synth.shrink_config(json.loads((CONFIGS / "qwen3-0.6b.json").read_text()))
+    assert "pad_token_id" not in qwen
