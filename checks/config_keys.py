@@ -58,6 +58,10 @@ LAYER_OFFSET_KEYS = ("attn_layer_offset", "expert_layer_offset", "first_k_dense_
 # Per-layer lists that fix the layer pattern on their own: with one of them in the config,
 # a different period next to the same list is no checkpoint's config.
 LAYER_LISTS = ("layer_types", "block_types", "layers_block_type")
+# A count chosen out of another count: group-limited routing picks topk_group of the
+# n_group expert groups (DeepSeek-V3, GLM-5), so a value above n_group is no checkpoint's
+# config (transformers' torch.topk raises on it: "selected index k out of range").
+BOUNDED_BY = {"topk_group": "n_group"}
 
 
 def _is_size(key: str) -> bool:
@@ -82,6 +86,17 @@ def layer_layout_value(key: str, value: int, config: dict[str, Any]) -> int | No
     low, high = (1, n_layers) if key in LAYER_PERIOD_KEYS else (0, n_layers - 1)
     for candidate in (value + 1, value - 1):
         if low <= candidate <= high and candidate != value:
+            return candidate
+    return None
+
+
+def bounded_value(key: str, value: int, config: dict[str, Any]) -> int | None:
+    """A different count within 1..its bound (topk_group within n_group), or None."""
+    bound = config.get(BOUNDED_BY[key])
+    if not isinstance(bound, int) or isinstance(bound, bool):
+        return None
+    for candidate in (value + 1, value - 1):
+        if 1 <= candidate <= bound and candidate != value:
             return candidate
     return None
 
@@ -124,6 +139,9 @@ def candidates(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
             continue
         if key in LAYER_PERIOD_KEYS or key in LAYER_OFFSET_KEYS:
             new_value = (layer_layout_value(key, value, config)
+                         if isinstance(value, int) and not isinstance(value, bool) else None)
+        elif key in BOUNDED_BY:
+            new_value = (bounded_value(key, value, config)
                          if isinstance(value, int) and not isinstance(value, bool) else None)
         else:
             new_value = perturb(key, value)

@@ -3,6 +3,7 @@ both models -> check results. The CLI, the worker and the sweep all call `verify
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import json
 import logging
@@ -132,7 +133,10 @@ def all_variants(model_type: str, source: dict[str, Any], from_file: bool,
     default = make_variants(source, from_file)[0]
     if default.config_format == "rope_parameters":
         legacy = synth.to_legacy_format(default.config)
-        other = legacy if synth.legacy_is_lossless(default.config, legacy) else None
+        # a port that reads rope_parameters only was written for checkpoints transformers
+        # 5 saved (GLM-5): no checkpoint of it is in the legacy format
+        other = (legacy if synth.legacy_is_lossless(default.config, legacy)
+                 and not synth.port_reads_rope_parameters_only(default.config) else None)
     else:
         try:
             other = variants.to_rope_parameters_format(default.config)
@@ -334,6 +338,13 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                 default_weights = weights
             elif weights == default_weights:
                 failure.summary = f"the default variant's load finding again: {failure.summary}"
+            quantized = declared_quantization(variant.name, found, weights)
+            if quantized:
+                # the tiny checkpoint is written unquantized (synth drops
+                # quantization_config): a layout this config's own checkpoint does not have
+                failure.details["reach"] = "latent"
+                failure.details["facts"] = [quantized]
+                failure.summary = f"{failure.summary}; latent: {quantized}"
             report.checks.append(failure)
             # Behind the finding: the model the same weights give under the naming
             # mlx-lm does read, when there is one; the checks say they ran on it.
@@ -403,6 +414,39 @@ def mark_systemic(reports: list[ModelReport]) -> dict[tuple[str, str], list[str]
                 result.reach = "systemic"
                 result.details["systemic_with"] = types
     return systemic
+
+
+# tensors no weight quantization method stores differently (kept in full precision)
+NOT_QUANTIZED = re.compile(r"bias|norm|sink|embed|lm_head|router|gate\.weight$")
+
+
+def declared_quantization(variant: str, found: list[Source], weights: Any) -> str | None:
+    """The fact, when the source config behind this variant declares a quantized checkpoint
+    (gpt-oss: MXFP4 experts) and every tensor of the load finding is one that quantization
+    stores in another layout. The tiny checkpoint is written unquantized, so such a
+    finding is about the unquantized layout transformers saves (fine-tunes, dequantized
+    copies), not about the checkpoint this config describes. A norm, bias or sink, or a
+    module the config keeps unquantized (`modules_to_not_convert`), stays the config's."""
+    if variant == "default":
+        source = found[0]
+    elif variant.startswith("source-") and variant[len("source-"):].isdigit():
+        source = found[int(variant[len("source-"):])]
+    else:
+        return None
+    quantization = source.config.get("quantization_config")
+    if not source.from_file or not isinstance(quantization, dict):
+        return None
+    kept = [pattern for pattern in quantization.get("modules_to_not_convert") or []
+            if isinstance(pattern, str)]
+    names = [*weights.missing, *weights.unexpected,
+             *(entry.split(":")[0] for entry in weights.mismatched)]
+    if not names or any(NOT_QUANTIZED.search(name)
+                        or any(fnmatch.fnmatch(name, f"{p}*") for p in kept) for name in names):
+        return None
+    method = quantization.get("quant_method", "unnamed")
+    return (f"this config's checkpoint is quantized (quantization_config quant_method "
+            f"{method!r}); the tiny checkpoint is written unquantized, a layout this "
+            "checkpoint does not have")
 
 
 def not_run(checks: tuple[str, ...], variant: str, why: str) -> list[CheckResult]:

@@ -331,12 +331,15 @@ def hub_key_names(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def port_reads_rope_parameters_only(config: dict[str, Any]) -> bool:
-    """The mlx-lm ModelArgs declares rope_parameters and none of the legacy RoPE keys: the
-    checkpoints it was written for carry transformers 5's format."""
+    """The mlx-lm ModelArgs declares rope_parameters and none of the legacy RoPE keys, or
+    requires rope_parameters (no default: glm_moe_dsa derives its rope_theta from it):
+    the checkpoints it was written for carry transformers 5's format."""
     fields = _mlx_fields(config)
     legacy_names = {name for names in LEGACY_ROPE_KEYS.values() for name in names.values()}
-    return "rope_parameters" in fields and not fields & {"rope_theta", "rope_scaling",
-                                                         *legacy_names}
+    if "rope_parameters" not in fields:
+        return False
+    return (not fields & {"rope_theta", "rope_scaling", *legacy_names}
+            or "rope_parameters" not in _mlx_defaults(config))
 
 
 def _config_class(model_type: str) -> Any:
@@ -345,10 +348,34 @@ def _config_class(model_type: str) -> Any:
     return hf_config_class(model_type)
 
 
+def _class_default(model_type: Any, name: str) -> Any:
+    """The default transformers' config class of this model_type gives `name` (None when
+    unknown, or when it computes it: llama's head_dim)."""
+    import dataclasses
+
+    config_class = _config_class(model_type) if isinstance(model_type, str) else None
+    if config_class is None or not dataclasses.is_dataclass(config_class):
+        return None
+    field = next((f for f in dataclasses.fields(config_class) if f.name == name), None)
+    return None if field is None or field.default is dataclasses.MISSING else field.default
+
+
 def _declared_fields(config_class: Any) -> set[str]:
     from .compat import hf_config_fields
 
     return hf_config_fields(config_class)
+
+
+def _mlx_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the mlx-lm ModelArgs for this config (empty if none)."""
+    from .compat import mlx_args_defaults
+    from .mlx_side import MlxLmError, model_classes
+
+    try:
+        _, args_class = model_classes(config)
+    except MlxLmError:
+        return {}
+    return mlx_args_defaults(args_class)
 
 
 def _mlx_fields(config: dict[str, Any]) -> set[str]:
@@ -443,6 +470,39 @@ def _keep_tied_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
         value = source.get(key)
         if isinstance(value, int) and value == _tied_value(source, operation, operands):
             out[key] = _tied_value(out, operation, operands)
+
+
+# Attention sizes of one kind of layer, next to the model-wide ones (MiMo-V2-Flash's
+# sliding-window layers: swa_num_attention_heads, swa_num_key_value_heads, swa_head_dim,
+# swa_v_head_dim): prefix -> the keys they shadow.
+LAYER_KIND_PREFIXES = ("swa_",)
+LAYER_KIND_SIZES = ("num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim")
+
+
+def _shrink_layer_kind_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
+    """A layer kind's own attention sizes shrink with the model-wide ones, or its tiny
+    layers keep the real sizes (64 heads over a 64-wide hidden state: no checkpoint's).
+    Equal ones stay equal, a whole multiple stays that multiple; others keep their
+    relation (grouped KV heads stay grouped, a head width of its own stays distinct)."""
+    for prefix in LAYER_KIND_PREFIXES:
+        for base in LAYER_KIND_SIZES:
+            key, value, model_wide = prefix + base, source.get(prefix + base), source.get(base)
+            if not isinstance(value, int) or isinstance(value, bool) or base not in out:
+                continue
+            if value == model_wide:
+                out[key] = out[base]
+            elif isinstance(model_wide, int) and model_wide > 0 and value % model_wide == 0:
+                # a whole multiple of the model-wide size stays one: transformers'
+                # mimo_v2_flash hard-codes its sliding layers' KV heads as 2 x the model's
+                out[key] = out[base] * (value // model_wide)
+            elif base == "num_attention_heads":
+                out[key] = out[base]
+            elif base == "num_key_value_heads":
+                heads = source.get(prefix + "num_attention_heads", source.get(base))
+                out[key] = (out.get(key.replace(base, "num_attention_heads"), HEADS)
+                            if value == heads else 1 if value == 1 else 2)
+            else:  # a head width of its own: the tiny width of its kind, kept distinct
+                out[key] = out[base] * 2 if out[base] * 2 <= 64 else out[base] // 2
 
 
 # Lists with one entry per rotated pair (longrope's factors) or that split the rotated
@@ -607,6 +667,12 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
             out["head_dim"] = HIDDEN // HEADS
         else:
             out["head_dim"] = 32
+    if (orig_head_dim is None and isinstance(orig_hidden, int) and orig_heads
+            and _class_default(out.get("model_type"), "head_dim") == orig_hidden // orig_heads):
+        # the file leaves head_dim to transformers' class default (nemotron_h: 128), which
+        # is its hidden / heads there: said explicitly, or the tiny model's transformers
+        # side keeps 128 where hidden / heads shrank (a size no checkpoint has)
+        out["head_dim"] = out.get("hidden_size", HIDDEN) // out.get("num_attention_heads", HEADS)
     if isinstance(out.get("rotary_dim"), int) and isinstance(orig_hidden, int) and orig_heads:
         # gpt-j style partial rotary by count: keep the same fraction of the head
         source_head = orig_head_dim if isinstance(orig_head_dim, int) else orig_hidden // orig_heads
@@ -614,6 +680,7 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         frac = out["rotary_dim"] / source_head
         out["rotary_dim"] = max(2, int(round(frac * tiny_head / 2)) * 2)
     _keep_tied_sizes(config, out)
+    _shrink_layer_kind_sizes(config, out)
     _shrink_rotary_lists(config, out)
 
     # Experts: fewer, but routing still chooses (top-k < experts) and groups still group.
@@ -672,6 +739,11 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(vocab, int):
         for key in TOKEN_ID_KEYS:
             value = out.get(key)
+            if key not in out:
+                # left to transformers' class default (smollm3's pad_token_id 128004): a
+                # row of the real vocabulary, past the tiny one (the embedding refuses it)
+                default = _class_default(out.get("model_type"), key)
+                value = default if isinstance(default, int) and default >= vocab else None
             if isinstance(value, int) and value >= vocab:
                 out[key] = vocab - 1 - TOKEN_ID_KEYS.index(key)
             elif isinstance(value, list):
