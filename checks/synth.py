@@ -24,7 +24,7 @@ import numpy as np
 
 from . import compat
 
-SYNTH_VERSION = 1  # bump when the checkpoint recipe changes: it is part of the cache key
+SYNTH_VERSION = 2  # bump when the checkpoint recipe changes: it is part of the cache key
 
 HIDDEN = 64
 HEADS = 4
@@ -95,10 +95,35 @@ def complete_default_config(config: dict[str, Any]) -> tuple[dict[str, Any], dic
     out = copy.deepcopy(config)
     done: dict[str, Any] = {}
     for key, (value, source) in _default_completions(out).items():
-        if out.get(key) is None or isinstance(value, dict):  # dicts: completed inside
-            out[key] = value
+        # a dotted key is one inside nested configs (text_config.rope_parameters.x)
+        *parents, leaf = key.split(".")
+        target = out
+        for parent in parents:
+            target = target.setdefault(parent, {}) if isinstance(target, dict) else None
+        if not isinstance(target, dict):
+            continue
+        # dicts are completed inside; `architectures` is no key of transformers' config
+        # (default_config writes its class name), so a checkpoint's own name replaces it;
+        # a COMPUTED_ATTRIBUTES key holds transformers' computed value, not the checkpoint's
+        computed = key in COMPUTED_ATTRIBUTES.get(config.get("model_type"), {})
+        if (target.get(leaf) is None or isinstance(value, dict) or key == "architectures"
+                or computed):
+            target[leaf] = value
             done[key] = {"value": value, "source": source}
+            for derived in COMPUTED_ATTRIBUTES.get(config.get("model_type"), {}).get(key, ()):
+                out.pop(derived, None)
     return out, done
+
+
+# Keys of transformers' default config that hold what its config class computed, where a
+# checkpoint's key means something else (BailingHybridConfig turns the checkpoint's
+# head_dim, the KDA head width, into linear_head_dim and sets head_dim to
+# qk_rope_head_dim): key -> the computed keys dropped with it (transformers computes
+# them again from the checkpoint's keys; kept, they override that computation).
+COMPUTED_ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
+    "bailing_hybrid": {"head_dim": ("linear_head_dim", "linear_num_heads",
+                                    "linear_conv_kernel_dim")},
+}
 
 
 # Keys transformers' default config leaves out (or None) that every real checkpoint of
@@ -148,6 +173,117 @@ def _default_completions(config: dict[str, Any]) -> dict[str, tuple[Any, str]]:
                                  "head_dim x partial_rotary_factor (None: 1.0), the dims "
                                  "transformers' MiniMax rotary embedding covers")
         return out
+    if model_type == "bailing_hybrid":
+        return {"head_dim": (config.get("linear_head_dim", _class_default(model_type, "head_dim")),
+                             "BailingHybridConfig's head_dim (128, the KDA head width, "
+                             "documented for inclusionAI/Ling-3.0-Flash), which its "
+                             "__post_init__ copies to linear_head_dim before setting head_dim "
+                             "to qk_rope_head_dim: the default config holds the computed 64; "
+                             "linear_head_dim, linear_num_heads, linear_conv_kernel_dim "
+                             "(computed from head_dim, num_attention_heads, "
+                             "short_conv_kernel_size) dropped"),
+                "moe_shared_expert_intermediate_size": (
+                    config.get("moe_intermediate_size"),
+                    "moe_intermediate_size: transformers' modeling_bailing_hybrid sizes its "
+                    "shared expert moe_intermediate_size x n_shared_experts; mlx-lm's "
+                    "bailing_moe_v3 reads this key (its default 512 is no size of "
+                    "transformers' default)"),
+                "architectures": (["BailingMoeV3ForCausalLM"],
+                                  "the architectures of inclusionAI/Ling-3.0-Flash, the "
+                                  "checkpoint transformers' BailingHybridConfig documents (KDA "
+                                  "+ MLA); mlx-lm's MODEL_ARCHITECTURE_REMAPPING sends "
+                                  "(bailing_hybrid, BailingMoeV3ForCausalLM) to its KDA port "
+                                  "bailing_moe_v3, and every other bailing_hybrid config to "
+                                  "bailing_hybrid.py, the lightning-attention port of Ling 2.5")}
+    if model_type == "glm_moe_dsa":
+        return {"topk_method": ("noaux_tc", "zai-org/GLM-5's config.json "
+                                            "(tests/fixtures/configs/glm-5.json)"),
+                "scoring_func": ("sigmoid", "zai-org/GLM-5's config.json; transformers' "
+                                            "modeling_glm_moe_dsa routes with a sigmoid"),
+                "moe_layer_freq": (1, "zai-org/GLM-5's config.json: every layer past "
+                                      "first_k_dense_replace is MoE, as transformers' "
+                                      "mlp_layer_types says")}
+    if model_type == "kimi_linear" and isinstance(config.get("layer_types"), list):
+        types = config["layer_types"]
+        mlp_types = config.get("mlp_layer_types") or []
+        return {"linear_attn_config": (
+                    {"full_attn_layers": [i + 1 for i, t in enumerate(types)
+                                          if t == "full_attention"],
+                     "kda_layers": [i + 1 for i, t in enumerate(types)
+                                    if t == "linear_attention"],
+                     "num_heads": config.get("linear_num_heads"),
+                     "head_dim": config.get("linear_head_dim"),
+                     "short_conv_kernel_size": config.get("linear_conv_kernel_dim")},
+                    "the checkpoint form KimiLinearConfig.__post_init__ reads (1-based layer "
+                    "lists, num_heads, head_dim, short_conv_kernel_size), from transformers' "
+                    "layer_types and linear_* values"),
+                "first_k_dense_replace": (
+                    next((i for i, t in enumerate(mlp_types) if t != "dense"), 0),
+                    "the dense layers leading transformers' mlp_layer_types (KimiLinearConfig "
+                    "reads first_k_dense_replace from checkpoints, 1 when absent)"),
+                "rope_theta": (10000.0, "unused by both sides (transformers' "
+                                        "modeling_kimi_linear and mlx-lm's KimiMLAAttention "
+                                        "rotate nothing: NoPE MLA); mlx-lm requires the key")}
+    if model_type == "mimo_v2_flash" and isinstance(config.get("layer_types"), list):
+        params = config.get("rope_parameters") or {}
+        full, local = params.get("full_attention", {}), params.get("sliding_attention", {})
+        fixture = ("XiaomiMiMo/MiMo-V2-Flash's config.json "
+                   "(tests/fixtures/configs/mimo-v2-flash.json)")
+        window = config.get("sliding_window")
+        kv = config.get("num_key_value_heads")
+        return {
+            "hybrid_layer_pattern": ([int(t == "sliding_attention") for t in config["layer_types"]],
+                                     "transformers' layer_types (sliding -> 1), the form of "
+                                     + fixture),
+            "moe_layer_freq": ([int(t == "sparse") for t in config.get("mlp_layer_types") or []],
+                               "transformers' mlp_layer_types (sparse -> 1), the form of "
+                               + fixture),
+            "add_swa_attention_sink_bias": (True, fixture + "; transformers' modeling_mimo_v2_flash"
+                                                  " gives sliding layers sinks"),
+            "add_full_attention_sink_bias": (False, fixture + "; transformers gives full "
+                                                    "layers none"),
+            "sliding_window_size": (window - 1 if isinstance(window, int) else None,
+                                    "transformers' sliding_window - 1 (its config sets "
+                                    "sliding_window = sliding_window_size + 1); 128 in " + fixture),
+            "n_shared_experts": (None, fixture + " (null); transformers has no shared expert"),
+            "topk_method": ("noaux_tc", fixture),
+            "scoring_func": ("sigmoid", fixture + "; transformers routes with a sigmoid"),
+            "layernorm_epsilon": (config.get("rms_norm_eps"),
+                                  "transformers' rms_norm_eps; 1e-05 in " + fixture),
+            "rope_theta": (full.get("rope_theta"), "transformers' rope_parameters."
+                                                   "full_attention; 5000000 in " + fixture),
+            "swa_rope_theta": (local.get("rope_theta"), "transformers' rope_parameters."
+                                                        "sliding_attention; 10000 in " + fixture),
+            "partial_rotary_factor": (full.get("partial_rotary_factor"),
+                                      "transformers' rope_parameters; 0.334 in " + fixture),
+            "swa_num_attention_heads": (config.get("num_attention_heads"),
+                                        "transformers' num_attention_heads (its sliding layers "
+                                        "use the model's); equal in " + fixture),
+            "swa_num_key_value_heads": (2 * kv if isinstance(kv, int) else None,
+                                        "2 x num_key_value_heads, what transformers' "
+                                        "modeling_mimo_v2_flash hard-codes; 8 = 2 x 4 in "
+                                        + fixture),
+            "swa_head_dim": (config.get("head_dim"), "transformers' head_dim (one for both "
+                                                     "kinds); equal in " + fixture),
+            "swa_v_head_dim": (config.get("v_head_dim"), "transformers' v_head_dim (one for "
+                                                         "both kinds); equal in " + fixture),
+        }
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        text = config.get("text_config") or {}
+        if "mrope_section" in (text.get("rope_parameters") or {}):
+            return {}
+        checkpoint = "Qwen/Qwen2-VL-7B-Instruct" if model_type == "qwen2_vl" else \
+            "Qwen/Qwen2.5-VL-7B-Instruct"
+        return {"text_config.rope_parameters.mrope_section": (
+            [16, 24, 24],
+            f"{checkpoint}'s config.json (rope_scaling mrope_section); transformers' "
+            f"modeling_{model_type} falls back to the same list when the key is absent, "
+            "which fits only head_dim 128: written, it shrinks with head_dim")}
+    if model_type == "mamba2" and isinstance(config.get("hidden_size"), int):
+        return {"intermediate_size": (config["hidden_size"] * (config.get("expand") or 2),
+                                      "hidden_size x expand, the mixer width of transformers' "
+                                      "Mamba2Mixer; mlx-lm's mamba2 requires the key and "
+                                      "computes the width as num_heads x head_dim")}
     if model_type == "gpt_bigcode" and isinstance(config.get("n_embd"), int):
         return {"n_inner": (4 * config["n_embd"],
                             "4 x n_embd: what transformers' GPTBigCodeMLP uses when n_inner is "
@@ -472,6 +608,28 @@ def _keep_tied_sizes(source: dict[str, Any], out: dict[str, Any]) -> None:
             out[key] = _tied_value(out, operation, operands)
 
 
+SSM_HEAD_DIM = 16
+
+
+def _shrink_ssm_heads(source: dict[str, Any], out: dict[str, Any]) -> None:
+    """Mamba-2 mixers whose heads tile the expanded width (num_heads * head_dim ==
+    hidden_size * expand, which transformers' Mamba2Config requires) keep tiling it: the
+    head width shrinks and the head count follows; groups of heads stay groups."""
+    heads, head_dim = source.get("num_heads"), source.get("head_dim")
+    hidden, expand = source.get("hidden_size"), source.get("expand")
+    sizes = (heads, head_dim, hidden, expand, out.get("hidden_size"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        return
+    if heads * head_dim != hidden * expand or "num_attention_heads" in source:
+        return
+    out["head_dim"] = min(head_dim, SSM_HEAD_DIM)
+    out["num_heads"] = max(1, out["hidden_size"] * expand // out["head_dim"])
+    groups = source.get("n_groups")
+    if isinstance(groups, int) and 1 < groups < heads and heads % groups == 0:
+        # fewer groups than heads in the source: still several heads per group
+        out["n_groups"] = 2 if out["num_heads"] % 2 == 0 and out["num_heads"] > 2 else 1
+
+
 # Attention sizes of one kind of layer, next to the model-wide ones (MiMo-V2-Flash's
 # sliding-window layers: swa_num_attention_heads, swa_num_key_value_heads, swa_head_dim,
 # swa_v_head_dim): prefix -> the keys they shadow.
@@ -598,6 +756,24 @@ def _shrink_layer_override(override: Any, source: dict[str, Any], tiny: dict[str
     return out
 
 
+# Kimi-Linear checkpoints keep their linear-attention sizes and 1-based layer lists in
+# one nested dict (transformers' KimiLinearConfig reads it over its own linear_* keys).
+LINEAR_ATTN_SIZES = {"num_heads": "linear_num_heads", "head_dim": "linear_head_dim"}
+LINEAR_ATTN_LAYER_LISTS = ("full_attn_layers", "kda_layers")
+
+
+def _shrink_linear_attn_config(linear: dict[str, Any], keep: int) -> dict[str, Any]:
+    out = dict(linear)
+    for key, size_key in LINEAR_ATTN_SIZES.items():
+        value = out.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > SIZE_KEYS[size_key]:
+            out[key] = SIZE_KEYS[size_key]
+    for key in LINEAR_ATTN_LAYER_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [i for i in out[key] if isinstance(i, int) and i <= keep]
+    return out
+
+
 def _cannot_build(config: dict[str, Any]) -> bool:
     """transformers fails to build a (meta-device) model from this config: None used as a
     number."""
@@ -616,6 +792,11 @@ def _cannot_build(config: dict[str, Any]) -> bool:
     return False
 
 
+# (nested config, key) of an encoder's output width, tied to text_config's hidden_size
+# when the source ties them.
+ENCODER_OUTPUT_WIDTHS = (("audio_config", "out_hidden_size"), ("vision_config", "out_hidden_size"))
+
+
 def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
     """Sizes shrunk, every other key kept as it was (format included)."""
     out = copy.deepcopy(config)
@@ -626,6 +807,16 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get(nested), dict):
             out[nested] = shrink_config(out[nested])
     text = out.get("text_config")
+    source_text = config.get("text_config")
+    for nested, key in ENCODER_OUTPUT_WIDTHS:
+        encoder, source_encoder = out.get(nested), config.get(nested)
+        if (isinstance(encoder, dict) and isinstance(source_encoder, dict)
+                and isinstance(text, dict) and isinstance(source_text, dict)
+                and isinstance(source_text.get("hidden_size"), int)
+                and source_encoder.get(key) == source_text["hidden_size"]):
+            # an encoder whose output lands on the text embeddings keeps their width
+            # (transformers' MuseSparkConfig requires audio out_hidden_size == hidden_size)
+            encoder[key] = text.get("hidden_size")
     if (isinstance(text, dict) and isinstance(text.get("vocab_size"), int)
             and "vocab_size" not in out):
         # Multimodal ports (mlx-lm's gemma3) read a top-level vocab_size whose default is
@@ -680,6 +871,7 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         frac = out["rotary_dim"] / source_head
         out["rotary_dim"] = max(2, int(round(frac * tiny_head / 2)) * 2)
     _keep_tied_sizes(config, out)
+    _shrink_ssm_heads(config, out)
     _shrink_layer_kind_sizes(config, out)
     _shrink_rotary_lists(config, out)
 
@@ -722,6 +914,9 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
             overrides = out["per_layer_config"].items()
             out["per_layer_config"] = {k: _shrink_layer_override(v, config, out)
                                        for k, v in overrides if int(k) < keep}
+        if isinstance(out.get("linear_attn_config"), dict):
+            out["linear_attn_config"] = _shrink_linear_attn_config(out["linear_attn_config"],
+                                                                   keep)
         for k in ("max_window_layers", "moe_layer_end_index", "num_nextn_predict_layers"):
             if isinstance(out.get(k), int) and out[k] > keep:
                 out[k] = keep if k != "num_nextn_predict_layers" else 0
@@ -931,6 +1126,7 @@ def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") 
     if dtype != "float32":
         model = model.to(getattr(torch, dtype))
     model.save_pretrained(tmp)
+    _restore_checkpoint_names(tmp, config)
     # save_pretrained rewrote config.json in transformers 5's format: put the source back.
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     gen_config = tmp / "generation_config.json"
@@ -938,6 +1134,45 @@ def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") 
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+# Tensor names transformers 5's save_pretrained writes on every layer by reversing one
+# load-time rename (conversion_mapping.py), where the architecture's checkpoints carry
+# that name on one kind of layer only: model_type -> (per-layer list key, the layer
+# kind whose tensors are renamed back, the saved name, the checkpoint's name).
+# kimi_linear: `.block_sparse_moe.` -> `.mlp.` is reversed on the dense layer too, whose
+# MLP Moonshot's modeling_kimi.py names `mlp`; bailing_hybrid: `.self_attn.dense.` ->
+# `.self_attn.o_proj.` is reversed on the KDA layers too, whose projection is `o_proj`
+# (only the MLA layers' is `dense`: mlx-lm's bailing_moe_v3 reads both).
+SAVED_NAME_FIXES: dict[str, tuple[str, str, str, str]] = {
+    "kimi_linear": ("mlp_layer_types", "dense", ".block_sparse_moe.", ".mlp."),
+    "bailing_hybrid": ("layer_types", "linear_attention", ".attention.dense.",
+                       ".attention.o_proj."),
+}
+
+
+def _restore_checkpoint_names(checkpoint: Path, config: dict[str, Any]) -> None:
+    fix = SAVED_NAME_FIXES.get(config.get("model_type", ""))
+    kinds = config.get(fix[0]) if fix else None
+    if fix is None or not isinstance(kinds, list):
+        return
+    from safetensors.torch import load_file, save_file
+
+    _, kind, saved, real = fix
+    prefixes = tuple(f"model.layers.{i}{saved}" for i, t in enumerate(kinds) if t == kind)
+    index_file = checkpoint / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    for path in sorted(checkpoint.glob("model*.safetensors")):
+        tensors = load_file(path)
+        renamed = {(name.replace(saved, real, 1) if name.startswith(prefixes) else name): t
+                   for name, t in tensors.items()}
+        if renamed.keys() != tensors.keys():
+            save_file(renamed, str(path), metadata={"format": "pt"})
+            if index is not None:
+                index["weight_map"] = {(n.replace(saved, real, 1) if n.startswith(prefixes)
+                                        else n): f for n, f in index["weight_map"].items()}
+    if index is not None:
+        index_file.write_text(json.dumps(index, indent=2))
 
 
 def without_key_prefix(checkpoint: Path, prefix: str) -> Path | None:

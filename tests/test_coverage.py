@@ -10,6 +10,10 @@ give a measured verdict.
 - A variant config mlx-lm cannot read is a fail on the mlx-lm side; a check that
   raises inside mlx-lm's code is a fail on the mlx-lm side; transformers' default
   config completed with a key real checkpoints carry says where the value came from.
+- Defaults mlx-lm could not read (glm_moe_dsa, kimi_linear, mimo_v2_flash,
+  bailing_hybrid) are completed from real configs, each value with its source, and
+  measured; shrunk defaults transformers could not run (mamba2, muse_spark, qwen2_vl,
+  qwen2_5_vl) keep the relations its config requires, and are measured.
 - The quantized KV cache (`--kv-bits`): a bug in mlx-lm's quantized attention is found
   by the generation check's kv-quantized part and by nothing else.
 
@@ -163,3 +167,89 @@ def test_a_kv_sharing_bug_is_reached_by_the_feature_switches_variant(cache_dir: 
     assert rows["default"]["verdict"] == "pass"
     assert rows["feature-switches"]["verdict"] == "fail", rows["feature-switches"]
     assert rows["feature-switches"]["reach"] == "latent"
+
+
+def test_defaults_mlx_lm_could_not_read_are_completed_and_measured(cache_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """glm_moe_dsa, kimi_linear, mimo_v2_flash and bailing_hybrid read `fail` only because
+    mlx-lm's ModelArgs requires keys transformers' default lacks: completed from real
+    checkpoints' configs (each value with its source), and transformers' save-time renames
+    that no real checkpoint carries are put back, every one now loads on both sides and
+    its layers are measured (a pass on each)."""
+    types = ["glm_moe_dsa", "kimi_linear", "mimo_v2_flash", "bailing_hybrid"]
+    run = run_cli(["check", *types, "--checks", "layers", "--variants", "default"],
+                  cache_dir, tmp_path / "out.json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    for model_type in types:
+        [row] = rows(run, model_type)
+        assert row["verdict"] == "pass", (model_type, row["summary"])
+        assert len(row["layers"]) >= 3, model_type  # stages measured, not a load stop
+    expected = {
+        "glm_moe_dsa": {"topk_method": "glm-5.json", "scoring_func": "GLM-5",
+                        "moe_layer_freq": "GLM-5"},
+        "kimi_linear": {"linear_attn_config": "KimiLinearConfig", "rope_theta": "unused",
+                        "first_k_dense_replace": "mlp_layer_types"},
+        "mimo_v2_flash": {"hybrid_layer_pattern": "mimo-v2-flash.json",
+                          "swa_num_key_value_heads": "2 x num_key_value_heads",
+                          "sliding_window_size": "sliding_window - 1"},
+        "bailing_hybrid": {"architectures": "Ling-3.0-Flash", "head_dim": "linear_head_dim",
+                           "moe_shared_expert_intermediate_size": "moe_intermediate_size"},
+    }
+    for model_type, sources in expected.items():
+        [variant] = [v for v in run.report(model_type)["variants"] if v["name"] == "default"]
+        completed = variant["overrides"]["completed"]
+        for key, source in sources.items():
+            assert source in completed[key]["source"], (model_type, key, completed[key])
+            assert f"{key} completed:" in variant["description"], (model_type, key)
+    mimo = next(v for v in run.report("mimo_v2_flash")["variants"] if v["name"] == "default")
+    tiny = mimo["config"]
+    # the sliding layers' sizes shrink with the model's, as in the real file
+    assert tiny["swa_num_key_value_heads"] == 2 * tiny["num_key_value_heads"]
+    assert tiny["hybrid_layer_pattern"][0] == 0 and 1 in tiny["hybrid_layer_pattern"]
+    kimi = next(v for v in run.report("kimi_linear")["variants"] if v["name"] == "default")
+    linear = kimi["config"]["linear_attn_config"]
+    # the checkpoint form shrinks too: tiny sizes, 1-based lists within the tiny layers
+    assert linear["num_heads"] == kimi["config"]["linear_num_heads"]
+    assert max(linear["kda_layers"] + linear["full_attn_layers"]) == \
+        kimi["config"]["num_hidden_layers"]
+
+
+def test_shrunk_defaults_transformers_could_not_run_are_measured(cache_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """mamba2 (hidden_size * expand == num_heads * head_dim), muse_spark (the audio
+    encoder's out_hidden_size == text hidden_size), qwen2_vl and qwen2_5_vl (mrope_section
+    over the rotated pairs) were `error`: transformers refused or could not run its own
+    shrunk model. The tiny config keeps each relation, so transformers runs it and each
+    verdict is a measurement of mlx-lm: mamba2's stages, qwen2_vl's load finding and the
+    stages behind it, muse_spark's port raising (a Metal-only kernel on this CPU)."""
+    types = ["mamba2", "muse_spark", "qwen2_vl", "qwen2_5_vl"]
+    run = run_cli(["check", *types, "--checks", "layers", "--variants", "default"],
+                  cache_dir, tmp_path / "out.json")
+    for model_type in types:
+        found = rows(run, model_type)
+        assert found and all(r["verdict"] in ("pass", "fail") for r in found), \
+            (model_type, [r["summary"] for r in found])
+        assert all(r["details"].get("side") != "transformers" for r in found), model_type
+    [mamba] = rows(run, "mamba2")
+    assert len(mamba["layers"]) >= 3, mamba["summary"]  # stages measured
+    [spark] = rows(run, "muse_spark")
+    assert spark["details"]["side"] == "mlx-lm" and "mlx-lm raises" in spark["summary"], spark
+    for model_type in ("qwen2_vl", "qwen2_5_vl"):
+        load, behind = rows(run, model_type)
+        assert load["first_divergent_layer"] == "load", load
+        assert len(behind["layers"]) >= 3, behind["summary"]
+    configs = {m: next(v for v in run.report(m)["variants"] if v["name"] == "default")
+               for m in types}
+    mamba = configs["mamba2"]["config"]
+    assert mamba["num_heads"] * mamba["head_dim"] == mamba["hidden_size"] * mamba["expand"]
+    assert 1 < mamba["n_groups"] < mamba["num_heads"]  # heads still grouped
+    assert "intermediate_size" in configs["mamba2"]["overrides"]["completed"]
+    spark = configs["muse_spark"]["config"]
+    assert spark["audio_config"]["out_hidden_size"] == spark["text_config"]["hidden_size"]
+    for model_type in ("qwen2_vl", "qwen2_5_vl"):
+        text = configs[model_type]["config"]["text_config"]
+        pairs = text["hidden_size"] // text["num_attention_heads"] // 2
+        assert sum(text["rope_parameters"]["mrope_section"]) == pairs, text
+        completed = configs[model_type]["overrides"]["completed"]
+        source = completed["text_config.rope_parameters.mrope_section"]["source"]
+        assert "VL-7B-Instruct" in source, source
