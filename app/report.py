@@ -2,7 +2,8 @@
 
 `handle_event` turns a webhook delivery into GitHub reads (PR, changed files,
 permissions), Check Runs and verify jobs. `verify_started` / `verify_finished` /
-`verify_failed` / `verify_requeued` come from runners and do the GitHub writes for
+`verify_failed` / `verify_requeued` are enqueued by the server's collector
+(app/collector.py) from what the runners' verify jobs did, and do the GitHub writes for
 them: the Check Run of the job and the one sticky comment per PR.
 
 State kept in Redis (prefix mlxv:), per PR and per verify job:
@@ -20,6 +21,7 @@ The results themselves are kept once, in the run store (app.store).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -34,9 +36,10 @@ from rq import Callback, Queue, Retry, get_current_job
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from mlx_verify.app import comment, github, store
+from mlx_verify.app import collector, comment, github, store
 from mlx_verify.app.commands import (
     USAGE,
     Command,
@@ -448,6 +451,7 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
     connection.sadd(f"mlxv:prjobs:{_pr_key(repo, number)}", job_id)
     connection.expire(f"mlxv:prjobs:{_pr_key(repo, number)}", STATE_TTL)
     connection.sadd(VERIFY_QUEUES_KEY, queue_name)
+    collector.watch(connection, job_id)
     spec = VerifySpec(
         job_id=job_id, repo=repo, number=number, sha=sha, base_sha=base_sha or None,
         baseline=settings.baseline, changed_files=files[:3000],
@@ -523,11 +527,24 @@ def verify_failed(job_id: str, reason: str) -> str:
     return "failed"
 
 
-def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
+def verify_finished(job_id: str, outcome: dict[str, Any] | None = None) -> str:
+    """outcome: given only by report jobs that runners enqueued before 2026-12-04; the
+    collector's carry the job id alone, and the outcome is the verify job's result."""
     settings, connection, _ = context()
     info = _job_info(connection, job_id)
     if info is None or info["state"] not in ("queued", "running"):
         return "no active job"
+    if outcome is None:
+        try:
+            outcome = Job.fetch(job_id, connection=connection,
+                                serializer=JSONSerializer).return_value()
+        except NoSuchJobError:
+            outcome = None
+        except Exception as e:  # a result rq cannot decode: the runner wrote it
+            return verify_failed(job_id, f"the runner's outcome cannot be read: "
+                                         f"{type(e).__name__}")
+        if outcome is None:
+            return verify_failed(job_id, "the verify job finished without an outcome")
     try:  # what crossed the queue from the runner
         outcome = VerifyOutcome.read(outcome, "the runner's outcome").to_json()
     except JobSpecError as e:  # the same outcome fails the same way: failed, re-runnable
@@ -580,12 +597,32 @@ def verify_finished(job_id: str, outcome: dict[str, Any]) -> str:
     # Completed only now that the Check Run and the comment are written: a retry after
     # a GitHub error finds the job still active and writes them again.
     store.set_job_state(connection, job_id, "completed", outcome=outcome)
-    # The run store holds the results now; this job's copy of the outcome goes.
+    # The run store holds the results now: the verify job's result is cut to a summary
+    # (the finished job stays, so a redelivered event finds it done), and this job's
+    # copy, if it carried one, goes.
+    with contextlib.suppress(NoSuchJobError):
+        keep_summary(Job.fetch(job_id, connection=connection, serializer=JSONSerializer),
+                     outcome)
     if (job := get_current_job()) is not None:
         job.result_ttl = 0
     if not commented:
         return f"completed {rendered.conclusion} (comment untouched)"
     return f"completed {rendered.conclusion}"
+
+
+SUMMARY_KEYS = ("status", "planned", "model_types", "errors", "base_sha", "base_status",
+                "duration_s")
+
+
+def keep_summary(verify_job: Job, outcome: dict[str, Any]) -> None:
+    """Replace a finished verify job's result (the runner's whole outcome) with its
+    summary, for as long as rq keeps the job."""
+    ttl = verify_job.get_result_ttl(7 * 86400)
+    with verify_job.connection.pipeline() as pipe:
+        pipe.delete(Result.get_key(verify_job.id))
+        Result.create(verify_job, Result.Type.SUCCESSFUL, ttl=ttl, pipeline=pipe,
+                      return_value={k: outcome.get(k) for k in SUMMARY_KEYS})
+        pipe.execute()
 
 
 def in_diff(annotations: list[dict[str, Any]],
@@ -640,8 +677,9 @@ def upsert_comment(settings, connection, gh, repo: str, number: int, body: str) 
 
 
 def sweep_abandoned(connection: redis.Redis) -> None:
-    """Move jobs of dead runners out of the started registries of the verify queues:
-    their failure callback reports them, so no Check Run stays in progress."""
+    """Move jobs of dead runners out of the started registries of the verify queues
+    (retried, or failed): the collector then reports them, so no Check Run stays in
+    progress."""
     from rq.registry import StartedJobRegistry
     from rq.timeouts import TimerDeathPenalty
 

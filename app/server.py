@@ -5,8 +5,10 @@ redelivered deliveries (X-GitHub-Delivery, SET NX in Redis), and hands every eve
 acts on to a `report` job: the reply comes in milliseconds and nothing slow (GitHub
 reads, planning, checks) runs inline. GET /healthz reports Redis and the queues.
 
-A background thread sweeps the started-job registries of the verify queues, so a runner
-that died mid-job has its Check Run completed within about two minutes.
+Two background threads: the collector (app/collector.py) turns what runners' verify jobs
+did into report jobs, every second; the sweeper cleans the started-job registries of the
+verify queues, so a runner that died mid-job has its Check Run completed within about two
+minutes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from githubkit.webhooks import verify as verify_signature
 from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-from . import report
+from . import collector, report
 from .commands import find_command_line
 from .dashboard import DashboardSettings, dashboard_router, load_dashboard_settings
 from .settings import AppSettings, SettingsError, connect_redis, load_app_settings
@@ -37,6 +39,7 @@ log = logging.getLogger("mlx-verify.server")
 MAX_BODY_BYTES = 5 * 1024 * 1024  # GitHub caps payloads at 25 MB; ours are far smaller
 DELIVERY_TTL = 7 * 86400
 SWEEP_INTERVAL_S = 30.0
+COLLECT_INTERVAL_S = 1.0
 HANDLED_EVENTS = ("pull_request", "issue_comment", "check_run", "check_suite")
 SIGNATURE = re.compile(r"sha256=[0-9a-f]{64}")
 
@@ -56,7 +59,8 @@ def wanted(event: str, payload: dict[str, Any]) -> bool:
 
 def create_app(settings: AppSettings, connection: redis.Redis,
                sweep_interval_s: float = SWEEP_INTERVAL_S,
-               dashboard: DashboardSettings | None = None) -> FastAPI:
+               dashboard: DashboardSettings | None = None,
+               collect_interval_s: float = COLLECT_INTERVAL_S) -> FastAPI:
     """The webhook server with the dashboard under /dashboard (its settings from the
     environment unless given)."""
     report_queue = Queue(report.REPORT_QUEUE, connection=connection, serializer=JSONSerializer)
@@ -69,10 +73,23 @@ def create_app(settings: AppSettings, connection: redis.Redis,
             except Exception as e:  # Redis away for a moment: try again next round
                 log.warning("sweep failed: %s", e)
 
+    def collect() -> None:
+        adopted = False
+        while not stop.wait(collect_interval_s):
+            try:
+                if not adopted:  # jobs queued before the collector existed
+                    collector.adopt_active_jobs(connection)
+                    adopted = True
+                collector.collect_outcomes(connection)
+            except Exception as e:  # Redis away for a moment: try again next round
+                log.warning("collect failed: %s", e)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        thread = threading.Thread(target=sweeper, name="mlx-verify-sweeper", daemon=True)
-        thread.start()
+        threads = [threading.Thread(target=sweeper, name="mlx-verify-sweeper", daemon=True),
+                   threading.Thread(target=collect, name="mlx-verify-collector", daemon=True)]
+        for thread in threads:
+            thread.start()
         yield
         stop.set()
 

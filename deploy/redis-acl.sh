@@ -7,11 +7,13 @@
 # Users:
 #   default  off: no unauthenticated access.
 #   app      the server and the report worker: every key and command.
-#   runner   the runners: only the rq keys of the runner queues, its own workers' keys,
-#            and enqueueing report jobs whose id starts with `runner-report-` (what
-#            workers/verify.py writes). No `mlxv:*` key (githubkit's cached App JWT and
-#            installation tokens, sessions, job state, the run store), no other rq job
-#            (the report queue's webhook payloads), no KEYS/SCAN, no admin commands.
+#   runner   the runners: only the rq keys of the runner queues, the verify jobs (their
+#            status, result and meta are a runner's only output: the server's collector,
+#            app/collector.py, reads them and enqueues the report jobs) and its own
+#            workers' keys. No job into the report queue (its worker holds the App key),
+#            no `mlxv:*` key (githubkit's cached App JWT and installation tokens,
+#            sessions, job state, the run store), no other rq job (the report queue's
+#            webhook payloads), no KEYS/SCAN, no admin commands.
 # Passwords are stored as SHA-256 hashes; the file holds no plain-text password.
 set -eu
 
@@ -62,5 +64,4 @@ echo "user runner on #$(sha "$RUNNER_REDIS_PASSWORD") resetkeys resetchannels -@
   "~rq:results:verify-*" \
   "~rq:executions:verify-* ~rq:execution:verify-* ~rq:scheduler:* %R~rq:suspended %R~rq:rl-keys" \
   "~rq:clean_groups %R~rq:groups" \
-  "~rq:job:runner-report-* %W~rq:queue:report" \
   "&rq:pubsub:runner-*"

@@ -16,9 +16,8 @@ from rq.job import Job
 from rq.utils import import_attribute
 
 REPORT_QUEUE = "report"  # beside the server: the only worker that holds the App key
-# Ids of what runners write, so that their Redis ACL user can be held to those keys
-# (deploy/redis-acl.sh): report jobs they enqueue, and their workers' names.
-RUNNER_REPORT_PREFIX = "runner-report-"
+# Names of runners' workers, so that their Redis ACL user can be held to those keys
+# (deploy/redis-acl.sh). Runners enqueue no job: the server's collector reports for them.
 RUNNER_WORKER_PREFIX = "runner-"
 # What the server and runners enqueue (app/server.py, app/report.py, workers/verify.py).
 VERIFY_FUNCTION = "mlx_verify.workers.verify.run_verify"

@@ -13,7 +13,8 @@ One job checks one PR head SHA:
    commit is checked out beside the head first, and each check run takes it as `--base`:
    one process runs both trees on the same checkpoints and inputs (checks/differential.py)
    and marks every row unchanged, fixed, new, worse or better;
-6. hand the outcome to a `report` job (the server side does every GitHub write);
+6. return the outcome: it is the rq job's result, which the server's collector
+   (app/collector.py) hands to a report job; a runner cannot enqueue report jobs itself;
 7. remove the work dirs.
 
 Only infrastructure failures raise (and so are retried by rq): a failing fetch, a full
@@ -30,25 +31,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
-from rq.queue import Queue
-from rq.serializers import JSONSerializer
 
 from mlx_verify.checks.mlx_side import fast_blas_env
 from mlx_verify.workers import planning, sandbox
-from mlx_verify.workers.jobs import (
-    REPORT_QUEUE,
-    RUNNER_REPORT_PREFIX,
-    JobSpecError,
-    VerifyOutcome,
-    VerifySpec,
-)
+from mlx_verify.workers.jobs import JobSpecError, VerifyOutcome, VerifySpec
 from mlx_verify.workers.settings import RunnerSettings, load_runner_settings
 
 RESULTS_MAX_BYTES = 8 * 1024 * 1024
@@ -62,18 +54,6 @@ ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 
 class InfraError(Exception):
     """A failure of the runner or the git host, not of the PR: worth a retry."""
-
-
-def report(connection, function: str, *args: Any) -> None:
-    """Enqueue a report job beside the server (where the GitHub key lives). Its id starts
-    with RUNNER_REPORT_PREFIX: the runners' Redis user may write only such jobs
-    (deploy/redis-acl.sh)."""
-    from rq import Retry
-
-    Queue(REPORT_QUEUE, connection=connection, serializer=JSONSerializer).enqueue(
-        f"mlx_verify.app.report.{function}", *args, retry=Retry(max=3, interval=[5, 30, 120]),
-        job_timeout=300, result_ttl=86400, failure_ttl=7 * 86400,
-        job_id=f"{RUNNER_REPORT_PREFIX}{uuid.uuid4().hex}")
 
 
 def scratch_dir(work: Path) -> Path:
@@ -370,9 +350,6 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
         sandbox.probe(sandbox.load_sandbox_settings())
     except sandbox.SandboxUnavailable as e:
         raise InfraError(str(e)) from None
-    connection = job.connection if job is not None else None
-    if connection is not None:
-        report(connection, "verify_started", spec["job_id"])
     started = time.monotonic()
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="job-", dir=settings.work_dir))
@@ -390,25 +367,19 @@ def run_verify(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outcome["duration_s"] = round(time.monotonic() - started, 1)
-    outcome = VerifyOutcome.model_validate(outcome).to_json()  # what the report job reads
-    if connection is not None:
-        report(connection, "verify_finished", spec["job_id"], outcome)
-    return {k: outcome.get(k) for k in ("status", "planned", "model_types", "errors",
-                                        "base_sha", "base_status", "duration_s")}
+    # The job's result: the server's collector hands it to the report job, which reads
+    # it back through VerifyOutcome again (the runner is not trusted to have done so).
+    return VerifyOutcome.model_validate(outcome).to_json()
 
 
 def on_verify_failure(job: Job, connection, exc_type, exc_value, traceback) -> None:
     """rq failure callback, also run for a runner that died (AbandonedJobError) by
-    whichever process cleans the registry. Never writes to GitHub itself."""
-    spec = job.args[0] if job.args else job.kwargs.get("spec", {})
-    spec = spec if isinstance(spec, dict) else {}
-    job_id = spec.get("job_id") if isinstance(spec.get("job_id"), str) else job.id
+    whichever process cleans the registry: notes the reason in the job's meta, where the
+    server's collector reads it (app/collector.py). Writes nothing else."""
     if exc_type is AbandonedJobError or isinstance(exc_value, AbandonedJobError):
         reason = "the runner stopped while running the checks"
     else:
         first = str(exc_value).splitlines()[0] if str(exc_value) else ""
         reason = f"{getattr(exc_type, '__name__', 'error')}: {first}"[:300]
-    if job.retries_left:
-        report(connection, "verify_requeued", job_id, reason)
-    else:
-        report(connection, "verify_failed", job_id, reason)
+    job.meta["failure"] = reason
+    job.save_meta()

@@ -28,6 +28,7 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from rq import Queue
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from tests.app import fake_github
@@ -334,9 +335,14 @@ class Env:
             "X-Hub-Signature-256": signature, "Content-Type": "application/json"})
 
     def run_queue(self, name: str) -> None:
-        """An in-process burst worker (forks a work horse per job, like production)."""
+        """An in-process burst worker (forks a work horse per job, like production). The
+        report queue's takes first what the server's collector would have enqueued by now
+        (the server's own collector thread runs too, every second)."""
+        from mlx_verify.app import collector
         from mlx_verify.workers.worker import make_worker
 
+        if name == "report":
+            collector.collect_outcomes(self.redis)
         make_worker([name], self.redis).work(burst=True, with_scheduler=True)
 
     def drain(self, rounds: int = 6) -> None:
@@ -355,6 +361,21 @@ class Env:
 
     def comments(self, number: int) -> list[dict[str, Any]]:
         return [c for c in self.github.comments.values() if c["_number"] == number]
+
+
+def runner_finishes(connection, job_id: str, outcome: dict[str, Any]) -> None:
+    """What a runner's rq worker writes when run_verify returns `outcome` (rq's
+    handle_job_success, through rq's own calls): the job off its queue, finished, the
+    outcome its result. For tests of the report side that need no real check run."""
+    from rq.results import Result
+
+    job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    Queue(job.origin, connection=connection, serializer=JSONSerializer).remove(job)
+    with connection.pipeline() as pipe:
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        Result.create(job, Result.Type.SUCCESSFUL, ttl=3600, return_value=outcome,
+                      pipeline=pipe)
+        pipe.execute()
 
 
 def descendants(pid: int) -> list[int]:

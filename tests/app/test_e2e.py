@@ -314,7 +314,8 @@ def test_killed_runner_leaves_no_check_run_in_progress(env, app_env):
     assert env.github.check_runs[run["id"]]["status"] == "in_progress"
 
     # The server's sweeper finds the job once the dead runner's heartbeat expires; its
-    # failure callback asks for a report; the job is retried on another runner.
+    # failure callback notes why, the job is retried, and the server's collector
+    # reports it requeued.
     def not_in_progress():
         env.run_queue("report")
         return env.github.check_runs[run["id"]]["status"] != "in_progress"

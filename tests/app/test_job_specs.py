@@ -83,12 +83,10 @@ def test_a_spec_the_runner_cannot_read_fails_once_with_one_line_and_can_be_rerun
 
 
 def test_an_outcome_the_report_worker_cannot_read_is_recorded_as_failed(env):
-    from mlx_verify.workers.verify import report as runner_report
+    from tests.app.conftest import runner_finishes
 
     _, run, job = queued_job(env, 41)
-    runner_report(env.redis, "verify_started", job.id)
-    runner_report(env.redis, "verify_finished", job.id,
-                  {"status": "exploded", "results": None})
+    runner_finishes(env.redis, job.id, {"status": "exploded", "results": None})
     env.run_queue("report")
     done = env.github.check_runs[run["id"]]
     assert (done["status"], done["conclusion"]) == ("completed", "neutral")
@@ -96,6 +94,25 @@ def test_an_outcome_the_report_worker_cannot_read_is_recorded_as_failed(env):
         done["output"]["summary"]
     assert env.redis.hget(f"mlxv:job:{job.id}", "state") == b"failed"
     assert env.comments(41) == []
+
+
+def test_report_jobs_runners_queued_before_the_collector_still_report(env):
+    """Before 2026-12-04 runners enqueued verify_started / verify_finished themselves, with
+    the outcome as an argument: such jobs, already in the report queue, still run."""
+    _, run, job = queued_job(env, 42)
+    report = Queue("report", connection=env.redis, serializer=JSONSerializer)
+    report.enqueue("mlx_verify.app.report.verify_started", job.id,
+                   job_id="runner-report-old-1")
+    report.enqueue("mlx_verify.app.report.verify_finished", job.id,
+                   {"status": "done", "results": None, "errors": {"llama": "E: boom"},
+                    "skipped": [], "planned": ["llama"], "model_types": ["llama"]},
+                   job_id="runner-report-old-2")
+    env.run_queue("report")
+    done = env.github.check_runs[run["id"]]
+    assert done["_history"][:3] == ["queued", "in_progress", "completed"]
+    assert done["conclusion"] == "failure"
+    assert "E: boom" in env.comments(42)[0]["body"]
+    assert env.redis.hget(f"mlxv:job:{job.id}", "state") == b"completed"
 
 
 def test_specs_queued_before_versioning_still_read_and_reads_are_one_line():

@@ -1,8 +1,8 @@
 """Runners' Redis user (deploy/redis-acl.sh): a real redis-server started with the ACL
 file the script writes; the server and report worker connect as `app`, a runner as
 `runner`. The runner does its whole job (a real rq worker taking a real verify job of a
-PR, reporting back through report jobs), and cannot read the App's cached tokens, job
-state, other jobs or key names."""
+PR; its outcome is the job's result, which the server's collector reports), and cannot
+read the App's cached tokens, job state, other jobs or key names, nor enqueue any job."""
 
 from __future__ import annotations
 
@@ -123,8 +123,16 @@ def test_a_runner_does_its_job_and_cannot_read_the_apps_tokens(env, acl_redis, m
         # refused, it is skipped; Redis 7.0 has no such command, so the file cannot list it).
         denials = [e for e in app_redis.acl_log() if e.get("object") != "client|setinfo"]
         assert denials == [], denials
-        reports = Queue("report", connection=app_redis, serializer=JSONSerializer).job_ids
-        assert len(reports) == 2 and all(r.startswith("runner-report-") for r in reports)
+        # The server's collector thread, not the runner, enqueues the report job.
+        report_queue = Queue("report", connection=app_redis, serializer=JSONSerializer)
+        def collected() -> list[str]:
+            return [job.func_name.rsplit(".", 1)[1] for job in report_queue.get_jobs()
+                    if list(job.args) == [job_id]]
+
+        wait_until(lambda: "verify_finished" in collected(), 10,
+                   what="the collector's report job")
+        assert collected() in (["verify_finished"], ["verify_started", "verify_finished"])
+        assert report_queue.count == len(collected())
         acl.run_queue("report")
         done = acl.github.check_runs[run["id"]]
         assert (done["status"], done["conclusion"]) == ("completed", "success"), done["output"]
@@ -149,10 +157,16 @@ def test_a_runner_does_its_job_and_cannot_read_the_apps_tokens(env, acl_redis, m
         with pytest.raises(redis.exceptions.NoPermissionError):
             runner.execute_command(*command)
     assert app_redis.exists(f"rq:job:event-{delivery}")  # the denial is not for want of a key
-    # A report job under a name of the runner's choice is refused; its own prefix works.
-    with pytest.raises(redis.exceptions.NoPermissionError):
-        Queue("report", connection=runner, serializer=JSONSerializer).enqueue(
-            "mlx_verify.app.report.verify_started", job_id, job_id="forged-id")
+    # No report job, under any name: the report worker holds the App key.
+    for forged_id in ("forged-id", "runner-report-1", f"verify-{job_id}"):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            Queue("report", connection=runner, serializer=JSONSerializer).enqueue(
+                "mlx_verify.app.report.verify_started", job_id, job_id=forged_id)
+    for command in (("RPUSH", "rq:queue:report", "x"), ("LPUSH", "rq:queue:report", "x"),
+                    ("SADD", "mlxv:collect", "x"), ("HSET", f"mlxv:job:{job_id}", "state",
+                                                    "queued")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            runner.execute_command(*command)
     assert runner.hget(f"rq:job:{job_id}", "status") == b"finished"  # its own job: readable
     # Without a password (the default user is off) nothing is served.
     with pytest.raises(redis.exceptions.AuthenticationError):
