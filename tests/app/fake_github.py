@@ -23,6 +23,12 @@ APP_SLUG = "mlx-verify-test"
 # GitHub's limits: longer bodies and Check Run outputs are refused with 422.
 COMMENT_BODY_MAX = 65_536
 CHECK_OUTPUT_MAX = 65_535
+# GitHub's answer to a burst of content-creating requests (REST docs, "Exceeding the
+# rate limit"): 403 with this message, and usually a Retry-After header.
+SECONDARY_RATE_LIMIT_MESSAGE = ("You have exceeded a secondary rate limit. Please wait a few "
+                                "minutes before you try again.")
+SECONDARY_RATE_LIMIT_DOCS = ("https://docs.github.com/rest/using-the-rest-api/"
+                             "rate-limits-for-the-rest-api#about-secondary-rate-limits")
 
 
 @dataclass
@@ -53,14 +59,26 @@ class FakeGitHub:
     tokens: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1000))
-    # (method, path fragment, status, times left): the next matching requests fail
+    # (method, path fragment, status, times left, body, headers): the next matching
+    # requests fail, in the order the faults were added
     faults: list[list[Any]] = field(default_factory=list)
 
     def fail_next(self, method: str, path_part: str, status: int = 502, times: int = 1) -> None:
         """The next `times` requests of method to a path containing path_part answer
         status (GitHub having a bad moment)."""
         with self.lock:
-            self.faults.append([method, path_part, status, times])
+            self.faults.append([method, path_part, status, times,
+                                {"message": "injected fault"}, {}])
+
+    def rate_limit_next(self, method: str, path_part: str, times: int = 1,
+                        retry_after_s: int = 1) -> None:
+        """The next `times` matching requests get GitHub's secondary rate limit answer:
+        403, its message and a Retry-After header (what content-creating bursts get)."""
+        with self.lock:
+            self.faults.append([method, path_part, 403, times, {
+                "message": SECONDARY_RATE_LIMIT_MESSAGE,
+                "documentation_url": SECONDARY_RATE_LIMIT_DOCS},
+                {"retry-after": str(retry_after_s)}])
 
     def reset(self) -> None:
         with self.lock:
@@ -101,11 +119,11 @@ def create_app(state: FakeGitHub) -> FastAPI:
     async def injected_faults(request: Request, call_next):
         with state.lock:
             for fault in state.faults:
-                method, part, status, times = fault
+                method, part, status, times, body, headers = fault
                 if request.method == method and part in request.url.path and times > 0:
                     fault[3] -= 1
                     state.writes.append((request.method, request.url.path, f"fault {status}"))
-                    return JSONResponse({"message": "injected fault"}, status_code=status)
+                    return JSONResponse(body, status_code=status, headers=headers)
         return await call_next(request)
 
     def too_long(body: dict[str, Any]) -> None:
