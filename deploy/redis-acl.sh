@@ -5,7 +5,10 @@
 # then start Redis with `--aclfile /path/to/users.acl` (docs/deploy.md, "Redis users").
 #
 # Users:
-#   default  off: no unauthenticated access.
+#   default  off: no unauthenticated access, and nobody can log in as it. It keeps every
+#            permission because Redis 7.0 replays the AOF as this user and re-checks
+#            its ACL at each EXEC: with `-@all` every MULTI/EXEC in the AOF (rq's enqueue,
+#            the webhook dedupe) is dropped on restart, silently (redis/redis#14541).
 #   app      the server and the report worker: every key and command.
 #   runner   the runners: only the rq keys of the runner queues, the verify jobs (their
 #            status, result and meta are a runner's only output: the server's collector,
@@ -45,7 +48,7 @@ for queue in $RUNNER_QUEUES; do
   queue_keys="$queue_keys ~rq:queue:$queue:*"  # rq:queue:NAME:intermediate
 done
 
-echo "user default off resetkeys resetchannels -@all"
+echo "user default off ~* &* +@all"
 echo "user app on #$(sha "$APP_REDIS_PASSWORD") ~* &* +@all"
 # Commands: what rq's worker, job, queue and registry code sends (connection, hashes,
 # lists, sorted sets, sets, streams for results, pub/sub for stop commands, transactions).

@@ -185,3 +185,53 @@ def test_the_acl_script_refuses_weak_settings_with_one_line(tmp_path, app_passwo
     assert done.returncode == 2
     assert done.stderr.strip() == f"redis-acl.sh: {message}"
     assert not (tmp_path / "users.acl").exists()
+
+
+def test_a_restart_keeps_every_transaction_and_default_stays_locked(tmp_path):
+    """Redis replays its append-only file as the `default` user and re-checks the ACL at
+    each EXEC (Redis 7.0), so the ACL file must leave `default` its permissions (but off),
+    or a restart silently drops every rq enqueue made in a MULTI/EXEC."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (scripts/test.sh installs it)")
+    app_password, runner_password = secrets.token_hex(16), secrets.token_hex(16)
+    acl = tmp_path / "users.acl"
+    assert write_acl(acl, app_password, runner_password).returncode == 0
+    port = free_port()
+    url = f"redis://app:{app_password}@127.0.0.1:{port}/0"
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
+             str(tmp_path), "--appendonly", "yes", "--aclfile", str(acl)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def pings() -> bool:
+            try:
+                return bool(redis.Redis.from_url(url).ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(pings, 10, what="redis-server with the ACL file and AOF")
+        return process
+
+    process = start()
+    try:
+        connection = redis.Redis.from_url(url)
+        job = Queue("report", connection=connection, serializer=JSONSerializer).enqueue(
+            "mlx_verify.app.report.handle_event", "x", job_id="event-restart")
+        with connection.pipeline(transaction=True) as pipe:
+            pipe.set("mlxv:delivery:restart", "1").lpush("mlxv:list", "a").execute()
+        for credentials in ({}, {"username": "default", "password": "anything"}):
+            with pytest.raises(redis.AuthenticationError):
+                redis.Redis(port=port, **credentials).get("mlxv:delivery:restart")
+        process.terminate()  # as docker/systemd stop it: Redis writes the AOF out
+        process.wait(30)
+        process = start()
+        connection = redis.Redis.from_url(url)
+        assert connection.get("mlxv:delivery:restart") == b"1"
+        assert connection.lrange("mlxv:list", 0, -1) == [b"a"]
+        queue = Queue("report", connection=connection, serializer=JSONSerializer)
+        assert queue.job_ids == [job.id]
+    finally:
+        process.terminate()
+        process.wait(30)
