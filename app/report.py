@@ -51,7 +51,7 @@ from mlx_verify.app.commands import (
 from mlx_verify.app.settings import AppSettings, connect_redis, load_app_settings
 from mlx_verify.workers import planning
 from mlx_verify.workers.jobs import (
-    REPORT_QUEUE,  # noqa: F401 (the queue this job runs on; callers read it here)
+    REPORT_QUEUE,
     JobSpecError,
     RequestSpec,
     VerifyOutcome,
@@ -677,14 +677,17 @@ def upsert_comment(settings, connection, gh, repo: str, number: int, body: str) 
 
 
 def sweep_abandoned(connection: redis.Redis) -> None:
-    """Move jobs of dead runners out of the started registries of the verify queues
-    (retried, or failed): the collector then reports them, so no Check Run stays in
-    progress."""
+    """Move jobs of dead workers out of the started registries (retried, or failed): a
+    verify job of a dead runner, which the collector then reports, so no Check Run stays
+    in progress; and a report job of a dead report worker (Redis gone under it, a
+    killed host), which rq's own cleanup would reach only at the next worker start or
+    maintenance round, minutes later."""
     from rq.registry import StartedJobRegistry
     from rq.timeouts import TimerDeathPenalty
 
-    for raw in connection.smembers(VERIFY_QUEUES_KEY):
+    queues = [raw.decode() for raw in connection.smembers(VERIFY_QUEUES_KEY)]
+    for name in [*queues, REPORT_QUEUE]:
         # Timer-based callback timeouts: this runs in a thread of the server, where
         # signal-based ones cannot be set.
-        StartedJobRegistry(raw.decode(), connection=connection, serializer=JSONSerializer,
+        StartedJobRegistry(name, connection=connection, serializer=JSONSerializer,
                            death_penalty_class=TimerDeathPenalty).cleanup()

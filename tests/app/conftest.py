@@ -393,9 +393,11 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def start_worker_process(queue: str, env: dict[str, str]) -> subprocess.Popen:
-    """`worker(args)` in a subprocess of its own session (so it can be killed whole)."""
-    code = ("import argparse, sys; from workers.worker import worker; "
+def start_worker_process(queue: str, env: dict[str, str],
+                         module: str = "workers.worker") -> subprocess.Popen:
+    """`worker(args)` of `module` (app.worker for the report queue) in a subprocess of its
+    own session (so it can be killed whole)."""
+    code = (f"import argparse, sys; from {module} import worker; "
             f"sys.exit(worker(argparse.Namespace(queue=[{queue!r}], burst=False)))")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT,
                             env={**os.environ, **env}, start_new_session=True,

@@ -7,6 +7,7 @@ and installation tokens it minted itself, and records every write.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import threading
@@ -62,6 +63,9 @@ class FakeGitHub:
     # (method, path fragment, status, times left, body, headers): the next matching
     # requests fail, in the order the faults were added
     faults: list[list[Any]] = field(default_factory=list)
+    # (method, path fragment, seconds, times left): the next matching requests are
+    # answered only after that many seconds (a slow GitHub, or a worker to kill mid-call)
+    delays: list[list[Any]] = field(default_factory=list)
 
     def fail_next(self, method: str, path_part: str, status: int = 502, times: int = 1) -> None:
         """The next `times` requests of method to a path containing path_part answer
@@ -80,9 +84,16 @@ class FakeGitHub:
                 "documentation_url": SECONDARY_RATE_LIMIT_DOCS},
                 {"retry-after": str(retry_after_s)}])
 
+    def delay_next(self, method: str, path_part: str, seconds: float, times: int = 1) -> None:
+        """The next `times` requests of method to a path containing path_part are answered
+        `seconds` later."""
+        with self.lock:
+            self.delays.append([method, path_part, seconds, times])
+
     def reset(self) -> None:
         with self.lock:
             self.faults.clear()
+            self.delays.clear()
             self.permissions.clear()
             self.pulls.clear()
             self.comments.clear()
@@ -117,6 +128,16 @@ def create_app(state: FakeGitHub) -> FastAPI:
 
     @app.middleware("http")
     async def injected_faults(request: Request, call_next):
+        wait_s = 0.0
+        with state.lock:
+            for delay in state.delays:
+                method, part, seconds, times = delay
+                if request.method == method and part in request.url.path and times > 0:
+                    delay[3] -= 1
+                    wait_s = seconds
+                    break
+        if wait_s:
+            await asyncio.sleep(wait_s)
         with state.lock:
             for fault in state.faults:
                 method, part, status, times, body, headers = fault

@@ -334,6 +334,40 @@ def test_killed_runner_leaves_no_check_run_in_progress(env, app_env):
     assert REPO
 
 
+def test_killed_report_worker_loses_no_event(env, app_env):
+    """A report worker that dies inside a job (SIGKILL while GitHub answers slowly, as
+    when Redis goes away under it and rq quits): the server's sweeper finds the event job
+    once the heartbeat expires and retries it; the PR gets its one Check Run."""
+    sha, files = env.git_host.make_pr(16, {LLAMA: HARMLESS})
+    env.open_pr(16, sha, files)
+    delivery = "killed-report-worker"
+    assert env.send("pull_request", env.payload("pull_request.opened.payload.json",
+                                                number=16, sha=sha),
+                    delivery=delivery).status_code == 202
+    env.github.delay_next("GET", "/pulls/16", 600)
+    job = Job.fetch(f"event-{delivery}", connection=env.redis, serializer=JSONSerializer)
+    worker = start_worker_process("report", app_env, module="mlx_verify.app.worker")
+    try:
+        wait_until(lambda: job.get_status() == "started", 60, what="the event job to start")
+        time.sleep(1)
+    finally:
+        for pid in [worker.pid, *descendants(worker.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        worker.wait()
+    assert env.check_runs(sha) == []
+    assert job.get_status() == "started"  # what a dead worker leaves behind
+    wait_until(lambda: job.get_status() != "started", 150, step=2,
+               what="the sweeper to find the abandoned event job")
+    assert job.get_status() == "scheduled"  # retried, 5 s later
+    time.sleep(6)
+    env.run_queue("report")  # a burst worker moves due retries to the queue first
+    (run,) = env.check_runs(sha)
+    assert run["status"] == "queued"
+    assert Queue("verify", connection=env.redis, serializer=JSONSerializer).job_ids == \
+        [run["external_id"]]
+
+
 def test_verify_of_an_unknown_model_type_is_reported_as_skipped(env):
     sha = opened_by_outsider(env, 7, {LLAMA: HARMLESS})
     payload = env.payload("issue_comment.created.with-installation.payload.json")
