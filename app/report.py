@@ -37,6 +37,7 @@ from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from mlx_verify.app import collector, comment, github, store
@@ -676,6 +677,22 @@ def upsert_comment(settings, connection, gh, repo: str, number: int, body: str) 
     return comment_id
 
 
+def job_queues(connection: redis.Redis) -> list[str]:
+    """The report queue and every verify queue a job was ever sent to."""
+    return sorted({REPORT_QUEUE, *(raw.decode() for raw in
+                                   connection.smembers(VERIFY_QUEUES_KEY))})
+
+
+def enqueue_due_jobs(scheduler: RQScheduler) -> None:
+    """Move due retries (and other scheduled jobs) of the scheduler's queues to their
+    queues, when this process holds (or can take) rq's scheduler lock of a queue. rq's
+    scheduler runs inside a worker: a worker that dies keeps its lock until it expires
+    (about a minute), and the next worker tries again only at its maintenance round,
+    10 min later, so a retry of a job whose worker died would wait that long."""
+    if scheduler.acquire_locks():
+        scheduler.enqueue_scheduled_jobs()
+
+
 def sweep_abandoned(connection: redis.Redis) -> None:
     """Move jobs of dead workers out of the started registries (retried, or failed): a
     verify job of a dead runner, which the collector then reports, so no Check Run stays
@@ -685,8 +702,7 @@ def sweep_abandoned(connection: redis.Redis) -> None:
     from rq.registry import StartedJobRegistry
     from rq.timeouts import TimerDeathPenalty
 
-    queues = [raw.decode() for raw in connection.smembers(VERIFY_QUEUES_KEY)]
-    for name in [*queues, REPORT_QUEUE]:
+    for name in job_queues(connection):
         # Timer-based callback timeouts: this runs in a thread of the server, where
         # signal-based ones cannot be set.
         StartedJobRegistry(name, connection=connection, serializer=JSONSerializer,

@@ -5,15 +5,18 @@ redelivered deliveries (X-GitHub-Delivery, SET NX in Redis), and hands every eve
 acts on to a `report` job: the reply comes in milliseconds and nothing slow (GitHub
 reads, planning, checks) runs inline. GET /healthz reports Redis and the queues.
 
-Two background threads: the collector (app/collector.py) turns what runners' verify jobs
-did into report jobs, every second; the sweeper cleans the started-job registries of the
-verify queues, so a runner that died mid-job has its Check Run completed within about two
-minutes.
+Three background threads: the collector (app/collector.py) turns what runners' verify
+jobs did into report jobs, every second; the sweeper cleans the started-job registries of
+the verify and report queues, so a job whose worker died mid-job is retried or has its
+Check Run completed within about two minutes; the scheduler moves due retries to their
+queues whenever rq's scheduler lock of a queue is free (a worker that died keeps it about
+a minute, and rq's workers try again only every 10 min).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -27,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from githubkit.webhooks import verify as verify_signature
 from rq import Queue, Retry
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from . import collector, report
@@ -73,6 +77,23 @@ def create_app(settings: AppSettings, connection: redis.Redis,
             except Exception as e:  # Redis away for a moment: try again next round
                 log.warning("sweep failed: %s", e)
 
+    def schedule() -> None:
+        scheduler, queues = None, []
+        while not stop.wait(collect_interval_s):
+            try:
+                if report.job_queues(connection) != queues:
+                    if scheduler is not None:
+                        scheduler.release_locks()
+                    queues = report.job_queues(connection)
+                    scheduler = RQScheduler(queues, connection=connection,
+                                            serializer=JSONSerializer)
+                report.enqueue_due_jobs(scheduler)
+            except Exception as e:  # Redis away for a moment: try again next round
+                log.warning("scheduling failed: %s", e)
+        if scheduler is not None:
+            with contextlib.suppress(redis.RedisError):
+                scheduler.release_locks()
+
     def collect() -> None:
         adopted = False
         while not stop.wait(collect_interval_s):
@@ -87,7 +108,8 @@ def create_app(settings: AppSettings, connection: redis.Redis,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         threads = [threading.Thread(target=sweeper, name="mlx-verify-sweeper", daemon=True),
-                   threading.Thread(target=collect, name="mlx-verify-collector", daemon=True)]
+                   threading.Thread(target=collect, name="mlx-verify-collector", daemon=True),
+                   threading.Thread(target=schedule, name="mlx-verify-scheduler", daemon=True)]
         for thread in threads:
             thread.start()
         yield

@@ -1002,7 +1002,7 @@ def main() -> int:
     parser.add_argument("--drain-workers", type=int, default=3,
                         help="report workers added once the ack load is sent, to drain it")
     parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--drain-timeout-s", type=float, default=600)
+    parser.add_argument("--drain-timeout-s", type=float, default=1500)
     parser.add_argument("--redis-model-prs", type=int, default=2)
     parser.add_argument("--redis-docs-prs", type=int, default=100)
     parser.add_argument("--redis-rate", type=float, default=10.0)

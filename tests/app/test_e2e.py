@@ -360,8 +360,11 @@ def test_killed_report_worker_loses_no_event(env, app_env):
     wait_until(lambda: job.get_status() != "started", 150, step=2,
                what="the sweeper to find the abandoned event job")
     assert job.get_status() == "scheduled"  # retried, 5 s later
-    time.sleep(6)
-    env.run_queue("report")  # a burst worker moves due retries to the queue first
+    # The dead worker's scheduler held rq's scheduler lock of the queue: the server's
+    # scheduler moves the due retry to the queue, with no worker running.
+    wait_until(lambda: job.get_status() == "queued", 30, step=0.5,
+               what="the server to enqueue the due retry")
+    env.run_queue("report")
     (run,) = env.check_runs(sha)
     assert run["status"] == "queued"
     assert Queue("verify", connection=env.redis, serializer=JSONSerializer).job_ids == \
