@@ -21,6 +21,7 @@ logits differ beyond the bound) or error (nothing could be measured, with why).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -51,7 +52,8 @@ def read_capture(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     try:
         data = sandbox.read_regular_file(path, limit + 1)
     except OSError as e:
-        raise CaptureRefused(f"capture file refused: {e}") from None
+        why = "a symbolic link" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise CaptureRefused(f"capture file refused: {why}") from None
     if len(data) > limit:
         raise CaptureRefused(f"capture file refused: larger than the {limit} bytes "
                              f"logits of shape {shape} take")

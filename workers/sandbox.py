@@ -34,6 +34,7 @@ says so (trusted local use only).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -203,13 +204,20 @@ def hidden_packages(names: tuple[str, ...] = ("transformers", "torch")) -> tuple
     capture (workers/capture.py) runs with them hidden, so PR code cannot call them."""
     import importlib.util
 
+    from mlx_verify.checks import environments
+
     found: list[Path] = []
     for name in names:
         spec = importlib.util.find_spec(name)
         for location in (spec.submodule_search_locations or []) if spec else []:
             if Path(location).is_dir():
                 found.append(Path(location).resolve())
-    return tuple(found)
+        # the other validated environments (system_paths binds them for the check run)
+        for python in environments.configured():
+            for root in {Path(python).parent.parent, Path(python).resolve().parent.parent}:
+                found += [p.resolve() for p in root.glob(f"lib/python*/site-packages/{name}")
+                          if p.is_dir()]
+    return tuple(sorted(set(found)))
 
 
 def _sbpl(text: str) -> str:
@@ -387,7 +395,7 @@ def read_regular_fd(fd: int, max_bytes: int, tail: bool = False) -> bytes:
     OSError when it is not a regular file."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+        raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(info.st_mode)})")
     start = max(0, info.st_size - max_bytes) if tail else 0
     return os.pread(fd, max_bytes, start)
 
