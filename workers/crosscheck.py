@@ -186,7 +186,7 @@ def cross_check(*, model_type: str, claimed: str | None, claimed_config: dict[st
         except OSError:
             tail = ""
         lines = [line for line in tail.splitlines() if line.strip()]
-        return done("error", f"the sandboxed capture gave no logits ({why})"
+        return done("error", f"the sandboxed capture gave no logits: {why}"
                              + (f": {lines[-1][:200]}" if lines else ""))
     try:
         logits = read_capture(out_path, tuple(reference.shape))

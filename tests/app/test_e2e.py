@@ -17,7 +17,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from mlx_verify.app import store
-from mlx_verify.checks.render import num
+from mlx_verify.checks.render import escape, num
 from mlx_verify.workers import planning
 from tests.app.conftest import (
     REPO,
@@ -455,7 +455,7 @@ def test_a_pass_from_an_untrusted_authors_code_is_never_a_green_gate(env):
                                              "contradict 1 claimed pass(es)")
     (comment,) = env.comments(9)
     assert ("final logits not measured outside the sandbox: `llama` `default`: the sandboxed "
-            "capture gave no logits (exit status 1)") in comment["body"]
+            "capture gave no logits: exit status 1: ValueError") in comment["body"]
     assert "the sandboxed results claimed pass: not confirmed" in comment["body"]
     (checked,) = outcome_of(env, run)["cross_checks"]
     assert (checked["verdict"], checked["claimed"]) == ("error", "pass")
@@ -510,5 +510,4 @@ def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurem
     (checked,) = outcome_of(env, run)["cross_checks"]
     assert checked["verdict"] == "error"
     assert checked["reason"] == "capture file refused: shape (1, 3), expected (1, 48, 512)"
-    assert "capture file refused: shape (1, 3), expected (1, 48, 512)" in \
-        env.comments(11)[0]["body"]
+    assert escape(checked["reason"]) in env.comments(11)[0]["body"]
