@@ -104,9 +104,9 @@ def test_transformers_and_torch_cannot_be_imported_in_the_capture_sandbox(tmp_pa
     work.mkdir()
     env = verify.scrubbed_env(work)
     hidden = sandbox.hidden_packages()
-    assert {p.name for p in hidden} >= {"transformers", "torch"}
+    assert {p.name for p in hidden} >= {"transformers", "torch", "mlx_lm"}
     probe = ("import importlib, sys\n"
-             "for name in ('transformers', 'torch'):\n"
+             "for name in ('transformers', 'torch', 'mlx_lm'):\n"
              "    try:\n"
              "        module = importlib.import_module(name)\n"
              "        print(name, 'usable' if hasattr(module, '__version__') else 'empty')\n"
@@ -129,6 +129,7 @@ def test_transformers_and_torch_cannot_be_imported_in_the_capture_sandbox(tmp_pa
         assert done.code == 0, err.read_text()
         seen[name] = out.read_text().split()
     # the same probe sees both packages when they are not hidden: the test can fail
-    assert seen["visible"][:4] == ["transformers", "usable", "torch", "usable"]
-    assert seen["hidden"][:4] == ["transformers", "empty", "torch", "empty"]
-    assert seen["hidden"][4] == seen["visible"][4] == "read-only"
+    assert seen["visible"][:6] == ["transformers", "usable", "torch", "usable", "mlx_lm",
+                                   "usable"]
+    assert seen["hidden"][:6] == ["transformers", "empty", "torch", "empty", "mlx_lm", "empty"]
+    assert seen["hidden"][6] == seen["visible"][6] == "read-only"

@@ -199,9 +199,14 @@ def bwrap_command(command: list[str], *, env: dict[str, str], writable: Path,
     return [*args, "--", *launcher, *command]
 
 
-def hidden_packages(names: tuple[str, ...] = ("transformers", "torch")) -> tuple[Path, ...]:
+CAPTURE_HIDDEN = ("transformers", "torch", "mlx_lm")
+
+
+def hidden_packages(names: tuple[str, ...] = CAPTURE_HIDDEN) -> tuple[Path, ...]:
     """The installed directories of these packages, found without importing them: the
-    capture (workers/capture.py) runs with them hidden, so PR code cannot call them."""
+    capture (workers/capture.py) runs with them hidden, so PR code cannot call them:
+    transformers and torch would compute the reference, and the installed (released)
+    mlx_lm is a ready-made correct port of every model it has."""
     import importlib.util
 
     from mlx_verify.checks import environments
