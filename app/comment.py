@@ -342,8 +342,12 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
     if contradicted and not failure:
         verdict = combine_verdicts([verdict, *(c.verdict for c in contradicted)])
         conclusion = "failure"
-        counts = (f"final logits outside the sandbox contradict {len(contradicted)} claimed "
-                  f"pass(es); {counts}")
+        failed = sum(c.verdict == "fail" for c in contradicted)
+        unmeasured = len(contradicted) - failed
+        said = [f"{failed} contradicted" if failed else "",
+                f"{unmeasured} not confirmed" if unmeasured else ""]
+        counts = (f"claimed passes outside the sandbox: {', '.join(w for w in said if w)}; "
+                  f"{counts}")
     # A pass computed by code of someone without write access could be that code's own
     # writing (a results file and exit 0): reported, but never a green gate.
     not_a_gate = untrusted is not None and conclusion == "success"

@@ -133,3 +133,43 @@ def test_transformers_and_torch_cannot_be_imported_in_the_capture_sandbox(tmp_pa
                                    "usable"]
     assert seen["hidden"][:6] == ["transformers", "empty", "torch", "empty", "mlx_lm", "empty"]
     assert seen["hidden"][6] == seen["visible"][6] == "read-only"
+
+
+def test_the_macos_capture_profile_denies_reading_the_hidden_packages(tmp_path):
+    hidden = sandbox.hidden_packages()
+    lines = sandbox.sandbox_exec_profile(tmp_path, hidden).splitlines()
+    denied = [line for line in lines if line.startswith("(deny file-read*")]
+    assert denied == [f'(deny file-read* (subpath "{os.path.realpath(p)}"))' for p in hidden]
+    assert not [line for line in sandbox.sandbox_exec_profile(tmp_path).splitlines()
+                if "file-read" in line]  # the check run's profile reads everything
+
+
+def test_the_measured_config_is_the_runners_unless_transformers_reads_the_claim_the_same():
+    from mlx_verify.checks import variants
+
+    built, origin = crosscheck.default_config("llama", None)
+    assert origin == "built by the runner" and built["model_type"] == "llama"
+    # the other RoPE format of the same config (a port reading rope_parameters only):
+    # transformers reads it as the same configuration, so the claim's is measured
+    other = variants.to_rope_parameters_format(built)
+    assert other is not None and other != built
+    assert crosscheck.default_config("llama", other) == (
+        other, "the check run's, read by transformers as the runner's")
+    # a smaller model than the default (one layer, tiny vocabulary) is not measured
+    smaller = {**built, "num_hidden_layers": 1, "vocab_size": 16}
+    assert crosscheck.default_config("llama", smaller) == (
+        built, "built by the runner (the check run's config differs)")
+
+
+def test_a_model_transformers_cannot_build_on_the_runner_is_an_error(tmp_path):
+    work = tmp_path / "job"
+    work.mkdir()
+    env = verify.scrubbed_env(work)
+    checked = crosscheck.cross_check(
+        model_type="no_such_model_type", claimed="pass", claimed_config=None,
+        src=pr_tree(work), work=work, writable=verify.scratch_dir(work), env=env,
+        dtype="float32", memory_mb=8192, timeout_s=300, file_size=1 << 29)
+    assert checked.verdict == "error" and checked.contradicts and checked.rel_l2 is None
+    assert checked.reason == ("the runner cannot build the default checkpoint: SynthError: "
+                              "transformers has no config for model_type "
+                              "'no_such_model_type'")

@@ -229,10 +229,13 @@ def _sbpl(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def sandbox_exec_profile(writable: Path) -> str:
+def sandbox_exec_profile(writable: Path, hidden: tuple[Path, ...] = ()) -> str:
     """The macOS sandbox profile: everything the default allows, except the network, any
-    write outside `writable` (and /dev/null), new processes and other processes' info."""
+    write outside `writable` (and /dev/null), new processes and other processes' info,
+    and any read under a `hidden` directory."""
     real = os.path.realpath(writable)  # /var/folders/... is /private/var/folders/...
+    unreadable = [f"(deny file-read* (subpath {_sbpl(os.path.realpath(path))}))"
+                  for path in hidden]
     return "\n".join([
         "(version 1)",
         "(allow default)",
@@ -247,14 +250,16 @@ def sandbox_exec_profile(writable: Path) -> str:
         "(deny process-fork)",
         "(deny process-info*)",
         "(allow process-info* (target self))",
+        *unreadable,
         "",
     ])
 
 
-def sandbox_exec_command(command: list[str], *, writable: Path) -> list[str]:
+def sandbox_exec_command(command: list[str], *, writable: Path,
+                         hidden: tuple[Path, ...] = ()) -> list[str]:
     if not Path("/usr/bin/sandbox-exec").is_file():
         raise SandboxUnavailable(f"/usr/bin/sandbox-exec is missing; {UNSANDBOXED_HINT}")
-    return ["/usr/bin/sandbox-exec", "-p", sandbox_exec_profile(writable), *command]
+    return ["/usr/bin/sandbox-exec", "-p", sandbox_exec_profile(writable, hidden), *command]
 
 
 def _limits(memory_mb: int, file_size: int) -> None:
@@ -311,7 +316,8 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
     `pass_fds` (regular files, which it may reopen as /dev/fd/N) are the only runner
     files it can write. Every process it starts has ended when run() returns, also on
     timeout. SandboxUnavailable when bubblewrap cannot make the sandbox. `hidden`
-    directories are empty inside it (bubblewrap only: see hidden_packages)."""
+    directories are empty inside it (bubblewrap) or unreadable (sandbox-exec); see
+    hidden_packages."""
     info_read = info_write = None
     if not settings.enabled:
         full, launch_env = command, env
@@ -324,7 +330,8 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
                              settings=settings, info_fd=info_write, hidden=hidden)
         launch_env, pass_fds = {}, (*pass_fds, info_write)
     else:
-        full, launch_env = sandbox_exec_command(command, writable=writable), env
+        full, launch_env = sandbox_exec_command(command, writable=writable,
+                                                hidden=hidden), env
     started = time.monotonic()
     try:
         process = subprocess.Popen(

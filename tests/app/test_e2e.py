@@ -451,8 +451,8 @@ def test_a_pass_from_an_untrusted_authors_code_is_never_a_green_gate(env):
     waiting, run = env.check_runs(sha)
     assert waiting["output"]["title"] == "waiting for a maintainer"
     assert (run["status"], run["conclusion"]) == ("completed", "failure")
-    assert run["output"]["title"].startswith("⚠️ error: final logits outside the sandbox "
-                                             "contradict 1 claimed pass(es)")
+    assert run["output"]["title"].startswith("⚠️ error: claimed passes outside the sandbox: "
+                                             "1 not confirmed; ")
     (comment,) = env.comments(9)
     assert ("final logits not measured outside the sandbox: `llama` `default`: the sandboxed "
             "capture gave no logits: exit status 1: ValueError") in comment["body"]
@@ -488,8 +488,8 @@ def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurem
     env.drain()
     (run,) = env.check_runs(sha)
     assert run["conclusion"] == "failure"
-    assert run["output"]["title"].startswith("❌ fail: final logits outside the sandbox "
-                                             "contradict 1 claimed pass(es)")
+    assert run["output"]["title"].startswith("❌ fail: claimed passes outside the sandbox: "
+                                             "1 contradicted; ")
     (checked,) = outcome_of(env, run)["cross_checks"]
     assert (checked["verdict"], checked["claimed"], checked["bound"]) == ("fail", "pass", 1e-5)
     assert checked["rel_l2"] > 0.01  # the swap moves the logits far beyond the bound
