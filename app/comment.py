@@ -24,6 +24,7 @@ from typing import Any
 from mlx_verify.checks import render as shared
 from mlx_verify.checks.render import VERDICT_MARK, code, escape
 from mlx_verify.checks.schema import CheckResult, Results, SourceLocation, combine_verdicts
+from mlx_verify.workers.jobs import CrossCheck
 
 MARKER = "<!-- mlx-verify:sticky -->"
 COMMENT_LIMIT = 65_536
@@ -334,6 +335,19 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
             conclusion = "neutral"
         elif blocking:
             conclusion = "failure"
+    # Final logits the runner measured outside the sandbox (workers/crosscheck.py): a
+    # claimed pass they do not confirm fails the run, whatever the baseline says.
+    cross_checks = [CrossCheck.model_validate(c) for c in outcome.get("cross_checks") or []]
+    contradicted = [c for c in cross_checks if c.contradicts]
+    if contradicted and not failure:
+        verdict = combine_verdicts([verdict, *(c.verdict for c in contradicted)])
+        conclusion = "failure"
+        failed = sum(c.verdict == "fail" for c in contradicted)
+        unmeasured = len(contradicted) - failed
+        said = [f"{failed} contradicted" if failed else "",
+                f"{unmeasured} not confirmed" if unmeasured else ""]
+        counts = (f"claimed passes outside the sandbox: {', '.join(w for w in said if w)}; "
+                  f"{counts}")
     # A pass computed by code of someone without write access could be that code's own
     # writing (a results file and exit 0): reported, but never a green gate.
     not_a_gate = untrusted is not None and conclusion == "success"
@@ -354,12 +368,12 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
         if tail_lines:
             head.extend(["Last lines of its error output:", ""] +
                          [f"    {line}" for line in tail_lines] + [""])
+    head.extend(cross_check_lines(cross_checks))
     if not_a_gate:
         head.extend([f"**Not a gate: {escape(str(untrusted), 80)} has no write access.** "
                      "These results were written by the sandboxed process that imported this "
-                     "PR's code, which could have written them itself: a forged pass needs "
-                     "only code in an imported `mlx_lm` module that writes a valid results "
-                     "JSON to the `--json` descriptor and exits 0. The Check Run is neutral; "
+                     "PR's code, which could have written them itself: only the final "
+                     "logits above were measured outside it. The Check Run is neutral; "
                      "review the diff.", ""])
     head.extend(plan_lines(outcome))
     planned = outcome.get("planned") or []
@@ -416,6 +430,33 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
     text = _fit([], sections, tail, CHECK_OUTPUT_LIMIT)
     annotations = _annotations(results, changed_files)
     return Rendered(conclusion, title[:250], summary, text, comment, verdict, annotations)
+
+
+def cross_check_lines(cross_checks: list[CrossCheck]) -> list[str]:
+    """One fact per cross-check, as numbers: the final logits of a default variant, measured
+    by the runner outside the sandbox (transformers there, MLX logits as data)."""
+    lines = []
+    for c in cross_checks:
+        where = f"{code(c.model_type, 64)} {code(c.variant, 32)}"
+        setting = f"{escape(c.dtype, 16)}, {c.tokens} random tokens"
+        claim = f"; the sandboxed results claimed {escape(c.claimed or 'nothing', 16)}"
+        if c.verdict == "pass":
+            lines.append(f"- final logits confirmed outside the sandbox: {where} rel L2 "
+                         f"{shared.num(c.rel_l2)} ≤ {shared.num(c.bound)} ({setting}, top-1 "
+                         f"{shared.num(c.top1_agreement)})")
+        elif c.verdict == "fail":
+            measured = (f"rel L2 {shared.num(c.rel_l2)} > bound {shared.num(c.bound)}"
+                        if c.rel_l2 is not None else escape(c.reason or "not finite", 200))
+            lines.append(f"- **final logits measured outside the sandbox: {where} {measured}"
+                         f"{claim}** ({setting}, top-1 {shared.num(c.top1_agreement)})")
+        else:
+            lines.append(f"- **final logits not measured outside the sandbox: {where}: "
+                         f"{escape(c.reason or 'no reason given', 300)}{claim}: "
+                         "not confirmed**")
+    if any(c.contradicts for c in cross_checks):
+        lines.append("- **blamed on the PR: its sandboxed results are contradicted by a "
+                     "measurement its code could not write; the Check Run fails**")
+    return lines + [""] if lines else []
 
 
 def plan_lines(outcome: dict[str, Any]) -> list[str]:

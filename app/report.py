@@ -612,7 +612,7 @@ def verify_finished(job_id: str, outcome: dict[str, Any] | None = None) -> str:
 
 
 SUMMARY_KEYS = ("status", "planned", "model_types", "errors", "base_sha", "base_status",
-                "duration_s")
+                "duration_s", "cross_checks")
 
 
 def keep_summary(verify_job: Job, outcome: dict[str, Any]) -> None:

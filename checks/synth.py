@@ -1097,9 +1097,13 @@ def _without_type_alias(value: Any) -> Any:
     return value
 
 
-def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32") -> Path:
-    """Build (or reuse from the cache) a tiny checkpoint whose config.json is exactly `config`."""
-    target = cache_root() / "checkpoints" / checkpoint_key(config, seed, dtype)
+def write_checkpoint(config: dict[str, Any], seed: int, dtype: str = "float32",
+                     root: Path | None = None) -> Path:
+    """Build (or reuse from the cache) a tiny checkpoint whose config.json is exactly `config`.
+    `root`: a directory of the caller's own instead of the shared cache (the runner's
+    cross-check builds a fresh one per job: nothing another process wrote is reused)."""
+    target = (root if root is not None else cache_root() / "checkpoints") / \
+        checkpoint_key(config, seed, dtype)
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
 

@@ -9,7 +9,7 @@ any other path fails the job with a message naming it, before anything is import
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rq.job import Job
@@ -120,6 +120,8 @@ class Versioned(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Specs and outcomes queued before this field existed (2026-12) have the v1 shape.
     version: int = JOB_SPEC_VERSION
+    # the versions this model reads: each older shape is a subset of the newest one
+    readable_versions: ClassVar[tuple[int, ...]] = (JOB_SPEC_VERSION,)
 
     @classmethod
     def read(cls, data: Any, what: str) -> Any:
@@ -127,11 +129,13 @@ class Versioned(BaseModel):
         problem in one line."""
         if not isinstance(data, dict):
             raise JobSpecError(f"{what}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("version", JOB_SPEC_VERSION)
-        if version != JOB_SPEC_VERSION:
+        version = data.get("version", 1)  # no version field: the first shape
+        if version not in cls.readable_versions:
+            readable = " or ".join(str(v) for v in cls.readable_versions)
             raise JobSpecError(f"{what} has version {repr(version)[:20]}; this worker reads "
-                               f"version {JOB_SPEC_VERSION} (server and runners must run the "
+                               f"version {readable} (server and runners must run the "
                                "same release; then re-run the check)")
+        data = {**data, "version": version}
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -165,8 +169,37 @@ class VerifySpec(Versioned):
     max_model_types: int = Field(default=24, ge=0)
 
 
+class CrossCheck(BaseModel):
+    """Final logits of one model_type's default variant measured outside the sandbox
+    (workers/crosscheck.py): transformers here, MLX as data from a sandboxed capture."""
+    model_config = ConfigDict(extra="forbid")
+    model_type: str = Field(max_length=100)
+    variant: str = Field(default="default", max_length=100)
+    verdict: Literal["pass", "fail", "error"]
+    claimed: str | None = Field(default=None, max_length=16)  # the sandboxed layers verdict
+    rel_l2: float | None = None
+    bound: float
+    dtype: str = Field(default="float32", max_length=16)
+    tokens: int = 0
+    top1_agreement: float | None = None
+    reason: str | None = Field(default=None, max_length=600)
+    config_origin: str | None = Field(default=None, max_length=200)
+    duration_s: float | None = None
+
+    @property
+    def contradicts(self) -> bool:
+        """The sandboxed results claimed a pass this measurement does not confirm."""
+        return self.claimed == "pass" and self.verdict != "pass"
+
+
+# v2 (2026-12): cross_checks. A v1 outcome has none and still reads.
+OUTCOME_VERSION = 2
+
+
 class VerifyOutcome(Versioned):
     """The outcome argument of app.report.verify_finished (see workers.verify)."""
+    version: int = OUTCOME_VERSION
+    readable_versions: ClassVar[tuple[int, ...]] = (1, OUTCOME_VERSION)
     status: Literal["done", "nothing", "stale", "timeout", "crashed"]
     results: dict[str, Any] | None = None  # checks.schema.Results, validated by the reader
     errors: dict[str, str] = Field(default_factory=dict)
@@ -183,6 +216,8 @@ class VerifyOutcome(Versioned):
     base_status: str | None = None
     base_results: dict[str, Any] | None = None
     base_errors: dict[str, str] = Field(default_factory=dict)
+    # final logits of the default variants, measured by the runner outside the sandbox
+    cross_checks: list[CrossCheck] = Field(default_factory=list, max_length=64)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

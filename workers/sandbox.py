@@ -34,6 +34,7 @@ says so (trusted local use only).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -97,13 +98,16 @@ def system_paths() -> list[Path]:
     (an editable install's source too). Read-only; nested paths are dropped."""
     import mlx_verify
     import mlx_verify.checks
+    import mlx_verify.workers
     from mlx_verify.checks import compat, environments
 
-    # the package's own folder and checks/ (a source tree maps mlx_verify.checks there)
+    # the package's own folder, checks/ and workers/ (a source tree maps them there)
     paths = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix),
              Path(sys.executable).resolve().parent,
              Path(mlx_verify.__file__).resolve().parent,
-             Path(mlx_verify.checks.__file__).resolve().parent]
+             Path(mlx_verify.checks.__file__).resolve().parent,
+             # workers/: the capture (workers/capture.py) runs from it; code, no settings
+             Path(mlx_verify.workers.__file__).resolve().parent]
     # the validated locks (environment.lock), and the other validated environments the
     # check may run in for a model_type only a newer transformers knows
     paths += [d for d in compat.lock_dirs() if d.is_dir()]
@@ -129,9 +133,11 @@ os.execv(sys.argv[3], sys.argv[3:])
 
 def bwrap_command(command: list[str], *, env: dict[str, str], writable: Path,
                   readable: list[Path], settings: SandboxSettings,
-                  as_root: bool | None = None, info_fd: int | None = None) -> list[str]:
+                  as_root: bool | None = None, info_fd: int | None = None,
+                  hidden: tuple[Path, ...] = ()) -> list[str]:
     """The bubblewrap command line that runs `command` sandboxed (see the module doc).
-    bubblewrap writes to `info_fd` once the sandbox is made."""
+    bubblewrap writes to `info_fd` once the sandbox is made. Each `hidden` directory (a
+    package inside a read-only bind) is covered by an empty read-only tmpfs."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed; {UNSANDBOXED_HINT}")
@@ -166,6 +172,9 @@ def bwrap_command(command: list[str], *, env: dict[str, str], writable: Path,
     mounts += [["--perms", "0777", "--dir", str(sub)]
                for sub in sorted(p for p in writable.iterdir() if p.is_dir())]
     mounts += [["--ro-bind", str(path), str(path)] for path in readable]
+    for path in hidden:  # after the binds they sit in; mounted empty, then read-only
+        mounts += [["--perms", "0555", "--size", "4096", "--tmpfs", str(path)],
+                   ["--remount-ro", str(path)]]
     # bubblewrap makes missing parents of a mount point mode 0700, which the sandbox's uid
     # could not pass through; make them first, 0755
     targets = [Path(m[-1]) for m in mounts]
@@ -190,14 +199,43 @@ def bwrap_command(command: list[str], *, env: dict[str, str], writable: Path,
     return [*args, "--", *launcher, *command]
 
 
+CAPTURE_HIDDEN = ("transformers", "torch", "mlx_lm")
+
+
+def hidden_packages(names: tuple[str, ...] = CAPTURE_HIDDEN) -> tuple[Path, ...]:
+    """The installed directories of these packages, found without importing them: the
+    capture (workers/capture.py) runs with them hidden, so PR code cannot call them:
+    transformers and torch would compute the reference, and the installed (released)
+    mlx_lm is a ready-made correct port of every model it has."""
+    import importlib.util
+
+    from mlx_verify.checks import environments
+
+    found: list[Path] = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if Path(location).is_dir():
+                found.append(Path(location).resolve())
+        # the other validated environments (system_paths binds them for the check run)
+        for python in environments.configured():
+            for root in {Path(python).parent.parent, Path(python).resolve().parent.parent}:
+                found += [p.resolve() for p in root.glob(f"lib/python*/site-packages/{name}")
+                          if p.is_dir()]
+    return tuple(sorted(set(found)))
+
+
 def _sbpl(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def sandbox_exec_profile(writable: Path) -> str:
+def sandbox_exec_profile(writable: Path, hidden: tuple[Path, ...] = ()) -> str:
     """The macOS sandbox profile: everything the default allows, except the network, any
-    write outside `writable` (and /dev/null), new processes and other processes' info."""
+    write outside `writable` (and /dev/null), new processes and other processes' info,
+    and any read under a `hidden` directory."""
     real = os.path.realpath(writable)  # /var/folders/... is /private/var/folders/...
+    unreadable = [f"(deny file-read* (subpath {_sbpl(os.path.realpath(path))}))"
+                  for path in hidden]
     return "\n".join([
         "(version 1)",
         "(allow default)",
@@ -212,14 +250,16 @@ def sandbox_exec_profile(writable: Path) -> str:
         "(deny process-fork)",
         "(deny process-info*)",
         "(allow process-info* (target self))",
+        *unreadable,
         "",
     ])
 
 
-def sandbox_exec_command(command: list[str], *, writable: Path) -> list[str]:
+def sandbox_exec_command(command: list[str], *, writable: Path,
+                         hidden: tuple[Path, ...] = ()) -> list[str]:
     if not Path("/usr/bin/sandbox-exec").is_file():
         raise SandboxUnavailable(f"/usr/bin/sandbox-exec is missing; {UNSANDBOXED_HINT}")
-    return ["/usr/bin/sandbox-exec", "-p", sandbox_exec_profile(writable), *command]
+    return ["/usr/bin/sandbox-exec", "-p", sandbox_exec_profile(writable, hidden), *command]
 
 
 def _limits(memory_mb: int, file_size: int) -> None:
@@ -269,12 +309,15 @@ class Finished:
 
 def run(command: list[str], *, env: dict[str, str], writable: Path, readable: list[Path],
         settings: SandboxSettings, memory_mb: int, file_size: int, timeout_s: float,
-        stdout: IO[bytes], stderr: IO[bytes], pass_fds: tuple[int, ...] = ()) -> Finished:
+        stdout: IO[bytes], stderr: IO[bytes], pass_fds: tuple[int, ...] = (),
+        hidden: tuple[Path, ...] = ()) -> Finished:
     """Run `command` sandboxed with exactly `env`, `writable` as its only writable path
     (and working dir), `readable` (the PR tree, inputs) read-only; stdout, stderr and
     `pass_fds` (regular files, which it may reopen as /dev/fd/N) are the only runner
     files it can write. Every process it starts has ended when run() returns, also on
-    timeout. SandboxUnavailable when bubblewrap cannot make the sandbox."""
+    timeout. SandboxUnavailable when bubblewrap cannot make the sandbox. `hidden`
+    directories are empty inside it (bubblewrap) or unreadable (sandbox-exec); see
+    hidden_packages."""
     info_read = info_write = None
     if not settings.enabled:
         full, launch_env = command, env
@@ -284,10 +327,11 @@ def run(command: list[str], *, env: dict[str, str], writable: Path, readable: li
                 os.fchown(fd, settings.uid, -1)
         info_read, info_write = os.pipe()
         full = bwrap_command(command, env=env, writable=writable, readable=readable,
-                             settings=settings, info_fd=info_write)
+                             settings=settings, info_fd=info_write, hidden=hidden)
         launch_env, pass_fds = {}, (*pass_fds, info_write)
     else:
-        full, launch_env = sandbox_exec_command(command, writable=writable), env
+        full, launch_env = sandbox_exec_command(command, writable=writable,
+                                                hidden=hidden), env
     started = time.monotonic()
     try:
         process = subprocess.Popen(
@@ -363,7 +407,7 @@ def read_regular_fd(fd: int, max_bytes: int, tail: bool = False) -> bytes:
     OSError when it is not a regular file."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
-        raise OSError(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+        raise OSError(errno.EINVAL, f"not a regular file (mode {stat.filemode(info.st_mode)})")
     start = max(0, info.st_size - max_bytes) if tail else 0
     return os.pread(fd, max_bytes, start)
 

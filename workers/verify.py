@@ -13,9 +13,14 @@ One job checks one PR head SHA:
    commit is checked out beside the head first, and each check run takes it as `--base`:
    one process runs both trees on the same checkpoints and inputs (checks/differential.py)
    and marks every row unchanged, fixed, new, worse or better;
-6. return the outcome: it is the rq job's result, which the server's collector
+6. for each model_type whose results claim its default variant's layers check passes,
+   measure the final logits again outside the sandbox (workers/crosscheck.py): the
+   runner builds the checkpoint and random token ids itself, computes transformers'
+   logits itself, and takes only the MLX logits, as data, from a second sandboxed
+   process; a claimed pass they do not confirm is reported as such (app/comment.py);
+7. return the outcome: it is the rq job's result, which the server's collector
    (app/collector.py) hands to a report job; a runner cannot enqueue report jobs itself;
-7. remove the work dirs.
+8. remove the work dirs.
 
 Only infrastructure failures raise (and so are retried by rq): a failing fetch, a full
 disk. Anything the PR's code does (a finding, an exception, a hang, a crash) is an
@@ -277,7 +282,45 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
     done = run_all(settings, work, src, runs, request, env, base_src)
     outcome["errors"].update(done.pop("errors"))  # after the Hub ones
     outcome.update(done)
+    if outcome["status"] == "done" and outcome["results"] is not None and model_types:
+        outcome["cross_checks"] = cross_check_all(settings, work, src, model_types,
+                                                  outcome["results"], request, env)
     return outcome, runs
+
+
+def cross_check_all(settings: RunnerSettings, work: Path, src: Path, model_types: list[str],
+                    results: dict[str, Any], request: dict[str, Any],
+                    env: dict[str, str]) -> list[dict[str, Any]]:
+    """Final logits of the default variant of every model_type whose sandboxed results
+    claim the layers check passes there, measured outside the sandbox
+    (workers/crosscheck.py): one transformers forward here and one sandboxed MLX forward
+    per model_type. Hub-config runs are not cross-checked (their claims stay unconfirmed)."""
+    from mlx_verify.workers import crosscheck
+
+    done = []
+    for model_type in model_types:
+        # every report of it the results hold (their `source` is the PR's writing too)
+        claims = [crosscheck.claimed_default(r) for r in results.get("reports") or []
+                  if r.get("model_type") == model_type]
+        passing = [claim for claim in claims if claim[0] == "pass"]
+        if not passing:
+            continue  # a claimed fail or error is no pass to confirm
+        claimed, claimed_config = passing[0]
+        try:
+            checked = crosscheck.cross_check(
+                model_type=model_type, claimed=claimed, claimed_config=claimed_config,
+                src=src, work=work, writable=scratch_dir(work), env=env,
+                dtype=request.get("dtype", "float32"), memory_mb=settings.memory_mb,
+                timeout_s=settings.timeout_s, file_size=OUTPUT_FILE_MAX_BYTES)
+        except sandbox.SandboxUnavailable as e:
+            raise InfraError(str(e)) from None
+        except Exception as e:  # the runner's own code failed: not measured, never a pass
+            checked = crosscheck.CrossCheck(
+                model_type=model_type, verdict="error", claimed=claimed, bound=0.0,
+                reason=f"the runner's cross-check failed: {type(e).__name__}: "
+                       f"{str(e)[:300]}")
+        done.append(checked.model_dump(mode="json", exclude_none=True))
+    return done
 
 
 def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,

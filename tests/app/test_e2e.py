@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from mlx_verify.app import store
+from mlx_verify.checks.render import escape, num
 from mlx_verify.workers import planning
 from tests.app.conftest import (
     REPO,
@@ -73,6 +74,14 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
 
     (clean_comment,) = env.comments(1)
     assert "mlx-verify: ✅ pass" in clean_comment["body"]
+    # the runner measured the final logits itself, outside the sandbox: confirmed
+    (checked,) = outcome_of(env, clean_run)["cross_checks"]
+    assert (checked["verdict"], checked["claimed"]) == ("pass", "pass")
+    assert checked["rel_l2"] <= checked["bound"] == 1e-5
+    assert (f"final logits confirmed outside the sandbox: `llama` `default` rel L2 "
+            f"{num(checked['rel_l2'])} ≤ 1.00e-05 (float32, 48 random tokens, top-1 1)"
+            ) in clean_comment["body"]
+    assert checked["duration_s"] < 30
     (bugged_comment,) = env.comments(2)
     body = bugged_comment["body"]
     assert "mlx-verify: ❌ fail" in body and bugged[:12] in body
@@ -432,9 +441,10 @@ import mlx.core as mx'''
 
 def test_a_pass_from_an_untrusted_authors_code_is_never_a_green_gate(env):
     """An outsider's PR that forges an all-pass report before any check runs. A
-    maintainer's /verify runs it: the forged pass reaches the report (the sandbox cannot
-    stop the code from writing its own results), but the Check Run is neutral, not
-    success, and the comment says why."""
+    maintainer's /verify runs it: the forged pass reaches the report, but the runner's own
+    measurement of the final logits (workers/crosscheck.py) does not confirm it: the
+    forger's llama.py breaks the sandboxed capture too, so the logits are not measured,
+    and the Check Run fails instead of passing."""
     sha = opened_by_outsider(env, 9, {LLAMA: ("import mlx.core as mx", FORGED_PASS)})
     payload = env.payload("issue_comment.created.payload.json")
     payload["issue"]["number"] = 9
@@ -443,18 +453,64 @@ def test_a_pass_from_an_untrusted_authors_code_is_never_a_green_gate(env):
     env.drain()
     waiting, run = env.check_runs(sha)
     assert waiting["output"]["title"] == "waiting for a maintainer"
-    assert (run["status"], run["conclusion"]) == ("completed", "neutral")
-    assert run["output"]["title"].startswith("✅ pass (not a gate)")
+    assert (run["status"], run["conclusion"]) == ("completed", "failure")
+    assert run["output"]["title"].startswith("⚠️ error: claimed passes outside the sandbox: "
+                                             "1 not confirmed; ")
     (comment,) = env.comments(9)
-    assert "Not a gate: author outsider-1 has no write access." in comment["body"]
-    # the same forged tree from a maintainer's own PR is reported as the pass it claims:
-    # what the trust rule, not the sandbox, stands between
-    sha, files = env.git_host.make_pr(10, {LLAMA: ("import mlx.core as mx", FORGED_PASS)})
+    assert ("final logits not measured outside the sandbox: `llama` `default`: the sandboxed "
+            "capture gave no logits: exit status 1: ValueError") in comment["body"]
+    assert "the sandboxed results claimed pass: not confirmed" in comment["body"]
+    (checked,) = outcome_of(env, run)["cross_checks"]
+    assert (checked["verdict"], checked["claimed"]) == ("error", "pass")
+
+
+# A smarter forger: the forged results only in the check run (the process given --json);
+# anywhere else llama.py is the released file with gate and up projections swapped.
+FORGED_IF_CHECKED = ("import os as _o, sys as _s\nif '--json' in _s.argv:\n"
+                     + "\n".join("    " + line for line in FORGED_PASS.splitlines()[1:-1])
+                     + "\nimport mlx.core as mx")
+# Forged results, and in the capture a wrong-shaped array written to the --out descriptor
+WRONG_SHAPE = (FORGED_IF_CHECKED.removesuffix("import mlx.core as mx")
+               + "if '--out' in _s.argv:\n    import numpy as _np\n"
+               "    with open(_s.argv[_s.argv.index('--out') + 1], 'wb') as _f:\n"
+               "        _np.save(_f, _np.zeros((1, 3), dtype=_np.float32))\n"
+               "    _o._exit(0)\nimport mlx.core as mx")
+
+
+def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurement(env):
+    """A maintainer's PR whose llama.py forges an all-pass report in the check run and
+    computes a wrong function everywhere else (gate and up swapped): the final logits the
+    runner measures outside the sandbox contradict the claim, with the numbers, and the
+    Check Run fails. A capture that writes a wrong-shaped array is refused: not a pass."""
+    main_llama = git(env.git_host.work, "show", f"{env.git_host.base_sha}:{LLAMA}")
+    forger = main_llama.replace("import mlx.core as mx", FORGED_IF_CHECKED, 1)
+    sha, files = env.git_host.make_pr(10, {LLAMA: forger.replace(*SWAPPED)})
     env.open_pr(10, sha, files)
     env.send("pull_request", env.payload("pull_request.opened.payload.json", number=10,
                                          sha=sha))
     env.drain()
     (run,) = env.check_runs(sha)
-    assert run["conclusion"] == "success"
+    assert run["conclusion"] == "failure"
+    assert run["output"]["title"].startswith("❌ fail: claimed passes outside the sandbox: "
+                                             "1 contradicted; ")
+    (checked,) = outcome_of(env, run)["cross_checks"]
+    assert (checked["verdict"], checked["claimed"], checked["bound"]) == ("fail", "pass", 1e-5)
+    assert checked["rel_l2"] > 0.01  # the swap moves the logits far beyond the bound
+    fact = (f"final logits measured outside the sandbox: `llama` `default` rel L2 "
+            f"{num(checked['rel_l2'])} > bound 1.00e-05; the sandboxed results claimed pass")
+    assert fact in run["output"]["summary"]
     (comment,) = env.comments(10)
+    assert fact in comment["body"] and "blamed on the PR" in comment["body"]
     assert "Not a gate" not in comment["body"]
+
+    sha, files = env.git_host.make_pr(11, {LLAMA: ("import mlx.core as mx", WRONG_SHAPE)})
+    env.open_pr(11, sha, files)
+    env.send("pull_request", env.payload("pull_request.opened.payload.json", number=11,
+                                         sha=sha))
+    env.drain()
+    (run,) = env.check_runs(sha)
+    assert run["conclusion"] == "failure"
+    (checked,) = outcome_of(env, run)["cross_checks"]
+    assert checked["verdict"] == "error"
+    assert checked["reason"] == "capture file refused: shape (1, 3), expected (1, 48, 512)"
+    assert escape(checked["reason"]) in env.comments(11)[0]["body"]

@@ -11,7 +11,13 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from mlx_verify.app import store
-from mlx_verify.workers.jobs import JOB_SPEC_VERSION, JobSpecError, VerifyOutcome, VerifySpec
+from mlx_verify.workers.jobs import (
+    JOB_SPEC_VERSION,
+    OUTCOME_VERSION,
+    JobSpecError,
+    VerifyOutcome,
+    VerifySpec,
+)
 
 LLAMA = "mlx_lm/models/llama.py"
 HARMLESS = ("import mlx.core as mx", "import mlx.core as mx  # ok")
@@ -123,9 +129,22 @@ def test_specs_queued_before_versioning_still_read_and_reads_are_one_line():
            "auto_model_types": None, "max_model_types": 24}
     spec = VerifySpec.read(old, "verify job spec")
     assert spec.version == JOB_SPEC_VERSION and spec.request.checks == ["layers"]
+    # an outcome of a runner before versioning (v1): no cross-checks, and it stays v1
     assert VerifyOutcome.read({"status": "stale"}, "outcome").to_json() == \
-        {"version": JOB_SPEC_VERSION, "status": "stale", "errors": {}, "skipped": [],
-         "planned": [], "model_types": [], "truncated": False, "base_errors": {}}
+        {"version": 1, "status": "stale", "errors": {}, "skipped": [],
+         "planned": [], "model_types": [], "truncated": False, "base_errors": {},
+         "cross_checks": []}
+    # v2 carries the final logits measured outside the sandbox; v3 is refused, in one line
+    checked = {"model_type": "llama", "verdict": "pass", "claimed": "pass", "rel_l2": 1e-7,
+               "bound": 1e-5, "tokens": 48}
+    read = VerifyOutcome.read({"version": OUTCOME_VERSION, "status": "done",
+                               "cross_checks": [checked]}, "outcome")
+    assert OUTCOME_VERSION == 2 and read.version == 2
+    assert read.cross_checks[0].verdict == "pass" and not read.cross_checks[0].contradicts
+    assert VerifyOutcome.model_validate({"status": "done"}).version == OUTCOME_VERSION
+    with pytest.raises(JobSpecError, match="^outcome has version 3; this worker reads "
+                                           "version 1 or 2 "):
+        VerifyOutcome.read({"version": 3, "status": "done"}, "outcome")
     for bad, message in ((["a list"], "verify job spec: expected a JSON object, got list"),
                          ({**old, "number": "many"}, "verify job spec: number: Input should "
                                                      "be a valid integer")):
