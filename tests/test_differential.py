@@ -263,3 +263,26 @@ def test_a_precision_loss_within_tolerance_is_worse(tmp_path: Path, base_tree: P
     # float16 bound on this checkpoint; the within-tolerance rule is judged where both pass.
     if half["verdict"] == half["base_verdict"] == "pass":
         assert half["change"] == "worse" and half["basis"] == "distance within tolerance"
+
+
+def test_a_forward_that_now_raises_under_a_released_finding_is_worse(
+        tmp_path: Path, base_tree: Path, cache_dir: Path) -> None:
+    """starcoder2's default row already fails on base (exact vs tanh GELU, measured at
+    layers.0's MLP). A PR whose MLP raises NameError fails the same row as a crash, with
+    no distance to compare: the measurement base had is lost, so the row reads worse."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/starcoder2.py", "return self.c_proj(nn.gelu(self.c_fc(x)))",
+             "return self.c_proj(nn.gelu(self.c_fc(x)) * mlp_output_scale)")])
+    run = run_cli(["check", "starcoder2", "--checks", "layers", "--variants", "default",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    row = layer_rows(run.results, "starcoder2")["default"]
+    assert row["verdict"] == row["base_verdict"] == "fail", row
+    assert row["base_distance"] is None and row["distance"] is None, row  # no common metric
+    assert row["change"] == "worse" and row["basis"] == "measurement", row
+    assert any("NameError" in fact and "max_rel_l2" in fact for fact in row["facts"]), row
+    [base_row] = [c for c in run.results["base_reports"][0]["checks"]
+                  if c["check"] == "layers"]
+    assert base_row["metrics"]["max_rel_l2"] > base_row["metrics"]["tolerance_rel_l2"]
+    assert "NameError" in run.layers_check("starcoder2")["summary"]
