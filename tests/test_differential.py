@@ -286,3 +286,23 @@ def test_a_forward_that_now_raises_under_a_released_finding_is_worse(
                   if c["check"] == "layers"]
     assert base_row["metrics"]["max_rel_l2"] > base_row["metrics"]["tolerance_rel_l2"]
     assert "NameError" in run.layers_check("starcoder2")["summary"]
+
+
+def test_a_router_bias_dropped_from_expert_selection_is_flagged(
+        tmp_path: Path, base_tree: Path, cache_dir: Path) -> None:
+    """deepseek_v3's router adds e_score_correction_bias, a buffer transformers initialises
+    to zeros, to the scores it selects experts by. Synthesized checkpoints give zero
+    persistent buffers seeded noise (synth.zero_persistent_buffers, SYNTH_VERSION 3), so a
+    port that drops it selects other experts; at zero the two functions were the same."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/deepseek_v3.py", "    scores = scores + e_score_correction_bias\n", "")])
+    run = run_cli(["check", "deepseek_v3", "--checks", "layers", "--variants", "default",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    row = layer_rows(run.results, "deepseek_v3")["default"]
+    assert row["change"] in ("new", "worse"), row
+    assert row["first_changed_stage"] is not None, row
+    # base's row: the released port reads the bias (whatever else it already fails)
+    [base_row] = [c for c in run.results["base_reports"][0]["checks"] if c["check"] == "layers"]
+    assert row["distance"] > base_row["metrics"]["max_rel_l2"], (row, base_row["summary"])
