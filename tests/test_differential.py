@@ -306,3 +306,26 @@ def test_a_router_bias_dropped_from_expert_selection_is_flagged(
     # base's row: the released port reads the bias (whatever else it already fails)
     [base_row] = [c for c in run.results["base_reports"][0]["checks"] if c["check"] == "layers"]
     assert row["distance"] > base_row["metrics"]["max_rel_l2"], (row, base_row["summary"])
+
+
+def test_a_fused_qkv_split_sized_by_the_query_heads_shows_on_the_kv_heads_variant(
+        tmp_path: Path, base_tree: Path, cache_dir: Path) -> None:
+    """transformers' phi3 default has as many KV heads as query heads, where a qkv split
+    sized with num_attention_heads for k and v computes the same function: the default row
+    cannot see it. The kv-heads variant (num_key_value_heads 2 of 4 heads) can; released
+    phi3 passes it."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/phi3.py",
+             "qkv, [query_pos, query_pos + self.n_kv_heads * self.head_dim], axis=-1",
+             "qkv, [query_pos, query_pos + self.n_heads * self.head_dim], axis=-1")])
+    run = run_cli(["check", "phi3", "--checks", "layers", "--variants", "default,kv-heads",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    rows = layer_rows(run.results, "phi3")
+    assert rows["kv-heads"]["base_verdict"] == "pass", rows["kv-heads"]
+    assert rows["kv-heads"]["change"] in ("new", "worse"), rows["kv-heads"]
+    assert rows["default"]["change"] == "unchanged", rows["default"]
+    [variant] = [v for v in run.report("phi3")["variants"] if v["name"] == "kv-heads"]
+    assert variant["config"]["num_key_value_heads"] == 2
+    assert variant["config"]["num_attention_heads"] == 4
