@@ -34,6 +34,18 @@ FINDING = ("fail", "error")
 # share of its tolerance: material, where a float reorder moves it by about 1%.
 MATERIAL_SHARE = 0.1
 
+# Metric keys that mean the row measured an MLX forward against transformers (layers,
+# dtype, rope far positions, generation, long, quantize). A row failing on both trees that
+# has one on base and none on the PR lost its measurement: the PR's code raises (or no
+# longer loads) where base's ran, which hides whatever base measured there.
+FORWARD_METRICS = frozenset({
+    "max_rel_l2", "logits_rel_l2", "top1_agreement", "max_stage_rel_l2",
+    "max_step_vs_transformers_rel_l2", "max_step_vs_full_rel_l2",
+    "prefill_vs_transformers_rel_l2", "max_logprobs_rel_l2", "tokens_agreeing",
+    "max_position_logits_rel_l2", "kl_mean", "fidelity_max_rel_l2",
+})
+MEASUREMENT = "measurement"
+
 # id(LayerRow) -> (row, mlx array, transformers array) while a differential run records
 RECORDED: dict[int, tuple[LayerRow, np.ndarray, np.ndarray]] | None = None
 
@@ -118,6 +130,21 @@ def distance(result: CheckResult) -> tuple[str, float] | None:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return name, float(value)
     return None
+
+
+def measured_forward(result: CheckResult) -> bool:
+    """The row holds a measured MLX forward: compared stages, or a FORWARD_METRICS number."""
+    if result.layers:
+        return True
+    return any(isinstance(result.metrics.get(key), (int, float))
+               and not isinstance(result.metrics.get(key), bool) for key in FORWARD_METRICS)
+
+
+def _measurement_lost(pr: CheckResult, base: CheckResult) -> bool:
+    """Base measured a forward on this row and the PR measured none (both fail): the PR's
+    model raises inside the forward (NameError, a shape error) or does not load, and its
+    row fails as a crash where base's failed as a distance."""
+    return measured_forward(base) and not measured_forward(pr)
 
 
 def _beyond(new: float, old: float) -> int:
@@ -244,6 +271,10 @@ def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
         out.change = "fixed"
     elif not pr_finding:
         out.change = _within_tolerance(pr, out)
+    elif _measurement_lost(pr, base):
+        out.change, out.basis = "worse", MEASUREMENT
+        out.facts.append(f"base measured a forward here ({_measured_summary(base)}); "
+                         f"the PR measured none: {pr.summary[:200]}")
     elif pr.verdict == "error" and base.verdict == "fail":
         out.change = "worse"  # a crash now hides what base measured
     elif pr.verdict == "fail" and base.verdict == "error":
@@ -268,6 +299,13 @@ def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
     elif out.stages:
         out.facts.append("MLX(PR) equals MLX(base) at every compared stage")
     return out
+
+
+def _measured_summary(result: CheckResult) -> str:
+    found = distance(result)
+    if found is not None:
+        return f"{found[0]} {found[1]:.3g}"
+    return f"{len(result.layers)} stage(s) compared"
 
 
 def _within_tolerance(pr: CheckResult, out: DiffRow) -> str:

@@ -132,7 +132,8 @@ class DiffRow(Strict):
     # the first stage whose MLX output differs between the trees, and the largest new error
     first_changed_stage: str | None = None
     # why "worse" or "better": "verdict", "distance", "tolerance" (a stage within it on
-    # base is not), "new error direction" (MLX(PR) leaves base's error direction), "keys"
+    # base is not), "new error direction" (MLX(PR) leaves base's error direction), "keys",
+    # "measurement" (base measured a forward here, the PR none: its model raises)
     basis: str | None = None
     stages: list[StageChange] = Field(default_factory=list)
     facts: list[str] = Field(default_factory=list)

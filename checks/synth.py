@@ -24,7 +24,7 @@ import numpy as np
 
 from . import compat
 
-SYNTH_VERSION = 2  # bump when the checkpoint recipe changes: it is part of the cache key
+SYNTH_VERSION = 3  # bump when the checkpoint recipe changes: it is part of the cache key
 
 HIDDEN = 64
 HEADS = 4
@@ -968,6 +968,10 @@ def init_weights(model: Any, seed: int) -> None:
     - a parameter transformers left constant (norm weights of 1 or 0, zero biases,
       zero router biases, zero sinks) gets noise, so ignoring it shows.
     - other non-constant vectors (SSM A_log, dt bias, ...) keep transformers' init.
+    - a floating-point buffer transformers saves (persistent) and initialises to zeros
+      (deepseek_v3's router e_score_correction_bias) gets noise too: at zero, a port that
+      drops it from expert selection computes the same function. It is written into the
+      checkpoint, so both sides read the same values.
     """
     import torch
 
@@ -1012,6 +1016,27 @@ def init_weights(model: Any, seed: int) -> None:
                 else:
                     noise = (torch.rand(data.shape, generator=gen) - 0.5) * 0.4
                     data.copy_(value * (1.0 + noise))
+        # after every parameter, so the parameters' draws are those of SYNTH_VERSION 2
+        for _, buffer in zero_persistent_buffers(model):
+            buffer.copy_(torch.randn(buffer.shape, generator=gen) * ZERO_BUFFER_STD)
+
+
+ZERO_BUFFER_STD = 0.1  # as zero-valued parameters (biases, router biases) get
+
+
+def zero_persistent_buffers(model: Any) -> list[tuple[str, Any]]:
+    """(name, buffer) of the floating-point buffers `save_pretrained` writes (not in a
+    module's non-persistent set) whose values are all zero: state the checkpoint carries
+    (router correction biases), not computed tables (inv_freq is non-persistent)."""
+    out = []
+    for mod_name, module in model.named_modules():
+        transient = getattr(module, "_non_persistent_buffers_set", set())
+        for b_name, buffer in module.named_buffers(recurse=False):
+            if (buffer is None or b_name in transient or not buffer.is_floating_point()
+                    or buffer.numel() == 0 or bool(buffer.any())):
+                continue
+            out.append((f"{mod_name}.{b_name}" if mod_name else b_name, buffer))
+    return out
 
 
 def _versions() -> dict[str, str]:

@@ -10,6 +10,10 @@ Which variants an architecture gets:
 - tied-embeddings / untied-embeddings: the other value of tie_word_embeddings, where the
   MLX ModelArgs declares it.
 - head-dim: head_dim != hidden_size / num_attention_heads, where the config has head_dim.
+- kv-heads: grouped-query attention (num_key_value_heads = num_attention_heads // 2) where
+  the config has as many KV heads as query heads (llama's, phi3's defaults) and the port
+  declares num_key_value_heads, so a wrong KV repeat or a fused qkv split sized by the
+  query heads shows; not for MLA (kv_lora_rank), whose KV heads are the query heads.
 - sliding-window: a window (16) shorter than the parity prompt, where the MLX ModelArgs
   declares sliding_window or the source config sets one.
 - softcap: active softcaps lowered so they engage strongly, where the config has them.
@@ -173,6 +177,15 @@ def bug_finding_variants(model_type: str, default: Variant,
             add("head-dim", f"head_dim {new['head_dim']} != hidden_size / heads "
                 f"({hidden // heads})", new, {"head_dim": new["head_dim"]})
 
+    kv = kv_heads_override(config, mlx_fields)
+    if kv is not None:
+        key, heads, kv_heads = kv
+        *parents, leaf = key.split(".")
+        new = copy.deepcopy(config)
+        (new[parents[0]] if parents else new)[leaf] = kv_heads
+        add("kv-heads", f"num_key_value_heads {kv_heads} < num_attention_heads {heads} "
+            "(grouped-query attention)", new, {key: kv_heads})
+
     # A window is tested where the port claims one or the source config sets one.
     if "sliding_window" in config and ("sliding_window" in mlx_fields
                                        or config.get("sliding_window") is not None):
@@ -215,6 +228,28 @@ def bug_finding_variants(model_type: str, default: Variant,
             f"the same config in the {other} format, RoPE base {theta:g}", new,
             {"format": other, "rope_theta": theta}, config_format=other)
     return out
+
+
+def kv_heads_override(config: dict[str, Any], mlx_fields: set[str]
+                      ) -> tuple[str, int, int] | None:
+    """(key, query heads, KV heads) of the kv-heads variant, None where it does not apply:
+    the config (or a multimodal config's text_config, where the decoder's sizes are) has
+    num_key_value_heads == num_attention_heads, an even head count and no kv_lora_rank
+    (MLA), and the port declares num_key_value_heads (a top-level ModelArgs that does not
+    was never written for grouped checkpoints: olmo). A text_config is read by the port's
+    own text ModelArgs, which this cannot see: it is tried."""
+    section, prefix = config, ""
+    if not isinstance(config.get("num_attention_heads"), int) and \
+            isinstance(config.get("text_config"), dict):
+        section, prefix = config["text_config"], "text_config."
+    heads, kv_heads = section.get("num_attention_heads"), section.get("num_key_value_heads")
+    if not (isinstance(heads, int) and isinstance(kv_heads, int)) or isinstance(heads, bool):
+        return None
+    if kv_heads != heads or heads < 2 or heads % 2 or section.get("kv_lora_rank"):
+        return None
+    if not prefix and "num_key_value_heads" not in mlx_fields:
+        return None
+    return f"{prefix}num_key_value_heads", heads, heads // 2
 
 
 def feature_switches(config: dict[str, Any]) -> dict[str, Any]:

@@ -263,3 +263,69 @@ def test_a_precision_loss_within_tolerance_is_worse(tmp_path: Path, base_tree: P
     # float16 bound on this checkpoint; the within-tolerance rule is judged where both pass.
     if half["verdict"] == half["base_verdict"] == "pass":
         assert half["change"] == "worse" and half["basis"] == "distance within tolerance"
+
+
+def test_a_forward_that_now_raises_under_a_released_finding_is_worse(
+        tmp_path: Path, base_tree: Path, cache_dir: Path) -> None:
+    """starcoder2's default row already fails on base (exact vs tanh GELU, measured at
+    layers.0's MLP). A PR whose MLP raises NameError fails the same row as a crash, with
+    no distance to compare: the measurement base had is lost, so the row reads worse."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/starcoder2.py", "return self.c_proj(nn.gelu(self.c_fc(x)))",
+             "return self.c_proj(nn.gelu(self.c_fc(x)) * mlp_output_scale)")])
+    run = run_cli(["check", "starcoder2", "--checks", "layers", "--variants", "default",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    row = layer_rows(run.results, "starcoder2")["default"]
+    assert row["verdict"] == row["base_verdict"] == "fail", row
+    assert row["base_distance"] is None and row["distance"] is None, row  # no common metric
+    assert row["change"] == "worse" and row["basis"] == "measurement", row
+    assert any("NameError" in fact and "max_rel_l2" in fact for fact in row["facts"]), row
+    [base_row] = [c for c in run.results["base_reports"][0]["checks"]
+                  if c["check"] == "layers"]
+    assert base_row["metrics"]["max_rel_l2"] > base_row["metrics"]["tolerance_rel_l2"]
+    assert "NameError" in run.layers_check("starcoder2")["summary"]
+
+
+def test_a_router_bias_dropped_from_expert_selection_is_flagged(
+        tmp_path: Path, base_tree: Path, cache_dir: Path) -> None:
+    """deepseek_v3's router adds e_score_correction_bias, a buffer transformers initialises
+    to zeros, to the scores it selects experts by. Synthesized checkpoints give zero
+    persistent buffers seeded noise (synth.zero_persistent_buffers, SYNTH_VERSION 3), so a
+    port that drops it selects other experts; at zero the two functions were the same."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/deepseek_v3.py", "    scores = scores + e_score_correction_bias\n", "")])
+    run = run_cli(["check", "deepseek_v3", "--checks", "layers", "--variants", "default",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    row = layer_rows(run.results, "deepseek_v3")["default"]
+    assert row["change"] in ("new", "worse"), row
+    assert row["first_changed_stage"] is not None, row
+    # base's row: the released port reads the bias (whatever else it already fails)
+    [base_row] = [c for c in run.results["base_reports"][0]["checks"] if c["check"] == "layers"]
+    assert row["distance"] > base_row["metrics"]["max_rel_l2"], (row, base_row["summary"])
+
+
+def test_a_fused_qkv_split_sized_by_the_query_heads_shows_on_the_kv_heads_variant(
+        tmp_path: Path, base_tree: Path, cache_dir: Path) -> None:
+    """transformers' phi3 default has as many KV heads as query heads, where a qkv split
+    sized with num_attention_heads for k and v computes the same function: the default row
+    cannot see it. The kv-heads variant (num_key_value_heads 2 of 4 heads) can; released
+    phi3 passes it."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/phi3.py",
+             "qkv, [query_pos, query_pos + self.n_kv_heads * self.head_dim], axis=-1",
+             "qkv, [query_pos, query_pos + self.n_heads * self.head_dim], axis=-1")])
+    run = run_cli(["check", "phi3", "--checks", "layers", "--variants", "default,kv-heads",
+                   "--mlx-lm", str(tree), "--base", str(base_tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    rows = layer_rows(run.results, "phi3")
+    assert rows["kv-heads"]["base_verdict"] == "pass", rows["kv-heads"]
+    assert rows["kv-heads"]["change"] in ("new", "worse"), rows["kv-heads"]
+    assert rows["default"]["change"] == "unchanged", rows["default"]
+    [variant] = [v for v in run.report("phi3")["variants"] if v["name"] == "kv-heads"]
+    assert variant["config"]["num_key_value_heads"] == 2
+    assert variant["config"]["num_attention_heads"] == 4

@@ -292,8 +292,10 @@ REAL_CONFIGS: dict[str, tuple[str, set[str], str | None]] = {
     "qwen2.5-3b-instruct.json": ("qwen2", set(), None),
     "ministral-3-3b-reasoning-2512.json": ("mistral3", set(), None),
     "mixtral-8x7b-v0.1.json": ("mixtral", set(), None),
+    # the far rows too since SYNTH_VERSION 3 (router biases not zero): the clamp's error
+    # reaches 9.8e-2 at layers.3; with time_step_min 1e-30 every row passes (5.5e-7)
     "nemotron-3-nano-30b-a3b.json": (
-        "nemotron_h", {"layers", "rope@64"},
+        "nemotron_h", {"layers", "rope@64", "rope@131072", "rope@262128"},
         "nemotron_h: dt clamped at 0 instead of time_step_min"),
     "gemma-4-26b-a4b.json": ("gemma4", set(), None),
     "qwen3.5-27b.json": ("qwen3_5", set(), None),
