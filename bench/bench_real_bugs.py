@@ -24,6 +24,7 @@ docs/benchmarks.md ("Real porting bugs") holds the latest results.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +52,12 @@ class RealBug:
     description: str  # what the bug does (what the fix fixed)
     replacements: tuple[tuple[str, str], ...]  # (fixed text in 0.32.2, buggy text), in order
     crash: bool = False  # the bug is a crash: the bugged file need not import
+    # replacements in further files, for a bug that lived in two files at once
+    also: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def edits(self) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+        """(file, replacements) for every file the reversal touches."""
+        return ((self.file, self.replacements), *self.also)
 
 
 # The table keeps each replacement as lines of the model file read.
@@ -727,11 +735,12 @@ BUGS: tuple[RealBug, ...] = (
         ),
     ),
     RealBug(
-        "step3p5-full-cache-on-sliding-layers",
+        "step3p5-decode-ignores-sliding-window",
         "step3p5",
         "models/step3p5.py",
-        "8162aaad",
-        "sliding-attention layers get a full KVCache instead of a RotatingKVCache",
+        "25a4c836+8162aaad",
+        "sliding layers keep a full KVCache and single-token decoding gets no window mask: "
+        "decoding attends past the window (step3p5 as first released)",
         (
             (
                 "        return [\n"
@@ -743,6 +752,23 @@ BUGS: tuple[RealBug, ...] = (
                 "            for layer in self.layers\n"
                 "        ]\n",
                 "        return [KVCache() for _ in self.layers]\n",
+            ),
+        ),
+        also=(
+            (
+                "models/cache.py",
+                (
+                    (
+                        "    if window_size is not None:\n"
+                        "        return create_causal_mask(N, offset, window_size=window_size)\n"
+                        "    elif N == 1:\n"
+                        "        return None\n",
+                        "    if N == 1:\n"
+                        "        return None\n"
+                        "    elif window_size is not None:\n"
+                        "        return create_causal_mask(N, offset, window_size=window_size)\n",
+                    ),
+                ),
             ),
         ),
     ),
@@ -792,25 +818,6 @@ BUGS: tuple[RealBug, ...] = (
         ),
     ),
     RealBug(
-        "gemma3_text-window-mask-dropped-in-decode",
-        "gemma3_text",
-        "models/cache.py",
-        "25a4c836",
-        "single-token decoding gets no sliding-window mask",
-        (
-            (
-                "    if window_size is not None:\n"
-                "        return create_causal_mask(N, offset, window_size=window_size)\n"
-                "    elif N == 1:\n"
-                "        return None\n",
-                "    if N == 1:\n"
-                "        return None\n"
-                "    elif window_size is not None:\n"
-                "        return create_causal_mask(N, offset, window_size=window_size)\n",
-            ),
-        ),
-    ),
-    RealBug(
         "cohere2-rotating-cache-index",
         "cohere2",
         "models/cache.py",
@@ -852,6 +859,29 @@ BUGS: tuple[RealBug, ...] = (
         ),
     ),
     RealBug(
+        "jamba-moe-on-every-layer",
+        "jamba",
+        "models/jamba.py",
+        "61669b27",
+        "a sparse MoE block on every layer, expert_layer_period/offset ignored",
+        (
+            (
+                "            args.num_experts > 1\n"
+                "            and (layer_idx + args.expert_layer_offset) % args.expert_layer_period"
+                " == 0\n",
+                "            args.num_experts > 1\n",
+            ),
+        ),
+    ),
+    RealBug(
+        "gpt_oss-layer-types-ignored",
+        "gpt_oss",
+        "models/gpt_oss.py",
+        "6c876ca5",
+        "the config's layer_types ignored: sliding and full attention always alternate",
+        (("        self.layer_types = args.layer_types or [\n", "        self.layer_types = [\n"),),
+    ),
+    RealBug(
         "qwen3_5-norm-shift-on-mtp",
         "qwen3_5",
         "models/qwen3_5.py",
@@ -888,10 +918,12 @@ def installed_mlx_lm() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def bugged_text(bug: RealBug, original: str) -> tuple[str | None, list[str]]:
-    """The file with the reversal applied, or None and what did not match."""
+def bugged_text(
+    replacements: tuple[tuple[str, str], ...], original: str
+) -> tuple[str | None, list[str]]:
+    """The file with the replacements applied in order, or None and what did not match."""
     text, problems = original, []
-    for index, (old, new) in enumerate(bug.replacements):
+    for index, (old, new) in enumerate(replacements):
         count = text.count(old)
         if count != 1:
             first = old.strip().splitlines()[0] if old.strip() else repr(old)
@@ -912,19 +944,21 @@ def validate(bugs: list[RealBug], package: Path) -> list[str]:
         if bug.id in seen:
             problems.append(f"{bug.id}: duplicate id")
         seen.add(bug.id)
-        path = package / bug.file
-        if not path.is_file():
-            problems.append(f"{bug.id}: {bug.file} is not in {package}")
-            continue
-        text, mismatches = bugged_text(bug, path.read_text())
-        problems += [f"{bug.id}: {bug.file}: {m}" for m in mismatches]
-        if text is not None and text == path.read_text():
-            problems.append(f"{bug.id}: the reversal leaves {bug.file} unchanged")
-        if text is not None and not bug.crash:
-            try:
-                compile(text, str(path), "exec")
-            except SyntaxError as e:
-                problems.append(f"{bug.id}: bugged {bug.file} is not Python: {e}")
+        for file, replacements in bug.edits():
+            path = package / file
+            if not path.is_file():
+                problems.append(f"{bug.id}: {file} is not in {package}")
+                continue
+            original = path.read_text()
+            text, mismatches = bugged_text(replacements, original)
+            problems += [f"{bug.id}: {file}: {m}" for m in mismatches]
+            if text is not None and text == original:
+                problems.append(f"{bug.id}: the reversal leaves {file} unchanged")
+            if text is not None and not bug.crash:
+                try:
+                    compile(text, str(path), "exec")
+                except SyntaxError as e:
+                    problems.append(f"{bug.id}: bugged {file} is not Python: {e}")
     return problems
 
 
@@ -932,9 +966,9 @@ def copy_tree(package: Path, root: Path, bug: RealBug | None) -> Path:
     """root/mlx_lm: a copy of the installed package, with the bug's reversal applied."""
     target = root / "mlx_lm"
     shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__"))
-    if bug is not None:
-        path = target / bug.file
-        text, problems = bugged_text(bug, path.read_text())
+    for file, replacements in bug.edits() if bug is not None else ():
+        path = target / file
+        text, problems = bugged_text(replacements, path.read_text())
         if text is None:  # validate() ran first; this is only a guard
             raise SystemExit(f"bench_real_bugs: {bug.id}: {'; '.join(problems)}")
         path.write_text(text)
@@ -942,12 +976,12 @@ def copy_tree(package: Path, root: Path, bug: RealBug | None) -> Path:
 
 
 def import_error(tree: Path, bug: RealBug) -> str | None:
-    """None when the bugged module imports from the tree, else the last error line."""
-    module = "mlx_lm." + bug.file.removesuffix(".py").replace("/", ".")
+    """None when every bugged module imports from the tree, else the last error line."""
+    modules = [f"mlx_lm.{file.removesuffix('.py').replace('/', '.')}" for file, _ in bug.edits()]
     code = (
         f"import sys; sys.path.insert(0, {str(tree)!r}); import mlx_lm; "
         f"assert mlx_lm.__file__.startswith({str(tree)!r}), mlx_lm.__file__; "
-        f"import {module}"
+        f"import {', '.join(modules)}"
     )
     done = subprocess.run(
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=300
@@ -995,7 +1029,7 @@ def run_bug(bug: RealBug, package: Path, base: Path, cache: Path, work: Path) ->
     if not bug.crash:
         failed = import_error(tree, bug)
         if failed is not None:
-            return done("error", [], f"bugged {bug.file} does not import: {failed}", None)
+            return done("error", [], f"the bugged tree does not import: {failed}", None)
     results_path = work / f"{bug.id}.json"
     env = {
         **os.environ,
@@ -1087,8 +1121,25 @@ def row_text(row: dict[str, Any]) -> str:
     return text
 
 
+def environment() -> str:
+    """One line: the versions and the machine the figures were measured with."""
+    import importlib.metadata
+    import platform
+
+    versions = ", ".join(
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("mlx-lm", "mlx", "transformers", "torch")
+    )
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {versions}; "
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
+    )
+
+
 def markdown(outcomes: list[Outcome]) -> str:
     lines = [
+        f"Measured {environment()}.",
+        "",
         "| bug | model_type | fix commit | result | rows new/worse (check/variant, "
         "change @ first changed stage) |",
         "|---|---|---|---|---|",
@@ -1114,6 +1165,13 @@ def markdown(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def write_json(
+    path: Path, package: Path, bugs: list[RealBug], outcomes: dict[str, Outcome]
+) -> None:
+    ordered = [asdict(outcomes[b.id]) for b in bugs if b.id in outcomes]
+    path.write_text(json.dumps({"mlx_lm": str(package), "outcomes": ordered}, indent=2))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", metavar="ID,ID", help="run only these bugs")
@@ -1121,6 +1179,18 @@ def main() -> int:
         "--cache", metavar="DIR", help="checkpoint cache shared by every run (default: a temp dir)"
     )
     parser.add_argument("--json", metavar="FILE", help="write the outcomes as JSON")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the outcomes already in the --json file and run only the other bugs",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="model_types run at once (default 1; the bugs of one model_type run in turn, "
+        "so no two runs fill the same checkpoint at once)",
+    )
     parser.add_argument("--list", action="store_true", help="list the bugs and exit")
     parser.add_argument(
         "--validate",
@@ -1155,29 +1225,45 @@ def main() -> int:
         print(f"{len(bugs)} reversals apply to {package}")
         return 0
 
+    previous: dict[str, Outcome] = {}
+    if args.resume:
+        if not args.json or not Path(args.json).is_file():
+            print("bench_real_bugs: --resume needs an existing --json file", file=sys.stderr)
+            return 2
+        for saved in json.loads(Path(args.json).read_text())["outcomes"]:
+            previous[saved["id"]] = Outcome(**saved)
+    todo = [bug for bug in bugs if bug.id not in previous]
+    groups: dict[str, list[RealBug]] = {}
+    for bug in todo:
+        groups.setdefault(bug.model_type, []).append(bug)
+    outcomes: dict[str, Outcome] = {b.id: previous[b.id] for b in bugs if b.id in previous}
+    lock = threading.Lock()
     with tempfile.TemporaryDirectory(prefix="bench-real-bugs-") as tmp:
         work = Path(tmp)
         cache = Path(args.cache) if args.cache else work / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         base = copy_tree(package, work / "base", None)
-        outcomes = []
-        for index, bug in enumerate(bugs, 1):
-            outcome = run_bug(bug, package, base, cache, work)
-            outcomes.append(outcome)
-            print(
-                f"[{index}/{len(bugs)}] {bug.id}: {outcome.status} ({outcome.seconds} s)"
-                + (f": {outcome.reason}" if outcome.reason else ""),
-                file=sys.stderr,
-                flush=True,
-            )
-            if args.json:  # written after every bug, so a stopped run keeps its results
-                Path(args.json).write_text(
-                    json.dumps(
-                        {"mlx_lm": str(package), "outcomes": [asdict(o) for o in outcomes]},
-                        indent=2,
+
+        def run_group(group: list[RealBug]) -> None:
+            for bug in group:
+                outcome = run_bug(bug, package, base, cache, work)
+                with lock:
+                    outcomes[bug.id] = outcome
+                    print(
+                        f"[{len(outcomes)}/{len(bugs)}] {bug.id}: {outcome.status} "
+                        f"({outcome.seconds} s)"
+                        + (f": {outcome.reason}" if outcome.reason else ""),
+                        file=sys.stderr,
+                        flush=True,
                     )
-                )
-    print(markdown(outcomes))
+                    if args.json:  # after every bug, so a stopped run keeps its results
+                        write_json(Path(args.json), package, bugs, outcomes)
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            for future in [pool.submit(run_group, group) for group in groups.values()]:
+                future.result()
+    ordered = [outcomes[bug.id] for bug in bugs]
+    print(markdown(ordered))
     return 0
 
 
