@@ -1136,9 +1136,9 @@ def environment() -> str:
     )
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[Outcome], measured: str) -> str:
     lines = [
-        f"Measured {environment()}.",
+        f"Measured {measured}.",
         "",
         "| bug | model_type | fix commit | result | rows new/worse (check/variant, "
         "change @ first changed stage) |",
@@ -1158,9 +1158,11 @@ def markdown(outcomes: list[Outcome]) -> str:
     total = len(outcomes)
     share = 100.0 * caught / total if total else 0.0
     lines.append("")
+    ran = total - errors
     lines.append(
-        f"Caught {caught} of {total} ({share:.0f}%); missed "
-        f"{total - caught - errors}, error {errors}. Target: at least 95%."
+        f"Caught {caught} of {total} ({share:.0f}%); missed {ran - caught}, error {errors}. "
+        f"Of the {ran} that got a verdict: {100.0 * caught / ran if ran else 0.0:.0f}% caught. "
+        "Target: at least 95%."
     )
     return "\n".join(lines)
 
@@ -1238,6 +1240,7 @@ def main() -> int:
         groups.setdefault(bug.model_type, []).append(bug)
     outcomes: dict[str, Outcome] = {b.id: previous[b.id] for b in bugs if b.id in previous}
     lock = threading.Lock()
+    started = environment()
     with tempfile.TemporaryDirectory(prefix="bench-real-bugs-") as tmp:
         work = Path(tmp)
         cache = Path(args.cache) if args.cache else work / "cache"
@@ -1263,7 +1266,7 @@ def main() -> int:
             for future in [pool.submit(run_group, group) for group in groups.values()]:
                 future.result()
     ordered = [outcomes[bug.id] for bug in bugs]
-    print(markdown(ordered))
+    print(markdown(ordered, started))
     return 0
 
 
