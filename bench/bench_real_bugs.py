@@ -1008,7 +1008,9 @@ class Outcome:
     seconds: float
 
 
-def run_bug(bug: RealBug, package: Path, base: Path, cache: Path, work: Path) -> Outcome:
+def run_bug(
+    bug: RealBug, package: Path, base: Path, cache: Path, work: Path, keep: Path | None
+) -> Outcome:
     start = time.perf_counter()
     tree = copy_tree(package, work / bug.id, bug)
 
@@ -1064,6 +1066,9 @@ def run_bug(bug: RealBug, package: Path, base: Path, cache: Path, work: Path) ->
             last[-1] if last else f"exit {proc.returncode}, no results",
             proc.returncode,
         )
+    if keep is not None:  # the run's own results JSON, to read a miss in full
+        keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(results_path, keep / f"{bug.id}.json")
     results = json.loads(results_path.read_text())
     rows = results.get("differential") or []
     caught = [
@@ -1098,11 +1103,27 @@ def run_bug(bug: RealBug, package: Path, base: Path, cache: Path, work: Path) ->
             if r.get("first_changed_stage")
         }
     )
-    reason = (
-        f"MLX(PR) differs from MLX(base) at {', '.join(changed)}"
-        if changed
-        else "MLX(PR) computes what MLX(base) computes on every row"
+    # rows whose outcome moved without a stage comparison (e.g. the PR no longer loads)
+    moved = sorted(
+        {
+            f"{r['check']}/{r['variant']}"
+            + (f" ({r['part']})" if r.get("part") else "")
+            + f": {r.get('base_verdict')} -> {r['verdict']}, distance "
+            f"{r.get('base_distance')} -> {r.get('distance')}"
+            for r in rows
+            if not r.get("first_changed_stage")
+            and (
+                r.get("distance") != r.get("base_distance") or r["verdict"] != r.get("base_verdict")
+            )
+        }
     )
+    if changed or moved:
+        reason = "no row new or worse; " + "; ".join(
+            ([f"MLX(PR) differs from MLX(base) at {', '.join(changed)}"] if changed else [])
+            + ([f"moved: {'; '.join(moved)}"] if moved else [])
+        )
+    else:
+        reason = "every row unchanged: MLX(PR) computes what MLX(base) computes"
     if failing:
         reason += f"; failing on both trees: {', '.join(failing)}"
     return done("missed", [], reason, proc.returncode)
@@ -1240,6 +1261,7 @@ def main() -> int:
         groups.setdefault(bug.model_type, []).append(bug)
     outcomes: dict[str, Outcome] = {b.id: previous[b.id] for b in bugs if b.id in previous}
     lock = threading.Lock()
+    keep = Path(f"{args.json}.d") if args.json else None
     started = environment()
     with tempfile.TemporaryDirectory(prefix="bench-real-bugs-") as tmp:
         work = Path(tmp)
@@ -1249,7 +1271,7 @@ def main() -> int:
 
         def run_group(group: list[RealBug]) -> None:
             for bug in group:
-                outcome = run_bug(bug, package, base, cache, work)
+                outcome = run_bug(bug, package, base, cache, work, keep)
                 with lock:
                     outcomes[bug.id] = outcome
                     print(
