@@ -13,7 +13,9 @@ with every default check and variant. A bug is caught when some differential row
 (exit 2, or a bugged file that no longer imports although the bug is no crash).
 
     nice -n 10 .venv/bin/python bench/bench_real_bugs.py [--only ID,ID] [--cache DIR]
-        [--json FILE] [--list] [--validate]
+        [--json FILE] [--resume] [--jobs N] [--list] [--validate]
+
+With --json, each run's own results JSON is kept in FILE.d/ID.json (to read a miss).
 
 Every replacement must match exactly once in the installed file: the bench checks all of
 them before it runs anything and refuses (exit 2) otherwise, so a change in mlx-lm shows
