@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,6 +59,29 @@ def _inputs_key(*values: Any) -> str:
 CONTENT_KEY_MAX_BYTES = 256 * 1024 * 1024
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes. While the transformers side is shared, remembered by the
+    file's identity and stats (device, inode, size, mtime and ctime in ns), so the base
+    run does not rehash the checkpoints the PR run hashed (config perturbations link the
+    same weights into fresh directories). A file rewritten in place changes its stats;
+    the memo lives only as long as the differential run."""
+    if SHARED is None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    real = path.resolve()
+    key = ("file_digest", str(real), *_identity(real))
+    if key not in SHARED:
+        digest = hashlib.sha256(real.read_bytes()).hexdigest()
+        if _identity(real) != key[2:]:
+            return digest  # changed while read: not remembered
+        SHARED[key] = digest
+    return SHARED[key]
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def checkpoint_key(checkpoint: Path) -> str:
     """A tiny checkpoint by its content: checks write theirs to fresh temporary dirs
     (config perturbations, half-precision copies), the same bytes on both trees."""
@@ -67,8 +91,31 @@ def checkpoint_key(checkpoint: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        digest.update(b"\0")
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()
+
+
+# what transformers reads to build a config: config.json and any file it names (versioned
+# configuration files); everything in the directory but the weights, to be sure
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
+
+
+def config_memo(name: str, checkpoint: Path, compute: Callable[[], Any]) -> Any:
+    """compute() once per checkpoint config content while the transformers side is shared:
+    what transformers makes of a checkpoint's config alone (its config class's validation,
+    its reading of the RoPE keys), which the base run would repeat on the same bytes in a
+    fresh directory. Keyed by every file but the weights; the result is deep-copied out,
+    so a caller changing it cannot change the memo. `compute` must not depend on the
+    directory's path (say it with a placeholder instead)."""
+    if SHARED is None:
+        return compute()
+    files = sorted(p for p in Path(checkpoint).iterdir()
+                   if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+    key = ("config", name, tuple((p.name, file_digest(p)) for p in files))
+    if key not in SHARED:
+        SHARED[key] = compute()
+    return copy.deepcopy(SHARED[key])
 
 
 def load(checkpoint: Path, dtype: str = "float32") -> Any:
