@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,8 @@ import numpy as np
 from .mlx_side import Capture
 
 # While a differential run is on (`shared_reference`), the transformers side is computed
-# once for both trees: loaded models by (checkpoint, dtype), forwards by model and inputs.
+# once for both trees: loaded models by (checkpoint content, dtype), forwards by model and
+# inputs, config readings by config content (`config_memo`), file digests by file stats.
 SHARED: dict[tuple[Any, ...], Any] | None = None
 
 
@@ -59,22 +61,31 @@ def _inputs_key(*values: Any) -> str:
 CONTENT_KEY_MAX_BYTES = 256 * 1024 * 1024
 
 
+# A file changed less than this long ago may change again within the same timestamp tick
+# (Linux keeps file times at a coarse clock's resolution, a few ms): its digest is not
+# remembered, the way git treats a racily clean index entry.
+RACY_S = 2.0
+
+
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes. While the transformers side is shared, remembered by the
-    file's identity and stats (device, inode, size, mtime and ctime in ns), so the base
-    run does not rehash the checkpoints the PR run hashed (config perturbations link the
-    same weights into fresh directories). A file rewritten in place changes its stats;
-    the memo lives only as long as the differential run."""
+    file's identity and stats (real path, device, inode, size, mtime and ctime in ns), so
+    the base run does not rehash what the PR run hashed (the config check links the same
+    weights into fresh directories). A rewrite changes ctime, which no one can set back;
+    a file changed within RACY_S is hashed every time; the memo lives as long as the
+    differential run."""
     if SHARED is None:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     real = path.resolve()
-    key = ("file_digest", str(real), *_identity(real))
-    if key not in SHARED:
-        digest = hashlib.sha256(real.read_bytes()).hexdigest()
-        if _identity(real) != key[2:]:
-            return digest  # changed while read: not remembered
-        SHARED[key] = digest
-    return SHARED[key]
+    identity = _identity(real)
+    key = ("file_digest", str(real), *identity)
+    if key in SHARED:
+        return SHARED[key]
+    digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    settled = time.time_ns() - int(RACY_S * 1e9)
+    if _identity(real) == identity and max(identity[3], identity[4]) < settled:
+        SHARED[key] = digest  # unchanged while read, and not changed just before
+    return digest
 
 
 def _identity(path: Path) -> tuple[int, ...]:
