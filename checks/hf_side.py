@@ -121,9 +121,12 @@ def config_memo(name: str, checkpoint: Path, compute: Callable[[], Any]) -> Any:
     directory's path (say it with a placeholder instead)."""
     if SHARED is None:
         return compute()
-    files = sorted(p for p in Path(checkpoint).iterdir()
-                   if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
-    key = ("config", name, tuple((p.name, file_digest(p)) for p in files))
+    try:
+        files = sorted(p for p in Path(checkpoint).iterdir()
+                       if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+        key = ("config", name, tuple((p.name, file_digest(p)) for p in files))
+    except OSError:
+        return compute()  # unreadable: not remembered, transformers says what it says
     if key not in SHARED:
         SHARED[key] = compute()
     return copy.deepcopy(SHARED[key])

@@ -56,6 +56,9 @@ def test_config_refusal_is_shared_by_content_only(tmp_path: Path) -> None:
         assert first is not None and second is not None
         assert str(tmp_path / "e") in second and str(tmp_path / "d") not in second
         assert second == first.replace(str(tmp_path / "d"), str(tmp_path / "e"))
+        # a directory that is not there is transformers' to refuse, and not remembered
+        gone = config_keys.transformers_refuses(tmp_path / "missing")
+        assert gone is not None and str(tmp_path / "missing") in gone
     # outside a differential run nothing is remembered
     assert hf_side.SHARED is None
     assert config_keys.transformers_refuses(accepted) == message
