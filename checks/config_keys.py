@@ -297,11 +297,19 @@ def transformers_refuses(checkpoint: Path) -> str | None:
     None when it accepts it."""
     from transformers import AutoConfig
 
-    try:
-        AutoConfig.from_pretrained(checkpoint)
-    except Exception as e:
-        return mlx_side.describe_import_error(e)
-    return None
+    def refusal() -> str | None:
+        try:
+            AutoConfig.from_pretrained(checkpoint)
+        except Exception as e:
+            # the memo is by content: the directory's path (fresh per run) said generically
+            return mlx_side.describe_import_error(e).replace(str(checkpoint), CHECKPOINT_PATH)
+        return None
+
+    found = hf_side.config_memo("refusal", checkpoint, refusal)
+    return None if found is None else found.replace(CHECKPOINT_PATH, str(checkpoint))
+
+
+CHECKPOINT_PATH = "\0checkpoint\0"  # stands for the checkpoint's path in a memoized text
 
 
 def judge_key(key: str, config: dict[str, Any], declared: set[str], hf_base: Any, mlx_base: Any,
@@ -369,11 +377,16 @@ def _rope_sources(checkpoint: Path, config: dict[str, Any]
         source = config["text_config"]
     if "rope_theta" not in source and not isinstance(source.get("rope_scaling"), dict):
         return None
-    try:
-        loaded = AutoConfig.from_pretrained(checkpoint).get_text_config()
-    except Exception:
-        return None  # transformers' refusal is said where the checkpoint is loaded
-    params = getattr(loaded, "rope_parameters", None)
+
+    def read() -> Any:
+        try:
+            loaded = AutoConfig.from_pretrained(checkpoint).get_text_config()
+        except Exception:
+            return None  # transformers' refusal is said where the checkpoint is loaded
+        return getattr(loaded, "rope_parameters", None)
+
+    # the same config bytes read again in the base run of a differential run
+    params = hf_side.config_memo("rope_parameters", checkpoint, read)
     if not isinstance(params, dict) or not params:
         return None
     if all(isinstance(v, dict) for v in params.values()):

@@ -179,9 +179,9 @@ def stage_change(row: LayerRow, base_row: LayerRow, occurrence: int,
     base_error = (base_mlx - reference).ravel()
     # the part of the change that is not along base's own error: a new disagreement
     along = float(base_error @ base_error)
-    perpendicular = change - (float(change @ base_error) / along) * base_error if along \
-        else change
-    toward = -float(change @ base_error) / float(np.sqrt(along)) if along else 0.0
+    projected = float(change @ base_error)
+    perpendicular = change - (projected / along) * base_error if along else change
+    toward = -projected / float(np.sqrt(along)) if along else 0.0
     return StageChange(
         stage=row.name, occurrence=occurrence,
         changed_rel_l2=float(np.linalg.norm(change)) / scale,

@@ -209,8 +209,7 @@ def check_half(subject: Subject, dtype: str, inference: DtypeInference) -> Check
 
     try:
         with tracing.cpu_gather_mm() as emulated:
-            calls, logits_dtype = tracing.trace(model, subject.ids)
-            mlx_capture = mlx_side.forward(model, subject.ids)
+            calls, logits_dtype, mlx_capture = tracing.traced_forward(model, subject.ids)
     except RuntimeError as e:
         limitation = mlx_side.backend_limitation(e)
         if limitation is None:

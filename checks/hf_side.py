@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +15,8 @@ import numpy as np
 from .mlx_side import Capture
 
 # While a differential run is on (`shared_reference`), the transformers side is computed
-# once for both trees: loaded models by (checkpoint, dtype), forwards by model and inputs.
+# once for both trees: loaded models by (checkpoint content, dtype), forwards by model and
+# inputs, config readings by config content (`config_memo`), file digests by file stats.
 SHARED: dict[tuple[Any, ...], Any] | None = None
 
 
@@ -58,6 +61,38 @@ def _inputs_key(*values: Any) -> str:
 CONTENT_KEY_MAX_BYTES = 256 * 1024 * 1024
 
 
+# A file changed less than this long ago may change again within the same timestamp tick
+# (Linux keeps file times at a coarse clock's resolution, a few ms): its digest is not
+# remembered, the way git treats a racily clean index entry.
+RACY_S = 2.0
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes. While the transformers side is shared, remembered by the
+    file's identity and stats (real path, device, inode, size, mtime and ctime in ns), so
+    the base run does not rehash what the PR run hashed (the config check links the same
+    weights into fresh directories). A rewrite changes ctime, which no one can set back;
+    a file changed within RACY_S is hashed every time; the memo lives as long as the
+    differential run."""
+    if SHARED is None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    real = path.resolve()
+    identity = _identity(real)
+    key = ("file_digest", str(real), *identity)
+    if key in SHARED:
+        return SHARED[key]
+    digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    settled = time.time_ns() - int(RACY_S * 1e9)
+    if _identity(real) == identity and max(identity[3], identity[4]) < settled:
+        SHARED[key] = digest  # unchanged while read, and not changed just before
+    return digest
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def checkpoint_key(checkpoint: Path) -> str:
     """A tiny checkpoint by its content: checks write theirs to fresh temporary dirs
     (config perturbations, half-precision copies), the same bytes on both trees."""
@@ -67,8 +102,34 @@ def checkpoint_key(checkpoint: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
-        digest.update(path.read_bytes())
+        digest.update(b"\0")
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()
+
+
+# what transformers reads to build a config: config.json and any file it names (versioned
+# configuration files); everything in the directory but the weights, to be sure
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz")
+
+
+def config_memo(name: str, checkpoint: Path, compute: Callable[[], Any]) -> Any:
+    """compute() once per checkpoint config content while the transformers side is shared:
+    what transformers makes of a checkpoint's config alone (its config class's validation,
+    its reading of the RoPE keys), which the base run would repeat on the same bytes in a
+    fresh directory. Keyed by every file but the weights; the result is deep-copied out,
+    so a caller changing it cannot change the memo. `compute` must not depend on the
+    directory's path (say it with a placeholder instead)."""
+    if SHARED is None:
+        return compute()
+    try:
+        files = sorted(p for p in Path(checkpoint).iterdir()
+                       if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+        key = ("config", name, tuple((p.name, file_digest(p)) for p in files))
+    except OSError:
+        return compute()  # unreadable: not remembered, transformers says what it says
+    if key not in SHARED:
+        SHARED[key] = compute()
+    return copy.deepcopy(SHARED[key])
 
 
 def load(checkpoint: Path, dtype: str = "float32") -> Any:

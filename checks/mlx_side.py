@@ -241,6 +241,7 @@ class Capture:
     logits: np.ndarray | None = None
     # path ("" for the root) -> module class: where its source sits (checks.locations)
     types: dict[str, type] = field(default_factory=dict)
+    logits_dtype: str | None = None  # the dtype the model returned its logits in (MLX)
 
 
 def _first_array(value: Any) -> Any:
@@ -324,6 +325,7 @@ def forward(model: Any, ids: np.ndarray, cache: Any = None) -> Capture:
         logits = model(mx.array(ids), cache=cache)
     mx.eval(logits)
     capture.logits = np.array(logits.astype(mx.float32))
+    capture.logits_dtype = str(logits.dtype).removeprefix("mlx.core.")
     capture.inputs = {k: _to_numpy(v) for k, v in capture.inputs.items()}
     capture.outputs = {k: _to_numpy(v) for k, v in capture.outputs.items()}
     return capture

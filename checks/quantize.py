@@ -249,8 +249,7 @@ def check_bits(subject: Subject, bits: int, source: Path, want: str, ref_model: 
     result.details["parameters_not_in_dtype"] = {k: params[k] for k in wrong}
     try:
         with tracing.cpu_gather_mm():
-            calls, logits_dtype = tracing.trace(model, subject.ids)
-            capture = mlx_side.forward(model, subject.ids)
+            calls, logits_dtype, capture = tracing.traced_forward(model, subject.ids)
     except Exception as e:
         if not raised_in_mlx_lm(e):
             raise

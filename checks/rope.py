@@ -388,8 +388,13 @@ def angle_difference(subject: Subject, position: int) -> tuple[float | None, str
     head_dim = _head_dim(layers.decoder_config(subject.config))
     try:
         mlx, _ = mlx_rotations(subject.mlx_model, head_dim, offset=position)
-        hf = hf_rotations(subject.hf_model, subject.config, int(subject.ids.max()) + 1,
-                          position=position)
+        vocab = int(subject.ids.max()) + 1
+        # transformers-only, the same in the base run of a differential run: computed once
+        # per model, position and config (the PR run computes it right after its forward)
+        hf = hf_side.memo("hf_rotations_at", subject.hf_model,
+                          (vocab, position, subject.config),
+                          lambda: hf_rotations(subject.hf_model, subject.config, vocab,
+                                               position=position))
     except Exception as e:  # said in the row: the rounding allowance then applies unmeasured
         return None, f"rotation at {position} not measured: {describe_import_error(e)}"
     worst = None

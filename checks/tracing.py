@@ -85,15 +85,15 @@ def dtype_recording(model: Any, calls: dict[str, Call]) -> Iterator[None]:
         yield
 
 
-def trace(model: Any, ids: np.ndarray) -> tuple[dict[str, Call], str]:
-    """Module calls of one forward, and the logits dtype."""
-    import mlx.core as mx
-
+def traced_forward(model: Any, ids: np.ndarray) -> tuple[dict[str, Call], str, mlx_side.Capture]:
+    """The dtype recording and `mlx_side.forward` in one forward: the module calls' dtypes,
+    the logits dtype and the capture of every module (the dtype and quantize checks need
+    all three of the same model; a second forward would compute the same arrays again)."""
     calls: dict[str, Call] = {}
     with dtype_recording(model, calls):
-        logits = model(mx.array(ids))
-    mx.eval(logits)
-    return calls, dtype_name(logits.dtype)
+        capture = mlx_side.forward(model, ids)
+    assert capture.logits_dtype is not None
+    return calls, capture.logits_dtype, capture
 
 
 def parameter_dtypes(model: Any) -> dict[str, str]:
