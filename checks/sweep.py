@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -32,6 +34,11 @@ from .schema import Results, check_verdicts
 
 MODEL_TIMEOUT_S = 1800
 CliMain = Callable[[list[str]], int]  # `mlx-verify ARGV` -> exit code
+# Process.start() polls every other child multiprocessing knows of, so a thread starting
+# a check can read the exit status that another thread's join() is waiting for: the
+# loser reads EOF, which multiprocessing reports as exit 255 (a segfault read "exit 255"
+# in CI). Starting and reaping under one lock means each status is read once.
+PROCESS_LOCK = threading.Lock()
 
 
 # Imported once in the forkserver; each model_type's process starts from there.
@@ -78,11 +85,14 @@ def run_one(context: multiprocessing.context.BaseContext, main: CliMain, model_t
     start = time.perf_counter()
     process = context.Process(target=check_in_child, name=f"check {model_type}", args=(
         main, ["check", model_type, *options, "--json", str(results_file)], str(log_file)))
-    process.start()
-    process.join(MODEL_TIMEOUT_S)
-    if process.is_alive():
-        process.kill()
+    with PROCESS_LOCK:
+        process.start()
+    finished = multiprocessing.connection.wait([process.sentinel], MODEL_TIMEOUT_S)
+    with PROCESS_LOCK:
+        if not finished:
+            process.kill()
         process.join()
+    if not finished:
         code, why = 2, f"timed out after {MODEL_TIMEOUT_S} s"
     else:
         code = process.exitcode if process.exitcode is not None else 2

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import glob
 import json
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlx_verify.checks.mlx_side import OPENBLAS_GLOB
+from mlx_verify.checks.sweep import run_one
 
 from .conftest import Edit, copy_mlx_lm, run_cli
 
@@ -82,3 +85,23 @@ def test_sweep_bad_input_is_one_line(tmp_path, cache_dir):
     assert bad.returncode == 2
     assert bad.stderr.strip() == "mlx-verify: error: not in both libraries: not_a_model"
     assert not (tmp_path / "s").exists()
+
+
+def exit_three(argv: list[str]) -> int:
+    """A check process's main that ends at once, with a code no check returns."""
+    return 3
+
+
+def test_concurrent_checks_each_read_their_own_exit_code(tmp_path):
+    """Eight threads starting and reaping short checks: a start() in one thread must not
+    steal another's exit status (multiprocessing then reports 255; in CI a segfault read
+    "exit 255"). Without the sweep's lock about 2.5% of these read 255."""
+    (tmp_path / "logs").mkdir()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["mlx_verify.checks.sweep", __name__])
+    with ThreadPoolExecutor(8) as pool:
+        rows = list(pool.map(lambda i: run_one(context, exit_three, f"m{i}", tmp_path, []),
+                             range(1000)))
+    codes = [row["exit"] for row in rows]
+    assert codes == [3] * len(codes), {code: codes.count(code) for code in set(codes)}
+    assert {row["error"] for row in rows} == {"exit 3"}
