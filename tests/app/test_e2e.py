@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
 from pathlib import Path
 
+import httpx
 import mlx_lm
 from rq import Queue
 from rq.job import Job
@@ -502,6 +504,18 @@ def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurem
     (comment,) = env.comments(10)
     assert fact in comment["body"] and "blamed on the PR" in comment["body"]
     assert "Not a gate" not in comment["body"]
+    # The dashboard shows the same measurement, and the run's verdict is the PR's failure
+    # although its sandboxed results say pass.
+    page = httpx.get(f"{env.server}/dashboard/runs/{run['external_id']}", timeout=10).text
+    table = page.split('<table id="cross-checks">', 1)[1].split("</table>", 1)[0]
+    (row,) = re.findall(r'<tr class="contradicted">(.*?)</tr>', table, re.S)
+    cells = [re.sub(r"<[^>]+>", "", cell).strip()
+             for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+    assert cells == ["llama", "default", "fail", "pass (contradicted: blamed on the PR)",
+                     num(checked["rel_l2"]), num(1e-5), num(checked["top1_agreement"]),
+                     "float32", "48", "–"], cells
+    assert '<td id="verdict"><span class="v-fail">fail</span></td>' in page
+    assert store.get_run(env.redis, run["external_id"]).results.verdict == "pass"
 
     sha, files = env.git_host.make_pr(11, {LLAMA: ("import mlx.core as mx", WRONG_SHAPE)})
     env.open_pr(11, sha, files)
