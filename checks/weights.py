@@ -7,7 +7,9 @@
   every converted model.
 - tying: with tie_word_embeddings true, checkpoints come both without lm_head.weight
   (transformers' save_pretrained) and with a copy of it (other exporters); MLX must load
-  both strictly and give transformers' logits.
+  both strictly and give the logits transformers gives on the same file. Runs on the
+  default variant and on the tied-embeddings variant (engine.applies): where
+  transformers' default is untied (granite, falcon_h1), only the latter is tied.
 """
 
 from __future__ import annotations
