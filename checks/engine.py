@@ -216,6 +216,10 @@ def applies(check: str, variant: str) -> bool:
         return variant in ("default", "sliding-window")
     if check == "generation":  # head-dim: the quantized KV cache part only (generation.py)
         return variant in ("default", "head-dim")
+    if check == "weights":
+        # tied checkpoints with lm_head.weight present are tested where tying is on, the
+        # default's or the tied variant's (granite before d39cfec1: default untied)
+        return variant in ("default", "tied-embeddings")
     return variant == "default"
 
 
