@@ -193,14 +193,24 @@ def mtp_problems(config: dict[str, Any], tensors: dict[str, Any], seed: int
     model = _fresh_model(config)
     if not hasattr(model, "sanitize"):
         return [], {"mtp": said}
+    from .engine import raised_in
+    from .mlx_side import describe_import_error
+
     parameters = {name for name, _ in tree_flatten(model.parameters())}
     plain = model.sanitize(dict(tensors))
-    released = _fresh_model(config).sanitize({**tensors, **extra})
-    converted = _fresh_model(config).sanitize({**plain, **extra})
-    problems = [f"with the MTP tensors of a released checkpoint: {p}"
-                for p in _sanitize_differences(plain, released, parameters)]
-    problems += [f"with the MTP tensors kept in a converted checkpoint: {p}"
-                 for p in _sanitize_differences(plain, converted, parameters)]
+    problems = []
+    for form, weights in (("of a released checkpoint", {**tensors, **extra}),
+                          ("kept in a converted checkpoint", {**plain, **extra})):
+        try:
+            got = _fresh_model(config).sanitize(weights)
+        except Exception as e:
+            if raised_in(e) != "mlx-lm":
+                raise  # ours or transformers': the engine's error row, naming the side
+            problems.append(f"with the MTP tensors {form}: sanitize raises "
+                            f"{describe_import_error(e)}")
+            continue
+        problems += [f"with the MTP tensors {form}: {p}"
+                     for p in _sanitize_differences(plain, got, parameters)]
     return problems, {"mtp": said}
 
 
@@ -269,6 +279,7 @@ def run(subject: Subject) -> list[CheckResult]:
                             metrics=metrics, details={"problems": problems, **facts})
     if problems:
         result.summary = f"{len(problems)} problem(s); first: {problems[0]}"
+        result.details["side"] = "mlx-lm"  # its sanitize and strict load
         if not idem and not mtp:
             # only the tied checkpoint that also carries lm_head.weight fails: a form of
             # the checkpoint this config's own files need not have

@@ -131,3 +131,20 @@ def test_mtp_tensors_follow_the_config() -> None:
         "model.layers.2.shared_head.head.weight": (vocab, hidden)}
     assert mtp_tensors({**deepseek, "num_nextn_predict_layers": 0}, layer, seed=0)[0] == {}
     assert mtp_tensors({**deepseek, "model_type": "llama"}, layer, seed=0)[0] == {}
+
+
+def test_sanitize_raising_on_mtp_tensors_is_a_row_naming_mlx_lm(tmp_path: Path,
+                                                                  cache_dir: Path) -> None:
+    """A sanitize that raises on the added tensors is mlx-lm's failure on a real
+    checkpoint: the weights row fails and says so, never a pass or a skip."""
+    raising = Edit("models/qwen3_5.py",
+                   '        weights = {k: v for k, v in weights.items() if "mtp." not in k}\n',
+                   '        weights = {k: v for k, v in weights.items()\n'
+                   '                   if "mtp." not in k or weights["mtp.fc.bias"]}\n')
+    tree = copy_mlx_lm(tmp_path / "pr", [raising])
+    run = run_cli(["check", "qwen3_5", "--checks", "weights", "--variants", "default",
+                   "--mlx-lm", str(tree)], cache_dir, tmp_path / "r.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    row = rows(run, "weights")[("qwen3_5", "default")]
+    assert row["verdict"] == "fail" and row["details"]["side"] == "mlx-lm", row["summary"]
+    assert "sanitize raises KeyError" in row["summary"], row["summary"]
