@@ -23,6 +23,11 @@ Which variants an architecture gets:
 - eps: large, distinct norm epsilons, so a hard-coded or swapped eps shows.
 - feature-switches: features transformers' default config leaves off and the port's own
   ModelArgs defaults turn on (booleans, and layer counts such as num_kv_shared_layers).
+- index-topk: the sparse-attention indexer's index_topk (DeepSeek-V3.2, GLM-5: 2048,
+  kept by the shrink) below the parity prompt, so the indexer's top-k selection runs;
+  with 8 indexer heads, where the config has index_topk and the port declares it. Its
+  rows are this config's (reach `config`): every prompt past 2048 tokens of the real
+  checkpoint takes that branch.
 - config-format-*: the same config in the other format (transformers 5 `rope_parameters`
   vs top-level rope_theta/rope_scaling), with a non-default base so a dropped base shows.
 """
@@ -44,6 +49,18 @@ EPS_VALUES = (0.05, 0.02, 0.01)
 # Values for the head and embedding scales of the tied-embeddings variant, assigned in
 # config order: distinct, so no two of them cancel in a ratio.
 HEAD_SCALE_VALUES = (2.0, 0.5, 4.0)
+# index-topk: 16 of the 48-token parity prompt selected. 8 indexer heads (the shrink
+# gives 2): a key's index score is a weighted sum over heads of ReLU(q.k), exactly 0 for
+# about a quarter of the keys with 2 heads (2^-8 with 8); the choice among equal scores
+# is arbitrary and torch.topk and mx.argpartition make it differently (measured on
+# released deepseek_v32 with 2 heads: at query 36 only 15 keys scored above 0, the 16th
+# key differed, layers.0 rel_l2 0.106).
+INDEX_TOPK = 16
+INDEX_HEADS = 8
+# Variants whose rows are the config's own (engine.reach_of): they shrink a size the
+# default checkpoint keeps real, so the default's short prompts never take the branch
+# every long prompt of the real checkpoint takes.
+CONFIG_REACH_VARIANTS = ("index-topk",)
 
 ROPE_BASE_KEYS = ("rope_theta", "rotary_emb_base")
 
@@ -229,6 +246,15 @@ def bug_finding_variants(model_type: str, default: Variant,
         add("feature-switches", "switched on as the port's own ModelArgs defaults have them "
             "(its checkpoints' settings), off in transformers' default: " +
             ", ".join(f"{k}={v}" for k, v in switches.items()), new, switches)
+
+    topk = config.get("index_topk")
+    if (isinstance(topk, int) and not isinstance(topk, bool) and topk > INDEX_TOPK
+            and "index_topk" in mlx_fields):
+        heads = max(config.get("index_n_heads") or 0, INDEX_HEADS)
+        overrides = {"index_topk": INDEX_TOPK, "index_n_heads": heads}
+        add("index-topk", f"index_topk {INDEX_TOPK} (from {topk}) below the prompt, so the "
+            f"sparse-attention indexer selects; {heads} indexer heads",
+            {**copy.deepcopy(config), **overrides}, overrides)
 
     if other_format is not None and _rope_base(other_format) is not None:
         theta = _alt_theta(other_format)
