@@ -307,6 +307,7 @@ def run(subject: Subject) -> list[CheckResult]:
         result.summary = not_measured[0]
     elif problems:
         # every problem here is mlx-lm's: its sanitize, its strict load, its logits
+        result.details["side"] = "mlx-lm"
         result.summary = f"{len(problems)} problem(s); first: {problems[0]}"
         if not idem and not mtp:
             # only the tied checkpoint that also carries lm_head.weight fails: a form of
