@@ -232,12 +232,13 @@ def run(subject: Subject) -> list[CheckResult]:
         return [_guarded_kv_quantized(subject)]
     start = time.perf_counter()
     prompt = subject.ids
+    singles: SingleRuns = {}
     try:
         mlx_run = mlx_decode(subject.mlx_model, prompt, DECODE_STEPS)
     except Exception as e:
         failed = _error(subject, "greedy", "MLX decoding with make_prompt_cache", e)
         return [failed, _error(subject, "kv-cache", "MLX decoding with make_prompt_cache", e),
-                batch_result(subject), batch_chunked_result(subject),
+                batch_result(subject, singles), batch_chunked_result(subject, singles),
                 _guarded_kv_quantized(subject)]
     try:
         forced = mlx_run.tokens[:-1]
@@ -246,7 +247,7 @@ def run(subject: Subject) -> list[CheckResult]:
     except Exception as e:
         return [_error(subject, "greedy", "transformers incremental decoding", e),
                 _error(subject, "kv-cache", "transformers incremental decoding", e),
-                batch_result(subject), batch_chunked_result(subject)]
+                batch_result(subject, singles), batch_chunked_result(subject, singles)]
     sequence = np.concatenate([prompt, np.array([mlx_run.tokens[:-1]], dtype=prompt.dtype)], 1)
     # The reference proves itself first: transformers' incremental decoding must equal its
     # own full forward over the same tokens, or the driver is not decoding what it means
@@ -255,14 +256,14 @@ def run(subject: Subject) -> list[CheckResult]:
     if problem is not None:
         failed = [subject.result(CHECK, verdict="error", summary=f"{part}: {problem}",
                                  details={"part": part}) for part in ("greedy", "kv-cache")]
-        return [*failed, batch_result(subject), batch_chunked_result(subject)]
+        return [*failed, batch_result(subject, singles), batch_chunked_result(subject, singles)]
     full = mlx_side.plain_forward(subject.mlx_model, sequence)[0]
     results = [greedy_result(subject, mlx_run, hf_run),
                kv_result(subject, mlx_run, hf_run, full)]
     for result in results:
         result.duration_s = time.perf_counter() - start
-    results.append(batch_result(subject))
-    results.append(batch_chunked_result(subject))
+    results.append(batch_result(subject, singles))
+    results.append(batch_chunked_result(subject, singles))
     results.append(_guarded_kv_quantized(subject))
     return results
 
@@ -466,21 +467,26 @@ def _hf_capture_step(model: Any, prompt: np.ndarray, tokens: list[int], k: int,
     return hf_side.forward(model, np.array([[tokens[k - 1]]]), **{keyword: cache})
 
 
-def batch_result(subject: Subject) -> CheckResult:
+# prompt -> its single-prompt greedy run: the two batch rows compare with the same runs
+SingleRuns = dict[tuple[int, ...], Decode]
+
+
+def batch_result(subject: Subject, singles: SingleRuns | None = None) -> CheckResult:
     """BatchGenerator on prompts of different lengths vs single-prompt greedy runs."""
     return _batch_row(subject, "batch", lambda prompts: compat.mlx_batch_generate(
-        subject.mlx_model, prompts, BATCH_STEPS), "BatchGenerator")
+        subject.mlx_model, prompts, BATCH_STEPS), "BatchGenerator", singles)
 
 
-def batch_chunked_result(subject: Subject) -> CheckResult:
+def batch_chunked_result(subject: Subject, singles: SingleRuns | None = None) -> CheckResult:
     """The same prompts prefilled together in chunks of BATCH_CHUNK tokens with the
     caches' lengths set once (PromptProcessingBatch), vs single-prompt greedy runs."""
     return _batch_row(subject, "batch-chunked", lambda prompts: compat.mlx_batch_generate_chunked(
-        subject.mlx_model, prompts, BATCH_STEPS, BATCH_CHUNK), "PromptProcessingBatch")
+        subject.mlx_model, prompts, BATCH_STEPS, BATCH_CHUNK), "PromptProcessingBatch", singles)
 
 
-def _batch_row(subject: Subject, part: str,
-               run_batched: Any, driver: str) -> CheckResult:
+def _batch_row(subject: Subject, part: str, run_batched: Any, driver: str,
+               singles: SingleRuns | None) -> CheckResult:
+    singles = {} if singles is None else singles
     start = time.perf_counter()
     dtype = subject.dtype
     prompts = [subject.ids[0, a:b].tolist() for a, b in BATCH_SLICES]
@@ -526,7 +532,10 @@ def _batch_row(subject: Subject, part: str,
     agreeing_tokens = 0
     longest = max(map(len, prompts))
     for i, prompt in enumerate(prompts):
-        single = mlx_decode(subject.mlx_model, np.array([prompt]), BATCH_STEPS)
+        if tuple(prompt) not in singles:
+            singles[tuple(prompt)] = mlx_decode(subject.mlx_model, np.array([prompt]),
+                                                BATCH_STEPS)
+        single = singles[tuple(prompt)]
         single_lp = _log_softmax(single.step_logits)
         tokens, logprobs = batched[i]
         k_tok = first_mismatch(tokens, single.tokens)
