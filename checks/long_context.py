@@ -219,7 +219,7 @@ def run(subject: Subject) -> list[CheckResult]:
     else:
         result.summary = f"{length}-token prefill{window_text}: {result.summary}"
     result.duration_s = time.perf_counter() - start
-    return [result, chunked_result(subject, ids, hf, mlx.logits, window_sizes)]
+    return [result, _guarded_chunked(subject, ids, hf, mlx.logits, window_sizes)]
 
 
 def _probe(subject: Subject, vocab: int, tokens: int) -> float:
@@ -440,6 +440,22 @@ def chunked_result(subject: Subject, ids: np.ndarray, hf: Capture,
                       f"{tol:.0e}{where}")
     result.duration_s = time.perf_counter() - start
     return result
+
+
+def _guarded_chunked(subject: Subject, ids: np.ndarray, hf: Capture,
+                     single_logits: np.ndarray, window_sizes: list[int]) -> CheckResult:
+    """chunked_result; anything it raises past its own MLX run is a row naming the side,
+    so the long row beside it is kept."""
+    from .engine import raised_in
+    from .mlx_side import describe_import_error
+
+    try:
+        return chunked_result(subject, ids, hf, single_logits, window_sizes)
+    except Exception as e:
+        side = raised_in(e)
+        return subject.result(CHECK, verdict="fail" if side == "mlx-lm" else "error",
+                              details={"part": "chunked", "side": side},
+                              summary=f"chunked: {side} raised {describe_import_error(e)}")
 
 
 def _rel_or_inf(candidate: np.ndarray, reference: np.ndarray) -> float:

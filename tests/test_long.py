@@ -130,3 +130,30 @@ def test_rotating_cache_concat_index_bug_fails_chunked_not_long(cache_dir: Path,
     assert chunked["details"]["failing_call"] == 5  # 24, 11, 1, 1, 1, then 21 tokens
     assert "a multi-token update after single-token steps" in chunked["summary"]
     assert "mlx-lm raises" in chunked["summary"]
+
+
+def test_rope_offset_dropped_for_chunks_fails_chunked_at_the_layer(cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """llama's RoPE takes cache.offset only for single-token steps: one prefill (offset 0)
+    and decoding agree with transformers, the second chunk is rotated as if at position
+    0. The chunked row names call 1 and localizes it to layers.0's attention."""
+    root = copy_mlx_lm(tmp_path / "tree", [Edit(
+        "models/llama.py",
+        "            queries = self.rope(queries, offset=cache.offset)\n"
+        "            keys = self.rope(keys, offset=cache.offset)\n",
+        "            offset = cache.offset if queries.shape[2] == 1 else 0\n"
+        "            queries = self.rope(queries, offset=offset)\n"
+        "            keys = self.rope(keys, offset=offset)\n",
+    )])
+    checks = run_check_subprocess("long", "llama", root, cache_dir, tmp_path)
+    rows = {c["details"].get("part"): c for c in checks if c["check"] == "long"}
+    assert rows[None]["verdict"] == "pass", rows[None]["summary"]
+    chunked = rows["chunked"]
+    assert chunked["verdict"] == "fail", chunked["summary"]
+    assert chunked["details"]["side"] == "mlx-lm"
+    assert chunked["metrics"]["first_divergent_call"] == 1
+    assert chunked["metrics"]["first_divergent_position"] == 72
+    assert chunked["first_divergent_layer"] == "layers.0"
+    assert chunked["localization"]["part"] == "attention"
+    assert any("differs from MLX's own single prefill" in f
+               for f in chunked["localization"]["facts"])
