@@ -433,23 +433,42 @@ def render(outcome: dict[str, Any], *, repo: str, number: int, sha: str,
 
 
 def cross_check_lines(cross_checks: list[CrossCheck]) -> list[str]:
-    """One fact per cross-check, as numbers: the final logits of a default variant, measured
-    by the runner outside the sandbox (transformers there, MLX logits as data)."""
+    """Facts as numbers: the final logits of each claimed-pass variant, measured by the
+    runner outside the sandbox (transformers there, MLX logits as data). A model_type's
+    confirmed variants share one line (the largest distance); every failure or
+    unmeasured variant has its own."""
     lines = []
+    confirmed: dict[str, list[CrossCheck]] = {}
+    for c in cross_checks:
+        if c.verdict == "pass":
+            confirmed.setdefault(c.model_type, []).append(c)
+    for model_type, passed in confirmed.items():
+        worst = max(passed, key=lambda c: c.rel_l2 or 0.0)
+        setting = f"{escape(worst.dtype, 16)}, {worst.tokens} random tokens"
+        top1 = min(c.top1_agreement or 0.0 for c in passed)
+        if len(passed) == 1:
+            lines.append(f"- final logits confirmed outside the sandbox: "
+                         f"{code(model_type, 64)} {code(worst.variant, 32)} rel L2 "
+                         f"{shared.num(worst.rel_l2)} ≤ {shared.num(worst.bound)} ({setting}, "
+                         f"top-1 {shared.num(top1)})")
+            continue
+        names = ", ".join(escape(c.variant, 32) for c in passed[:16])
+        more = f", and {len(passed) - 16} more" if len(passed) > 16 else ""
+        lines.append(f"- final logits confirmed outside the sandbox: {code(model_type, 64)} "
+                     f"on {len(passed)} variants ({names}{more}): largest rel L2 "
+                     f"{shared.num(worst.rel_l2)} ({escape(worst.variant, 32)}) ≤ "
+                     f"{shared.num(worst.bound)} ({setting} each, top-1 at least "
+                     f"{shared.num(top1)})")
     for c in cross_checks:
         where = f"{code(c.model_type, 64)} {code(c.variant, 32)}"
         setting = f"{escape(c.dtype, 16)}, {c.tokens} random tokens"
         claim = f"; the sandboxed results claimed {escape(c.claimed or 'nothing', 16)}"
-        if c.verdict == "pass":
-            lines.append(f"- final logits confirmed outside the sandbox: {where} rel L2 "
-                         f"{shared.num(c.rel_l2)} ≤ {shared.num(c.bound)} ({setting}, top-1 "
-                         f"{shared.num(c.top1_agreement)})")
-        elif c.verdict == "fail":
+        if c.verdict == "fail":
             measured = (f"rel L2 {shared.num(c.rel_l2)} > bound {shared.num(c.bound)}"
                         if c.rel_l2 is not None else escape(c.reason or "not finite", 200))
             lines.append(f"- **final logits measured outside the sandbox: {where} {measured}"
                          f"{claim}** ({setting}, top-1 {shared.num(c.top1_agreement)})")
-        else:
+        elif c.verdict == "error":
             lines.append(f"- **final logits not measured outside the sandbox: {where}: "
                          f"{escape(c.reason or 'no reason given', 300)}{claim}: "
                          "not confirmed**")

@@ -40,6 +40,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from mlx_verify.checks.schema import Results, check_verdicts, combine_verdicts
+from mlx_verify.workers.jobs import CrossCheck
 
 from .settings import load_store_limits
 
@@ -74,6 +75,8 @@ class Run(BaseModel):
     results: Results | None = None
     logs: str = ""
     errors: dict[str, str] = Field(default_factory=dict)  # model_type -> why it could not run
+    # final logits the runner measured outside the sandbox (workers/crosscheck.py)
+    cross_checks: list[CrossCheck] = Field(default_factory=list)
     outcome: str | None = None  # the runner's status: done, timeout, crashed, stale, ...
     reason: str | None = None  # why a run failed, from the runner or the queue
     mlx_lm_tree: str | None = None  # sweeps: version, git SHA, path of the mlx-lm checked
@@ -87,6 +90,9 @@ class Run(BaseModel):
     def verdict(self) -> str | None:
         verdicts = [] if self.results is None else [r.verdict for r in self.results.reports]
         verdicts += ["error"] * len(self.errors)
+        # a claimed pass the runner's own measurement does not confirm is the PR's
+        # failure, as in the Check Run (app/comment.py)
+        verdicts += [c.verdict for c in self.cross_checks if c.contradicts]
         return combine_verdicts(verdicts) if verdicts else None
 
     def matrix(self) -> dict[str, dict[str, str]]:
@@ -417,6 +423,7 @@ def record_job(connection: redis.Redis, job_id: str, state: str,
             # a new attempt (re-run or requeue) starts its clock again
             run.queued_at, run.started_at, run.finished_at = now, None, None
             run.results, run.errors, run.outcome, run.reason = None, {}, None, None
+            run.cross_checks = []
         elif run.state == "running":
             run.started_at = now
         else:
@@ -428,6 +435,8 @@ def record_job(connection: redis.Redis, job_id: str, state: str,
             if outcome.get("results"):
                 run.results = Results.model_validate(outcome["results"])
             run.errors = {str(k): str(v)[:500] for k, v in (outcome.get("errors") or {}).items()}
+            run.cross_checks = [CrossCheck.model_validate(c)
+                                for c in outcome.get("cross_checks") or []]
             logs = [outcome.get("stderr_tail") or ""]
             logs += [f"{k}: {v}" for k, v in run.errors.items()]
             run.logs = "\n".join(part for part in logs if part)

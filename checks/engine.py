@@ -216,6 +216,10 @@ def applies(check: str, variant: str) -> bool:
         return variant in ("default", "sliding-window")
     if check == "generation":  # head-dim: the quantized KV cache part only (generation.py)
         return variant in ("default", "head-dim")
+    if check == "weights":
+        # tied checkpoints with lm_head.weight present are tested where tying is on, the
+        # default's or the tied variant's (granite before d39cfec1: default untied)
+        return variant in ("default", "tied-embeddings")
     return variant == "default"
 
 
@@ -381,13 +385,19 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
 
 
 def reach_of(result: CheckResult) -> Reach:
-    """The config under test (the default variant, a given source, its real weights), or
-    latent: a bug-finding variant, or a key the check perturbed (the check says so in
-    details["reach"])."""
+    """The config under test (the default variant, a given source, its real weights, a
+    variant of CONFIG_REACH_VARIANTS), or latent: a bug-finding variant, or a key the check
+    perturbed (the check says so in details["reach"])."""
+    from .variants import CONFIG_REACH_VARIANTS
+
     given = result.details.get("reach")
     if given in ("config", "latent", "systemic"):
         return given
     if result.variant == "default" or result.variant.startswith(("source-", "full-weights")):
+        return "config"
+    if result.variant in CONFIG_REACH_VARIANTS:
+        # a size shrunk below the prompt (index-topk): the branch the config's own long
+        # prompts take
         return "config"
     return "latent"
 

@@ -8,7 +8,10 @@ Which variants an architecture gets:
   transformers' own config for the architecture names longrope (phi3). Ports are held
   to what they claim, not to settings no checkpoint of theirs uses.
 - tied-embeddings / untied-embeddings: the other value of tie_word_embeddings, where the
-  MLX ModelArgs declares it.
+  MLX ModelArgs declares it. Tied, the scales at the two ends of the shared matrix
+  (embedding_multiplier, lm_head_multiplier, logits_scaling) that sit at 1.0 are set to
+  distinct other values: at 1.0 a tied head that drops one (or their ratio) computes
+  the same logits (falcon_h1 before c27c94a0).
 - head-dim: head_dim != hidden_size / num_attention_heads, where the config has head_dim.
 - kv-heads: grouped-query attention (num_key_value_heads = num_attention_heads // 2) where
   the config has as many KV heads as query heads (llama's, phi3's defaults) and the port
@@ -20,6 +23,11 @@ Which variants an architecture gets:
 - eps: large, distinct norm epsilons, so a hard-coded or swapped eps shows.
 - feature-switches: features transformers' default config leaves off and the port's own
   ModelArgs defaults turn on (booleans, and layer counts such as num_kv_shared_layers).
+- index-topk: the sparse-attention indexer's index_topk (DeepSeek-V3.2, GLM-5: 2048,
+  kept by the shrink) below the parity prompt, so the indexer's top-k selection runs;
+  with 8 indexer heads, where the config has index_topk and the port declares it. Its
+  rows are this config's (reach `config`): every prompt past 2048 tokens of the real
+  checkpoint takes that branch.
 - config-format-*: the same config in the other format (transformers 5 `rope_parameters`
   vs top-level rope_theta/rope_scaling), with a non-default base so a dropped base shows.
 """
@@ -38,6 +46,21 @@ WINDOW = 16
 ATTN_SOFTCAP = 5.0
 FINAL_SOFTCAP = 3.0
 EPS_VALUES = (0.05, 0.02, 0.01)
+# Values for the head and embedding scales of the tied-embeddings variant, assigned in
+# config order: distinct, so no two of them cancel in a ratio.
+HEAD_SCALE_VALUES = (2.0, 0.5, 4.0)
+# index-topk: 16 of the 48-token parity prompt selected. 8 indexer heads (the shrink
+# gives 2): a key's index score is a weighted sum over heads of ReLU(q.k), exactly 0 for
+# about a quarter of the keys with 2 heads (2^-8 with 8); the choice among equal scores
+# is arbitrary and torch.topk and mx.argpartition make it differently (measured on
+# released deepseek_v32 with 2 heads: at query 36 only 15 keys scored above 0, the 16th
+# key differed, layers.0 rel_l2 0.106).
+INDEX_TOPK = 16
+INDEX_HEADS = 8
+# Variants whose rows are the config's own (engine.reach_of): they shrink a size the
+# default checkpoint keeps real, so the default's short prompts never take the branch
+# every long prompt of the real checkpoint takes.
+CONFIG_REACH_VARIANTS = ("index-topk",)
 
 ROPE_BASE_KEYS = ("rope_theta", "rotary_emb_base")
 
@@ -166,9 +189,13 @@ def bug_finding_variants(model_type: str, default: Variant,
     # supports one value is held to it by the default variant.
     if isinstance(config.get("tie_word_embeddings"), bool) and "tie_word_embeddings" in mlx_fields:
         tied = not config["tie_word_embeddings"]
-        new = {**copy.deepcopy(config), "tie_word_embeddings": tied}
-        add("tied-embeddings" if tied else "untied-embeddings",
-            f"tie_word_embeddings={tied}", new, {"tie_word_embeddings": tied})
+        overrides: dict[str, Any] = {"tie_word_embeddings": tied}
+        if tied:
+            # a tied head must combine the embedding's and the head's scales itself
+            overrides.update(head_scales(config))
+        new = {**copy.deepcopy(config), **overrides}
+        description = ", ".join(f"{k}={v}" for k, v in overrides.items())
+        add("tied-embeddings" if tied else "untied-embeddings", description, new, overrides)
 
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if "head_dim" in config and isinstance(hidden, int) and isinstance(heads, int):
@@ -220,6 +247,15 @@ def bug_finding_variants(model_type: str, default: Variant,
             "(its checkpoints' settings), off in transformers' default: " +
             ", ".join(f"{k}={v}" for k, v in switches.items()), new, switches)
 
+    topk = config.get("index_topk")
+    if (isinstance(topk, int) and not isinstance(topk, bool) and topk > INDEX_TOPK
+            and "index_topk" in mlx_fields):
+        heads = max(config.get("index_n_heads") or 0, INDEX_HEADS)
+        overrides = {"index_topk": INDEX_TOPK, "index_n_heads": heads}
+        add("index-topk", f"index_topk {INDEX_TOPK} (from {topk}) below the prompt, so the "
+            f"sparse-attention indexer selects; {heads} indexer heads",
+            {**copy.deepcopy(config), **overrides}, overrides)
+
     if other_format is not None and _rope_base(other_format) is not None:
         theta = _alt_theta(other_format)
         new = _set_rope_base(other_format, theta)
@@ -228,6 +264,18 @@ def bug_finding_variants(model_type: str, default: Variant,
             f"the same config in the {other} format, RoPE base {theta:g}", new,
             {"format": other, "rope_theta": theta}, config_format=other)
     return out
+
+
+def head_scales(config: dict[str, Any]) -> dict[str, float]:
+    """The scalar scales applied at the embedding or at the head (embedding_multiplier,
+    lm_head_multiplier, logits_scaling, logit_scale) that are 1.0 in this config, each
+    given a distinct other value. Scales elsewhere in the layers are the config check's
+    (perturbed one at a time on the default variant)."""
+    keys = [k for k, v in config.items()
+            if isinstance(v, float) and v == 1.0
+            and any(end in k for end in ("embedding", "lm_head", "logit"))
+            and any(word in k for word in ("multiplier", "scal"))]
+    return {key: HEAD_SCALE_VALUES[i % len(HEAD_SCALE_VALUES)] for i, key in enumerate(keys)}
 
 
 def kv_heads_override(config: dict[str, Any], mlx_fields: set[str]

@@ -5,6 +5,7 @@ expected shape are refused; transformers and torch are not importable in the cap
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -13,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlx_verify.checks import synth
 from mlx_verify.workers import crosscheck, sandbox, verify
-from tests.conftest import installed_mlx_lm
+from mlx_verify.workers.settings import RunnerSettings
+from tests.conftest import installed_mlx_lm, run_cli
 
 SETTINGS = sandbox.SandboxSettings(enabled=True, max_processes=256, disk_mb=512, uid=65534)
 SWAPPED = ("swiglu(self.gate_proj(x), self.up_proj(x))",
@@ -60,9 +63,8 @@ def test_each_run_draws_its_own_checkpoint_and_ids(tmp_path):
     ids = []
     for name in ("one", "two"):
         measure(tmp_path / name)
-        (trusted,) = (tmp_path / name / "job" / "trusted" / "llama").glob("*/config.json")
-        ids.append(np.load(tmp_path / name / "job" / "trusted" / "llama" / "ids.npy"))
-        assert trusted.parent.is_relative_to(tmp_path / name / "job" / "trusted")
+        (trusted,) = (tmp_path / name / "job" / "trusted").glob("llama-*/case-0/*/config.json")
+        ids.append(np.load(trusted.parent.parent / "ids.npy"))
     assert not np.array_equal(ids[0], ids[1])
 
 
@@ -173,3 +175,42 @@ def test_a_model_transformers_cannot_build_on_the_runner_is_an_error(tmp_path):
     assert checked.reason == ("the runner cannot build the default checkpoint: SynthError: "
                               "transformers has no config for model_type "
                               "'no_such_model_type'")
+
+
+# a bug only the head-dim variant shows: the default's head_dim is hidden_size / heads
+SCALE_FROM_HIDDEN = ("self.scale = head_dim**-0.5",
+                     "self.scale = (args.hidden_size // n_heads) ** -0.5")
+HUB_CONFIG = Path(__file__).parent / "fixtures" / "configs" / "llama-3.2-1b-instruct.json"
+
+
+def test_every_claimed_variant_of_a_hub_config_run_is_measured(tmp_path, cache_dir):
+    """The runner's cross_check_all on a real check run's results for a Hub config
+    (`/verify --hub`): every variant the results claim passes is measured on the variants
+    the runner builds from that config, in one sandboxed capture; on a tree whose bug only
+    the head-dim variant shows, that variant alone is contradicted."""
+    run = run_cli(["check", "llama", "--config", str(HUB_CONFIG), "--checks", "layers"],
+                  cache_dir, tmp_path / "results.json")
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    claimed = {c["variant"] for c in run.report("llama")["checks"] if c["verdict"] == "pass"}
+    assert {"default", "head-dim"} <= claimed
+    settings = RunnerSettings(redis_url="redis://unused", git_url="file:///unused",
+                                     work_dir=str(tmp_path), timeout_s=300, memory_mb=8192)
+    measured = {}
+    for name, edit in (("clean", None), ("bugged", SCALE_FROM_HIDDEN)):
+        work = tmp_path / name
+        work.mkdir()
+        checked = verify.cross_check_all(
+            settings, work, pr_tree(work, edit), [(["llama"], HUB_CONFIG, run.results)],
+            {"dtype": "float32"}, verify.scrubbed_env(work))
+        assert {c["variant"] for c in checked} == claimed, checked
+        assert {c.get("config_origin") for c in checked} == {"built by the runner"}, checked
+        measured[name] = {c["variant"]: c for c in checked}
+    assert {c["verdict"] for c in measured["clean"].values()} == {"pass"}, measured["clean"]
+    contradicted = {v for v, c in measured["bugged"].items() if c["verdict"] != "pass"}
+    assert contradicted == {"head-dim"}, measured["bugged"]
+    assert measured["bugged"]["head-dim"]["rel_l2"] > 1e-3
+    # the default variant measured is the Hub config shrunk, not transformers' default
+    source = json.loads(HUB_CONFIG.read_text())
+    built = crosscheck.runner_variants("llama", source)
+    assert built["default"] == synth.shrink_config(source)
+    assert built["default"]["rope_scaling"]["rope_type"] == "llama3"

@@ -1,12 +1,14 @@
 """The MLX-side capture: one forward of a PR's model, its logits written out as data.
 
 Runs inside the sandbox (workers/sandbox.py), as its own process, apart from the check
-run: `python -I -m mlx_verify.workers.capture --mlx-lm TREE --checkpoint DIR --ids IDS.npy
---out /dev/fd/N [--dtype D]`. It loads the checkpoint with the PR's own mlx-lm loader
-(`mlx_lm.utils.load_model`, strict weights), runs the token ids through the model, and
-writes the logits as a float32 .npy to the descriptor the runner opened. It writes no
-verdict: the runner (workers/crosscheck.py) compares those logits with transformers',
-which it computes itself, on a checkpoint and token ids it drew at random for this run.
+run: `python -I -m mlx_verify.workers.capture --mlx-lm TREE --case DIR IDS.npy /dev/fd/N
+[--case ...] [--dtype D]`, one case per variant of a model_type. For each case it loads the
+checkpoint with the PR's own mlx-lm loader (`mlx_lm.utils.load_model`, strict weights),
+runs the token ids through the model, and writes the logits as a float32 .npy to the
+descriptor the runner opened; a case that raises is said on stderr and the next one
+runs. It writes no verdict: the runner (workers/crosscheck.py) compares those logits with
+transformers', which it computes itself, on checkpoints and token ids it drew at random
+for this run.
 
 transformers and torch are hidden from this process (the runner mounts empty,
 read-only directories over their packages), so the PR's code cannot ask transformers
@@ -59,10 +61,10 @@ def import_tree(tree: Path) -> types.ModuleType:
     return importlib.import_module("mlx_lm.utils")
 
 
-def capture(tree: Path, checkpoint: Path, ids: np.ndarray, dtype: str) -> np.ndarray:
+def capture(utils: types.ModuleType, checkpoint: Path, ids: np.ndarray,
+            dtype: str) -> np.ndarray:
     import mlx.core as mx
 
-    utils = import_tree(tree)
     loaded = utils.load_model(checkpoint, strict=True)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     if dtype != "float32":
@@ -75,17 +77,25 @@ def capture(tree: Path, checkpoint: Path, ids: np.ndarray, dtype: str) -> np.nda
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx_verify.workers.capture")
     parser.add_argument("--mlx-lm", required=True, type=Path)
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--ids", required=True, type=Path)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--case", nargs=3, action="append", required=True,
+                        metavar=("CHECKPOINT", "IDS", "OUT"))
     parser.add_argument("--dtype", default="float32",
                         choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
-    ids = np.load(args.ids, allow_pickle=False)
-    logits = capture(args.mlx_lm, args.checkpoint, ids, args.dtype)
-    with open(args.out, "wb") as out:
-        np.save(out, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
-    return 0
+    utils = import_tree(args.mlx_lm)
+    failed = 0
+    for index, (checkpoint, ids_file, out_file) in enumerate(args.case):
+        try:
+            ids = np.load(ids_file, allow_pickle=False)
+            logits = capture(utils, Path(checkpoint), ids, args.dtype)
+        except Exception as e:  # the runner reads no logits for this case, and says why
+            first = str(e).splitlines()[0][:200] if str(e) else ""
+            print(f"capture case {index}: {type(e).__name__}: {first}", file=sys.stderr)
+            failed += 1
+            continue
+        with open(out_file, "wb") as out:
+            np.save(out, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,84 +91,164 @@ def _same_for_transformers(model_type: str, a: dict[str, Any], b: dict[str, Any]
         return False
 
 
+def runner_variants(model_type: str, source: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """variant name -> tiny config, built here with the runner's own (released) mlx-lm
+    and mlx-verify (checks/engine.py all_variants): from transformers' default config, or
+    from a Hub config.json (`source`) as `mlx-verify check --config` builds it."""
+    from mlx_verify.checks import engine, synth
+
+    if source is None:
+        found = engine.all_variants(model_type, synth.default_config(model_type),
+                                    from_file=False)
+    else:
+        found = engine.all_variants(model_type, source, from_file=True)
+    return {v.name: v.config for v in found}
+
+
+def variant_config(model_type: str, variant: str, claimed: dict[str, Any] | None,
+                   built: dict[str, dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The config one variant is measured on, and where it came from: the runner's own
+    (`built`, runner_variants), or the config the sandboxed run reports only when
+    transformers reads it as the same configuration (the PR's port may read the other
+    RoPE format or key name), so a PR cannot choose a smaller or different model to be
+    measured on. A variant the runner does not build (the PR's ModelArgs gained a field
+    the released mlx-lm lacks) is measured on the claimed config, said so; None when
+    there is none to measure on."""
+    claim_ok = isinstance(claimed, dict) and claimed.get("model_type") == model_type
+    if variant not in built:
+        if claim_ok:
+            return claimed, "the check run's (the runner's mlx-lm builds no such variant)"
+        return None, "the runner builds no such variant and the check run gave no config"
+    if claimed is None or claimed == built[variant]:
+        return built[variant], "built by the runner"
+    if claim_ok and _same_for_transformers(model_type, claimed, built[variant]):
+        return claimed, "the check run's, read by transformers as the runner's"
+    return built[variant], "built by the runner (the check run's config differs)"
+
+
 def default_config(model_type: str, claimed: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """The default variant's tiny config, and where it came from. Built here with the
-    runner's own (released) mlx-lm deciding the format (checks/engine.py make_variants);
-    the config the sandboxed run reports is used instead only when transformers reads it
-    as the same configuration (the PR's port may read the other RoPE format or key name),
-    so a PR cannot choose a smaller or different model to be measured on."""
+    """The default variant's config (variant_config over transformers' default)."""
     from mlx_verify.checks import engine, synth
 
     built = engine.make_variants(synth.default_config(model_type), from_file=False)[0].config
-    if claimed is None or claimed == built:
-        return built, "built by the runner"
-    if isinstance(claimed, dict) and claimed.get("model_type") == model_type and \
-            _same_for_transformers(model_type, claimed, built):
-        return claimed, "the check run's, read by transformers as the runner's"
-    return built, "built by the runner (the check run's config differs)"
+    config, origin = variant_config(model_type, "default", claimed, {"default": built})
+    assert config is not None
+    return config, origin
+
+
+def claimed_variants(report: dict[str, Any]) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
+    """What a sandboxed model report claims: variant -> (the layers check's verdict there,
+    the variant's config). The default variant takes the report's own verdict when it has
+    no layers row."""
+    configs = {str(v.get("name")): v.get("config") for v in report.get("variants") or []}
+    claims = {str(c.get("variant")): (c.get("verdict"), configs.get(str(c.get("variant"))))
+              for c in report.get("checks") or [] if c.get("check") == "layers"}
+    if "default" not in claims:
+        claims["default"] = (report.get("verdict"), configs.get("default"))
+    return claims
 
 
 def claimed_default(report: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
-    """What a sandboxed model report claims for the default variant: the layers check's
-    verdict there (the report's own verdict when it has no such row), and its config."""
-    verdict = next((c.get("verdict") for c in report.get("checks") or []
-                    if c.get("check") == "layers" and c.get("variant") == "default"),
-                   report.get("verdict"))
-    config = next((v.get("config") for v in report.get("variants") or []
-                   if v.get("name") == "default"), None)
-    return verdict, config
+    """What a sandboxed model report claims for the default variant."""
+    return claimed_variants(report)["default"]
 
 
 def cross_check(*, model_type: str, claimed: str | None, claimed_config: dict[str, Any] | None,
                 src: Path, work: Path, writable: Path, env: dict[str, str], dtype: str,
-                memory_mb: int,
-                timeout_s: float, file_size: int) -> CrossCheck:
-    """One model_type's final logits, measured outside the sandbox (see the module doc)."""
+                memory_mb: int, timeout_s: float, file_size: int) -> CrossCheck:
+    """One model_type's default variant, measured outside the sandbox."""
+    from mlx_verify.checks import engine, synth
+
+    try:
+        built = {"default": engine.make_variants(synth.default_config(model_type),
+                                                 from_file=False)[0].config}
+    except Exception as e:
+        built_error: str | None = synth._one_line(e)
+        built = {}
+    else:
+        built_error = None
+    (checked,) = cross_check_model(
+        model_type=model_type, claims={"default": (claimed, claimed_config)}, built=built,
+        built_error=built_error, src=src, work=work, writable=writable, env=env,
+        dtype=dtype, memory_mb=memory_mb, timeout_s=timeout_s, file_size=file_size)
+    return checked
+
+
+def cross_check_model(*, model_type: str,
+                      claims: dict[str, tuple[str | None, dict[str, Any] | None]],
+                      built: dict[str, dict[str, Any]], built_error: str | None = None,
+                      src: Path, work: Path, writable: Path, env: dict[str, str], dtype: str,
+                      memory_mb: int, timeout_s: float, file_size: int) -> list[CrossCheck]:
+    """The final logits of each claimed variant of one model_type, measured outside the
+    sandbox (see the module doc): one transformers forward here per variant, and one
+    sandboxed capture process for all of them (it imports the PR's mlx-lm once)."""
     from mlx_verify.checks import compare, engine, hf_side, synth
 
     started = time.monotonic()
     bound = compare.LAYER_TOLERANCE[dtype]
-    fields: dict[str, Any] = {"model_type": model_type, "variant": "default",
-                              "claimed": claimed, "bound": bound, "dtype": dtype,
-                              "tokens": CAPTURE_TOKENS}
+    done: list[CrossCheck] = []
 
-    def done(verdict: str, reason: str | None = None, **more: Any) -> CrossCheck:
-        return CrossCheck(verdict=verdict, reason=reason, **fields, **more,
+    def result(variant: str, verdict: str, reason: str | None = None,
+               **more: Any) -> CrossCheck:
+        return CrossCheck(model_type=model_type, variant=variant, verdict=verdict,
+                          claimed=claims[variant][0], bound=bound, dtype=dtype,
+                          tokens=CAPTURE_TOKENS, reason=reason, **more,
                           duration_s=round(time.monotonic() - started, 2))
 
-    trusted = work / "trusted" / model_type
-    trusted.mkdir(parents=True, exist_ok=False)
-    os.chmod(work / "trusted", 0o755)
+    trusted_root = work / "trusted"
+    trusted_root.mkdir(exist_ok=True)
+    os.chmod(trusted_root, 0o755)
+    # one directory per call: a model_type can run on the default and on Hub configs
+    trusted = Path(tempfile.mkdtemp(prefix=f"{model_type}-", dir=trusted_root))
     os.chmod(trusted, 0o755)
-    try:
-        config, origin = default_config(model_type, claimed_config)
-        weight_seed, ids_seed = secrets.randbelow(2**31), secrets.randbelow(2**31)
-        checkpoint = synth.write_checkpoint(config, weight_seed, root=trusted)
-    except Exception as e:
-        return done("error", f"the runner cannot build the default checkpoint: "
-                             f"{synth._one_line(e)}")
-    fields["config_origin"] = origin
-    for path in [checkpoint, *checkpoint.iterdir()]:
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
-    ids = np.random.default_rng(ids_seed).integers(
-        4, engine._vocab(config), size=(1, CAPTURE_TOKENS), dtype=np.int64)
-    ids_path = trusted / "ids.npy"
-    np.save(ids_path, ids, allow_pickle=False)
-    os.chmod(ids_path, 0o644)
-    try:
-        reference = hf_side.plain_forward(hf_side.load(checkpoint, dtype=dtype), ids)
-    except Exception as e:
-        return done("error", f"transformers cannot build or run the model here: "
-                             f"{synth._one_line(e)}")
-
-    run_dir = work / f"capture-{model_type}"
-    run_dir.mkdir()
-    out_path = run_dir / "logits.npy"
-    out_fd = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"capture-{model_type}-", dir=work))
+    # (variant, checkpoint, ids file, transformers' logits, config origin, out file, fd)
+    cases: list[tuple[str, Path, Path, np.ndarray, str, Path, int]] = []
+    for index, variant in enumerate(claims):
+        if built_error is not None:
+            done.append(result(variant, "error", f"the runner cannot build the {variant} "
+                                                 f"checkpoint: {built_error}"))
+            continue
+        config, origin = variant_config(model_type, variant, claims[variant][1], built)
+        if config is None:
+            done.append(result(variant, "error", f"not measured: {origin}",
+                               config_origin=None))
+            continue
+        case_dir = trusted / f"case-{index}"
+        case_dir.mkdir()
+        os.chmod(case_dir, 0o755)
+        try:
+            weight_seed, ids_seed = secrets.randbelow(2**31), secrets.randbelow(2**31)
+            checkpoint = synth.write_checkpoint(config, weight_seed, root=case_dir)
+        except Exception as e:
+            done.append(result(variant, "error", f"the runner cannot build the {variant} "
+                                                 f"checkpoint: {synth._one_line(e)}",
+                               config_origin=origin))
+            continue
+        for path in [checkpoint, *checkpoint.iterdir()]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        ids = np.random.default_rng(ids_seed).integers(
+            4, engine._vocab(config), size=(1, CAPTURE_TOKENS), dtype=np.int64)
+        ids_path = case_dir / "ids.npy"
+        np.save(ids_path, ids, allow_pickle=False)
+        os.chmod(ids_path, 0o644)
+        try:
+            reference = hf_side.plain_forward(hf_side.load(checkpoint, dtype=dtype), ids)
+        except Exception as e:
+            done.append(result(variant, "error", f"transformers cannot build or run the "
+                                                 f"model here: {synth._one_line(e)}",
+                               config_origin=origin))
+            continue
+        out_path = run_dir / f"logits-{index}.npy"
+        out_fd = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+        cases.append((variant, checkpoint, ids_path, reference, origin, out_path, out_fd))
+    if not cases:
+        return done
     command = [sys.executable, "-I", "-m", "mlx_verify.workers.capture", "--mlx-lm", str(src),
-               "--checkpoint", str(checkpoint), "--ids", str(ids_path),
-               "--out", f"/dev/fd/{out_fd}", "--dtype", dtype]
+               "--dtype", dtype]
+    for _, checkpoint, ids_path, _, _, _, out_fd in cases:
+        command += ["--case", str(checkpoint), str(ids_path), f"/dev/fd/{out_fd}"]
     stderr_path = run_dir / "stderr.txt"
     try:
         with open(run_dir / "stdout.txt", "wb") as stdout, open(stderr_path, "wb") as stderr:
@@ -175,26 +256,39 @@ def cross_check(*, model_type: str, claimed: str | None, claimed_config: dict[st
                 command, env=env, writable=writable, readable=[src, trusted],
                 settings=sandbox.load_sandbox_settings(), memory_mb=memory_mb,
                 file_size=file_size, timeout_s=timeout_s, stdout=stdout, stderr=stderr,
-                pass_fds=(out_fd,), hidden=sandbox.hidden_packages())
+                pass_fds=tuple(case[6] for case in cases), hidden=sandbox.hidden_packages())
     finally:
-        os.close(out_fd)
-    if finished.timeout or finished.code != 0:
-        why = "timed out" if finished.timeout else f"exit status {finished.code}"
-        try:
-            tail = sandbox.read_regular_file(stderr_path, 2048, tail=True).decode(
-                errors="replace")
-        except OSError:
-            tail = ""
-        lines = [line for line in tail.splitlines() if line.strip()]
-        return done("error", f"the sandboxed capture gave no logits: {why}"
-                             + (f": {lines[-1][:200]}" if lines else ""))
+        for case in cases:
+            os.close(case[6])
+    why = "timed out" if finished.timeout else f"exit status {finished.code}"
     try:
-        logits = read_capture(out_path, tuple(reference.shape))
-    except CaptureRefused as e:
-        return done("error", str(e))
-    measured = compare.metrics(logits, reference)
-    rel_l2 = measured["rel_l2"]
-    top1 = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
-    if not np.all(np.isfinite(logits)) or not np.isfinite(rel_l2):
-        return done("fail", "non-finite MLX logits", rel_l2=None, top1_agreement=top1)
-    return done("pass" if rel_l2 <= bound else "fail", rel_l2=rel_l2, top1_agreement=top1)
+        tail = sandbox.read_regular_file(stderr_path, 4096, tail=True).decode(errors="replace")
+    except OSError:
+        tail = ""
+    lines = [line for line in tail.splitlines() if line.strip()]
+    for index, (variant, _, _, reference, origin, out_path, _) in enumerate(cases):
+        try:
+            logits = read_capture(out_path, tuple(reference.shape))
+        except CaptureRefused as e:
+            if str(e) != "the capture wrote no logits":
+                done.append(result(variant, "error", str(e), config_origin=origin))
+                continue
+            said = [line for line in lines if line.startswith(f"capture case {index}: ")]
+            last = said[-1].split(": ", 1)[1] if said else (lines[-1] if lines else "")
+            done.append(result(variant, "error", f"the sandboxed capture gave no logits: "
+                                                 f"{why}" + (f": {last[:200]}" if last else ""),
+                               config_origin=origin))
+            continue
+        measured = compare.metrics(logits, reference)
+        rel_l2 = measured["rel_l2"]
+        top1 = float(np.mean(logits.argmax(-1) == reference.argmax(-1)))
+        if not np.all(np.isfinite(logits)) or not np.isfinite(rel_l2):
+            done.append(result(variant, "fail", "non-finite MLX logits", rel_l2=None,
+                               top1_agreement=top1, config_origin=origin))
+            continue
+        done.append(result(variant, "pass" if rel_l2 <= bound else "fail", rel_l2=rel_l2,
+                           top1_agreement=top1, config_origin=origin))
+    order = list(claims)
+    total = round(time.monotonic() - started, 2)  # one capture measured them all
+    return [c.model_copy(update={"duration_s": total})
+            for c in sorted(done, key=lambda c: order.index(c.variant))]

@@ -170,7 +170,7 @@ class VerifySpec(Versioned):
 
 
 class CrossCheck(BaseModel):
-    """Final logits of one model_type's default variant measured outside the sandbox
+    """Final logits of one variant of a model_type, measured outside the sandbox
     (workers/crosscheck.py): transformers here, MLX as data from a sandboxed capture."""
     model_config = ConfigDict(extra="forbid")
     model_type: str = Field(max_length=100)
@@ -184,6 +184,7 @@ class CrossCheck(BaseModel):
     top1_agreement: float | None = None
     reason: str | None = Field(default=None, max_length=600)
     config_origin: str | None = Field(default=None, max_length=200)
+    # wall time of the model_type's whole cross-check (its variants share one capture)
     duration_s: float | None = None
 
     @property
@@ -216,8 +217,8 @@ class VerifyOutcome(Versioned):
     base_status: str | None = None
     base_results: dict[str, Any] | None = None
     base_errors: dict[str, str] = Field(default_factory=dict)
-    # final logits of the default variants, measured by the runner outside the sandbox
-    cross_checks: list[CrossCheck] = Field(default_factory=list, max_length=64)
+    # final logits of each claimed-pass variant, measured by the runner outside the sandbox
+    cross_checks: list[CrossCheck] = Field(default_factory=list, max_length=1024)
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

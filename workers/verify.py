@@ -281,45 +281,60 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
         runs.append(([model_type], config))
     done = run_all(settings, work, src, runs, request, env, base_src)
     outcome["errors"].update(done.pop("errors"))  # after the Hub ones
+    claims = done.pop("claims")
     outcome.update(done)
-    if outcome["status"] == "done" and outcome["results"] is not None and model_types:
-        outcome["cross_checks"] = cross_check_all(settings, work, src, model_types,
-                                                  outcome["results"], request, env)
+    if outcome["status"] == "done" and outcome["results"] is not None:
+        outcome["cross_checks"] = cross_check_all(settings, work, src, claims, request, env)
     return outcome, runs
 
 
-def cross_check_all(settings: RunnerSettings, work: Path, src: Path, model_types: list[str],
-                    results: dict[str, Any], request: dict[str, Any],
-                    env: dict[str, str]) -> list[dict[str, Any]]:
-    """Final logits of the default variant of every model_type whose sandboxed results
-    claim the layers check passes there, measured outside the sandbox
-    (workers/crosscheck.py): one transformers forward here and one sandboxed MLX forward
-    per model_type. Hub-config runs are not cross-checked (their claims stay unconfirmed)."""
+def cross_check_all(settings: RunnerSettings, work: Path, src: Path,
+                    claims: list[tuple[list[str], Path | None, dict[str, Any]]],
+                    request: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
+    """Final logits of every variant whose sandboxed results claim the layers check
+    passes there, measured outside the sandbox (workers/crosscheck.py), for transformers'
+    default config and for each Hub config alike: `claims` holds each check run's
+    (model_types, Hub config or None, results), so a claim is measured on the variants
+    the runner builds from that run's own source."""
+    from mlx_verify.checks import synth
     from mlx_verify.workers import crosscheck
 
     done = []
-    for model_type in model_types:
-        # every report of it the results hold (their `source` is the PR's writing too)
-        claims = [crosscheck.claimed_default(r) for r in results.get("reports") or []
-                  if r.get("model_type") == model_type]
-        passing = [claim for claim in claims if claim[0] == "pass"]
-        if not passing:
-            continue  # a claimed fail or error is no pass to confirm
-        claimed, claimed_config = passing[0]
-        try:
-            checked = crosscheck.cross_check(
-                model_type=model_type, claimed=claimed, claimed_config=claimed_config,
-                src=src, work=work, writable=scratch_dir(work), env=env,
-                dtype=request.get("dtype", "float32"), memory_mb=settings.memory_mb,
-                timeout_s=settings.timeout_s, file_size=OUTPUT_FILE_MAX_BYTES)
-        except sandbox.SandboxUnavailable as e:
-            raise InfraError(str(e)) from None
-        except Exception as e:  # the runner's own code failed: not measured, never a pass
-            checked = crosscheck.CrossCheck(
-                model_type=model_type, verdict="error", claimed=claimed, bound=0.0,
-                reason=f"the runner's cross-check failed: {type(e).__name__}: "
-                       f"{str(e)[:300]}")
-        done.append(checked.model_dump(mode="json", exclude_none=True))
+    for model_types, config_file, results in claims:
+        for model_type in model_types:
+            # every report of it the run holds (their `source` is the PR's writing too)
+            passing: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+            for report in results.get("reports") or []:
+                if report.get("model_type") != model_type:
+                    continue
+                for variant, claim in crosscheck.claimed_variants(report).items():
+                    if claim[0] == "pass":
+                        passing.setdefault(variant, claim)
+            if not passing:
+                continue  # a claimed fail or error is no pass to confirm
+            built: dict[str, dict[str, Any]] = {}
+            built_error = None
+            try:
+                source = None if config_file is None else json.loads(config_file.read_text())
+                built = crosscheck.runner_variants(model_type, source)
+            except Exception as e:
+                built_error = synth._one_line(e)
+            try:
+                checked = crosscheck.cross_check_model(
+                    model_type=model_type, claims=passing, built=built,
+                    built_error=built_error, src=src, work=work, writable=scratch_dir(work),
+                    env=env, dtype=request.get("dtype", "float32"),
+                    memory_mb=settings.memory_mb, timeout_s=settings.timeout_s,
+                    file_size=OUTPUT_FILE_MAX_BYTES)
+            except sandbox.SandboxUnavailable as e:
+                raise InfraError(str(e)) from None
+            except Exception as e:  # the runner's own code failed: not measured, never a pass
+                checked = [crosscheck.CrossCheck(
+                    model_type=model_type, variant=variant, verdict="error", claimed="pass",
+                    bound=0.0, reason=f"the runner's cross-check failed: "
+                                      f"{type(e).__name__}: {str(e)[:300]}")
+                    for variant in passing]
+            done += [c.model_dump(mode="json", exclude_none=True) for c in checked]
     return done
 
 
@@ -328,7 +343,8 @@ def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
             base_src: Path | None = None) -> dict[str, Any]:
     """Every planned `mlx-verify check` run on one tree: {"results", "errors"}, plus
     {"status", ...} when a run timed out or crashed (the remaining runs are not made)."""
-    done: dict[str, Any] = {"results": None, "errors": {}}
+    # "claims": each check run's (model_types, Hub config, results), for cross_check_all
+    done: dict[str, Any] = {"results": None, "errors": {}, "claims": []}
     for index, (types, config) in enumerate(runs):
         run = run_check(settings, work, src, types, request, env, str(index), config,
                         base_src)
@@ -338,6 +354,7 @@ def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
             return done
         if run["code"] in (0, 1) and run["results"] is not None:
             done["results"] = _merge(done["results"], run["results"])
+            done["claims"].append((types, config, run["results"]))
         elif run["code"] == 2 and len(types) > 1:
             # One model_type could not run; find out which, keep the others' results.
             for single in types:
@@ -349,6 +366,7 @@ def run_all(settings: RunnerSettings, work: Path, src: Path, runs: Runs,
                     return done
                 if alone["results"] is not None:
                     done["results"] = _merge(done["results"], alone["results"])
+                    done["claims"].append(([single], None, alone["results"]))
                 else:
                     done["errors"][single] = _last_line(alone["stderr"])
         elif run["code"] == 2 or (run["code"] in (0, 1) and run["results"] is None):
