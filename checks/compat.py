@@ -390,6 +390,41 @@ def mlx_batch_generate(model: Any, prompts: list[list[int]], steps: int
     return [out[u] for u in uids]
 
 
+PROMPT_BATCH_ARGS = ("model", "uids", "caches", "prefill_step_size", "max_tokens")
+
+
+def mlx_batch_generate_chunked(model: Any, prompts: list[list[int]], steps: int,
+                               step_size: int) -> list[tuple[list[int], list[np.ndarray]]]:
+    """mlx-lm's batch prefill and decode, greedy, with the whole prompts handed to
+    PromptProcessingBatch at once: its prompt() right-pads them, sets the caches' lengths
+    once (`prepare`) and runs them in chunks of `step_size` tokens, then generate() rolls
+    the padding into left padding and decodes (GenerationBatch). BatchGenerator takes the
+    same two classes but hands prompt() at most prefill_step_size tokens per call."""
+    import mlx.core as mx
+
+    batch_class = mlx_lm_callable("mlx_lm.generate", "PromptProcessingBatch",
+                                  PROMPT_BATCH_ARGS)
+    if not callable(getattr(batch_class, "generate", None)):
+        raise DriverError("mlx-lm", "PromptProcessingBatch.generate()", "no such method")
+    uids = list(range(len(prompts)))
+    batch = batch_class(model=model, uids=list(uids),
+                        caches=[mlx_make_prompt_cache(model) for _ in prompts],
+                        prefill_step_size=step_size, max_tokens=[steps] * len(prompts))
+    generation = batch.generate([list(p) for p in prompts])
+    if not callable(getattr(generation, "next", None)):
+        raise DriverError("mlx-lm", "GenerationBatch.next()", "no such method")
+    out: dict[int, tuple[list[int], list[np.ndarray]]] = {u: ([], []) for u in uids}
+    for _ in range(steps):
+        for r in generation.next():
+            for field in ("uid", "token", "logprobs"):
+                if not hasattr(r, field):
+                    raise DriverError("mlx-lm", f"GenerationBatch responses with `{field}`",
+                                      f"{type(r).__name__} without it")
+            out[r.uid][0].append(int(r.token))
+            out[r.uid][1].append(np.array(r.logprobs.astype(mx.float32)))
+    return [out[u] for u in uids]
+
+
 CONVERT_ARGS = ("hf_path", "mlx_path", "quantize", "q_group_size", "q_bits")
 
 

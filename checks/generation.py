@@ -13,6 +13,9 @@ Three measurements, one result each (`details["part"]`):
   and the per-layer comparison names the layer and module.
 - batch: prompts of different lengths through mlx-lm's BatchGenerator (right-padded
   prefill rolled into left padding, batch caches) equal the single-prompt runs.
+- batch-chunked: the same prompts handed whole to mlx-lm's PromptProcessingBatch with
+  prefill_step_size 16: the caches' lengths are set once and read again in each later
+  chunk, which only holds if every layer advances its cache; equal the single runs too.
 - kv-quantized: what `--kv-bits` does (generate.maybe_quantize_kv_cache): after the
   prompt every KV cache becomes a QuantizedKVCache (8 bits, groups of 32), and the
   decode steps, fed the same tokens, stay within a calibrated bound of the
@@ -41,6 +44,9 @@ DECODE_STEPS = 16
 BATCH_STEPS = 8
 # Prompt slices of the parity prompt for the batch: different lengths, different starts.
 BATCH_SLICES = ((0, 48), (7, 42), (20, 39))
+# The chunked batch prefill's step: the prompts' 47, 34 and 18 tokens before their last
+# take 3, 3 and 2 chunks, so every padded prompt's lengths are read in a second chunk.
+BATCH_CHUNK = 16
 
 # rel L2 of one step's logits against transformers' cache: correct fp32 ports measure
 # up to 2.2e-6 (attention) and 7.5e-6 (qwen3_next, gated delta net state); half
@@ -226,12 +232,14 @@ def run(subject: Subject) -> list[CheckResult]:
         return [_guarded_kv_quantized(subject)]
     start = time.perf_counter()
     prompt = subject.ids
+    singles: SingleRuns = {}
     try:
         mlx_run = mlx_decode(subject.mlx_model, prompt, DECODE_STEPS)
     except Exception as e:
         failed = _error(subject, "greedy", "MLX decoding with make_prompt_cache", e)
         return [failed, _error(subject, "kv-cache", "MLX decoding with make_prompt_cache", e),
-                batch_result(subject), _guarded_kv_quantized(subject)]
+                batch_result(subject, singles), batch_chunked_result(subject, singles),
+                _guarded_kv_quantized(subject)]
     try:
         forced = mlx_run.tokens[:-1]
         hf_run = hf_side.memo("hf_decode", subject.hf_model, (prompt, forced),
@@ -239,7 +247,7 @@ def run(subject: Subject) -> list[CheckResult]:
     except Exception as e:
         return [_error(subject, "greedy", "transformers incremental decoding", e),
                 _error(subject, "kv-cache", "transformers incremental decoding", e),
-                batch_result(subject)]
+                batch_result(subject, singles), batch_chunked_result(subject, singles)]
     sequence = np.concatenate([prompt, np.array([mlx_run.tokens[:-1]], dtype=prompt.dtype)], 1)
     # The reference proves itself first: transformers' incremental decoding must equal its
     # own full forward over the same tokens, or the driver is not decoding what it means
@@ -248,13 +256,14 @@ def run(subject: Subject) -> list[CheckResult]:
     if problem is not None:
         failed = [subject.result(CHECK, verdict="error", summary=f"{part}: {problem}",
                                  details={"part": part}) for part in ("greedy", "kv-cache")]
-        return [*failed, batch_result(subject)]
+        return [*failed, batch_result(subject, singles), batch_chunked_result(subject, singles)]
     full = mlx_side.plain_forward(subject.mlx_model, sequence)[0]
     results = [greedy_result(subject, mlx_run, hf_run),
                kv_result(subject, mlx_run, hf_run, full)]
     for result in results:
         result.duration_s = time.perf_counter() - start
-    results.append(batch_result(subject))
+    results.append(batch_result(subject, singles))
+    results.append(batch_chunked_result(subject, singles))
     results.append(_guarded_kv_quantized(subject))
     return results
 
@@ -458,21 +467,41 @@ def _hf_capture_step(model: Any, prompt: np.ndarray, tokens: list[int], k: int,
     return hf_side.forward(model, np.array([[tokens[k - 1]]]), **{keyword: cache})
 
 
-def batch_result(subject: Subject) -> CheckResult:
+# prompt -> its single-prompt greedy run: the two batch rows compare with the same runs
+SingleRuns = dict[tuple[int, ...], Decode]
+
+
+def batch_result(subject: Subject, singles: SingleRuns | None = None) -> CheckResult:
     """BatchGenerator on prompts of different lengths vs single-prompt greedy runs."""
+    return _batch_row(subject, "batch", lambda prompts: compat.mlx_batch_generate(
+        subject.mlx_model, prompts, BATCH_STEPS), "BatchGenerator", singles)
+
+
+def batch_chunked_result(subject: Subject, singles: SingleRuns | None = None) -> CheckResult:
+    """The same prompts prefilled together in chunks of BATCH_CHUNK tokens with the
+    caches' lengths set once (PromptProcessingBatch), vs single-prompt greedy runs."""
+    return _batch_row(subject, "batch-chunked", lambda prompts: compat.mlx_batch_generate_chunked(
+        subject.mlx_model, prompts, BATCH_STEPS, BATCH_CHUNK), "PromptProcessingBatch", singles)
+
+
+def _batch_row(subject: Subject, part: str, run_batched: Any, driver: str,
+               singles: SingleRuns | None) -> CheckResult:
+    singles = {} if singles is None else singles
     start = time.perf_counter()
     dtype = subject.dtype
     prompts = [subject.ids[0, a:b].tolist() for a, b in BATCH_SLICES]
-    details: dict[str, Any] = {"part": "batch", "prompt_lengths": [len(p) for p in prompts]}
+    details: dict[str, Any] = {"part": part, "prompt_lengths": [len(p) for p in prompts]}
+    if part == "batch-chunked":
+        details["prefill_step_size"] = BATCH_CHUNK
     caches = compat.mlx_make_prompt_cache(subject.mlx_model)
     cant = sorted({type(c).__name__ for c in caches if not hasattr(c, "merge")})
     if cant:
         return subject.result(CHECK, verdict="skip", details=details,
                               duration_s=time.perf_counter() - start,
-                              summary=f"batch: mlx-lm cannot batch {', '.join(cant)} "
+                              summary=f"{part}: mlx-lm cannot batch {', '.join(cant)} "
                                       "(no merge): not supported for this model")
     try:
-        batched = compat.mlx_batch_generate(subject.mlx_model, prompts, BATCH_STEPS)
+        batched = run_batched(prompts)
     except Exception as e:
         from .mlx_side import backend_limitation, describe_import_error
 
@@ -480,18 +509,20 @@ def batch_result(subject: Subject) -> CheckResult:
         if (limitation := backend_limitation(e)) is not None:
             return subject.result(CHECK, verdict="skip", details=details,
                                   duration_s=time.perf_counter() - start,
-                                  summary=f"batch: {limitation}")
+                                  summary=f"{part}: {limitation}")
         if isinstance(e, compat.DriverError) or not raised_in_mlx_lm(e):
             # our driver failed: nothing was measured
+            details["side"] = "mlx-verify"
             return subject.result(CHECK, verdict="error", details=details,
                                   duration_s=time.perf_counter() - start,
-                                  summary=f"batch: {e}" if isinstance(e, compat.DriverError)
-                                  else f"batch: the driver raised {describe_import_error(e)}")
+                                  summary=f"{part}: {e}" if isinstance(e, compat.DriverError)
+                                  else f"{part}: the driver raised {describe_import_error(e)}")
         # mlx-lm's own batch path crashes on this model: a finding on the MLX side
+        details["side"] = "mlx-lm"
         return subject.result(CHECK, verdict="fail", details=details,
                               duration_s=time.perf_counter() - start,
                               first_divergent_layer="step 0",
-                              summary="batch: mlx-lm's BatchGenerator raises on this model: "
+                              summary=f"{part}: mlx-lm's {driver} raises on this model: "
                                       f"{describe_import_error(e)}")
     ignores_padding = _state_ignores_padding(subject.mlx_model, caches)
     tol, bound = BATCH_TOLERANCE[dtype], TIE_BOUND[dtype]
@@ -501,7 +532,10 @@ def batch_result(subject: Subject) -> CheckResult:
     agreeing_tokens = 0
     longest = max(map(len, prompts))
     for i, prompt in enumerate(prompts):
-        single = mlx_decode(subject.mlx_model, np.array([prompt]), BATCH_STEPS)
+        if tuple(prompt) not in singles:
+            singles[tuple(prompt)] = mlx_decode(subject.mlx_model, np.array([prompt]),
+                                                BATCH_STEPS)
+        single = singles[tuple(prompt)]
         single_lp = _log_softmax(single.step_logits)
         tokens, logprobs = batched[i]
         k_tok = first_mismatch(tokens, single.tokens)
@@ -534,25 +568,33 @@ def batch_result(subject: Subject) -> CheckResult:
         details["measured"] = failure
         return subject.result(CHECK, verdict="skip", metrics=metrics, details=details,
                               duration_s=elapsed,
-                              summary=f"batch: {ignores_padding} never reads the padding "
+                              summary=f"{part}: {ignores_padding} never reads the padding "
                                       "(no SSM mask or lengths from ArraysCache): mlx-lm does "
                                       f"not support batching prompts of different lengths "
                                       f"for it (measured: {failure})")
+    chunks = f", prefilled in chunks of {BATCH_CHUNK} tokens" if part == "batch-chunked" else ""
     if failure is None:
         return subject.result(CHECK, verdict="pass", metrics=metrics, details=details,
                               duration_s=elapsed,
-                              summary=f"batch: {len(prompts)} left-padded prompts (lengths "
-                                      f"{', '.join(str(len(p)) for p in prompts)}) x "
+                              summary=f"{part}: {len(prompts)} left-padded prompts (lengths "
+                                      f"{', '.join(str(len(p)) for p in prompts)}{chunks}) x "
                                       f"{BATCH_STEPS} steps equal single runs (max rel_l2 "
                                       f"{worst:.1e} <= {tol:.0e})")
     assert first is not None
-    stage = ("first step: the padded prefill of all but the last prompt token, then the "
-             "last token (padding mask, left_padding, lengths)" if first[1] == 0
-             else "decoding with the batch cache")
+    if first[1] == 0 and part == "batch-chunked":
+        stage = (f"first step: the padded prefill of all but the last prompt token in chunks "
+                 f"of {BATCH_CHUNK} (the caches' lengths set once, read again in every "
+                 "later chunk), then the last token")
+    elif first[1] == 0:
+        stage = ("first step: the padded prefill of all but the last prompt token, then the "
+                 "last token (padding mask, left_padding, lengths)")
+    else:
+        stage = "decoding with the batch cache"
     details["facts"] = [f"first divergence in the {stage}"]
+    details["side"] = "mlx-lm"
     return subject.result(CHECK, verdict="fail", metrics=metrics, details=details,
                           duration_s=elapsed, first_divergent_layer=f"step {first[1]}",
-                          summary=f"batch: {failure}; in the {stage}")
+                          summary=f"{part}: {failure}{chunks}; in the {stage}")
 
 
 def raised_in_mlx_lm(e: BaseException) -> bool:

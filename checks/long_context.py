@@ -13,6 +13,17 @@ position are compared too: the first divergent position (e.g. exactly the window
 size) says where the mask or the positions go wrong. A second MLX pass without a
 cache separates the cache's prefill path from the model code.
 
+A second row (`details["part"] == "chunked"`) runs a prefix of the same prompt through
+the model's own caches in several calls instead of one: two multi-token chunks back to
+back (a prompt longer than prefill_step_size), then single-token steps fed the prompt's
+next tokens and multi-token chunks in turn (a prompt cache reused for a new turn after
+decoding). With a sliding window the first chunk fills the cache past the window, the
+single steps make the rotating cache wrap in place, and the next chunks take its
+multi-token (concat) path on a wrapped cache, shorter and longer than the window. Every
+position is compared with transformers' full forward over the prompt, which the first
+row already computed: the single steps are decode steps whose reference is that same
+forward (teacher forcing), so no transformers decoding is run.
+
 Bounds are calibrated on correct ports; see docs/tolerances.md ("generation and long").
 """
 
@@ -73,23 +84,29 @@ def sequence_length(window_sizes: list[int]) -> int:
     return LONG_TOKENS
 
 
-def _tail_array(array: np.ndarray | None, length: int, n: int) -> np.ndarray | None:
-    """The last n positions along the first axis (after batch) of size `length`."""
+def _slice_array(array: np.ndarray | None, length: int, start: int,
+                 n: int) -> np.ndarray | None:
+    """Positions start .. start+n-1 along the first axis (after batch) of size `length`."""
     if array is None:
         return None
     for axis in range(1, array.ndim):
         if array.shape[axis] == length:
-            return np.take(array, np.arange(length - n, length), axis=axis)
+            return np.take(array, np.arange(start, start + n), axis=axis)
     return array
 
 
-def tail(capture: Capture, length: int, n: int) -> Capture:
+def positions(capture: Capture, length: int, start: int, n: int) -> Capture:
+    """The capture of a `length`-token forward cut to positions start .. start+n-1."""
     return Capture(
-        inputs={k: _tail_array(v, length, n) for k, v in capture.inputs.items()},
-        outputs={k: _tail_array(v, length, n) for k, v in capture.outputs.items()},
+        inputs={k: _slice_array(v, length, start, n) for k, v in capture.inputs.items()},
+        outputs={k: _slice_array(v, length, start, n) for k, v in capture.outputs.items()},
         order=list(capture.order), classes=dict(capture.classes),
-        logits=_tail_array(capture.logits, length, n), types=dict(capture.types),
+        logits=_slice_array(capture.logits, length, start, n), types=dict(capture.types),
     )
+
+
+def tail(capture: Capture, length: int, n: int) -> Capture:
+    return positions(capture, length, length - n, n)
 
 
 def per_position_rel_l2(candidate: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -202,7 +219,7 @@ def run(subject: Subject) -> list[CheckResult]:
     else:
         result.summary = f"{length}-token prefill{window_text}: {result.summary}"
     result.duration_s = time.perf_counter() - start
-    return [result]
+    return [result, _guarded_chunked(subject, ids, hf, mlx.logits, window_sizes)]
 
 
 def _probe(subject: Subject, vocab: int, tokens: int) -> float:
@@ -245,3 +262,249 @@ def _profile(per_pos: np.ndarray, blocks: int = 16) -> list[dict[str, float | in
     return [{"from": int(i), "to": int(min(i + size, per_pos.size) - 1),
              "max_rel_l2": float(per_pos[i:i + size].max())}
             for i in range(0, per_pos.size, size)]
+
+
+# --- chunked prefill -----------------------------------------------------------------
+
+# Tokens of the chunked run without a (crossable) window: enough for several chunks and
+# steps of every kind; transformers' logits at these positions are its full forward's.
+CHUNKED_TOKENS = 384
+CHUNK_BASE = 64  # the chunk size unit without a window
+SINGLE_STEPS = 3  # single-token steps between multi-token chunks
+# rel L2 of the chunked run's logits against transformers, per call (a chunk's positions
+# together, a single step alone); see docs/tolerances.md ("Chunked prefill").
+CHUNKED_TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-1, "float16": 2e-2}
+
+
+def chunk_schedule(total: int, base: int) -> list[int]:
+    """Token counts of the successive model calls, summing to `total`: chunks of
+    base + 8 and base // 2 + 3 back to back, then SINGLE_STEPS single steps and a chunk
+    in turn, the chunks alternating between base + 5 and base // 2 + 3 tokens."""
+    sizes = [base + 8, base // 2 + 3]
+    chunks = (base + 5, base // 2 + 3)
+    turn = 0
+    while sum(sizes) < total:
+        sizes += [1] * SINGLE_STEPS + [chunks[turn % 2]]
+        turn += 1
+    while sum(sizes) > total:  # the last call ends at the prefix's end
+        excess = sum(sizes) - total
+        if sizes[-1] > excess:
+            sizes[-1] -= excess
+        else:
+            sizes.pop()
+    return sizes
+
+
+def chunked_plan(length: int, window_sizes: list[int]) -> tuple[int, int, int | None]:
+    """(tokens, base, window): the prefix the chunked run covers, its chunk size unit and
+    the window it crosses. With a window that fits twice in the prompt, the window is the
+    unit and the prefix crosses it twice; otherwise CHUNKED_TOKENS with CHUNK_BASE."""
+    crossable = [w for w in window_sizes if 2 * w + 64 <= length]
+    if crossable:
+        window = max(crossable)
+        return 2 * window + 64, window, window
+    return min(length, CHUNKED_TOKENS), CHUNK_BASE, None
+
+
+def mlx_chunked_logits(model: Any, ids: np.ndarray, sizes: list[int],
+                       stop: int | None = None) -> tuple[list[np.ndarray], Any]:
+    """The logits of each call of the schedule with one prompt cache (the first `stop`
+    calls when given), and that cache."""
+    import mlx.core as mx
+
+    cache = compat.mlx_make_prompt_cache(model)
+    out, at = [], 0
+    for size in sizes[:stop]:
+        logits = model(mx.array(ids[:, at:at + size]), cache=cache).astype(mx.float32)
+        out.append(np.array(logits[0]))
+        at += size
+    return out, cache
+
+
+def chunked_result(subject: Subject, ids: np.ndarray, hf: Capture,
+                   single_logits: np.ndarray, window_sizes: list[int]) -> CheckResult:
+    """The prompt's prefix in several calls through one cache vs transformers' forward."""
+    from .engine import raised_in
+    from .generation import TIE_BOUND, tie_gaps
+    from .mlx_side import backend_limitation, describe_import_error
+
+    start = time.perf_counter()
+    length = ids.shape[1]
+    tokens, base, window = chunked_plan(length, window_sizes)
+    sizes = chunk_schedule(tokens, base)
+    tol = CHUNKED_TOLERANCE[subject.dtype]
+    starts = [int(a) for a in np.cumsum([0, *sizes[:-1]])]
+    details: dict[str, Any] = {"part": "chunked", "calls": sizes}
+    calls = (f"{tokens} tokens in {len(sizes)} calls "
+             f"({sum(1 for s in sizes if s > 1)} multi-token, "
+             f"{sum(1 for s in sizes if s == 1)} single-token)")
+    try:
+        outs, cache = mlx_chunked_logits(subject.mlx_model, ids, sizes)
+    except Exception as e:
+        details["exception"] = describe_import_error(e)
+        if (limitation := backend_limitation(e)) is not None:
+            return subject.result(CHECK, verdict="skip", details=details,
+                                  summary=f"chunked: {limitation}")
+        side = raised_in(e)
+        details["side"] = side
+        if side != "mlx-lm":
+            return subject.result(CHECK, verdict="error", details=details,
+                                  duration_s=time.perf_counter() - start,
+                                  summary=f"chunked: the driver raised ({side}): "
+                                          f"{describe_import_error(e)}")
+        failed_at = _failed_call(subject.mlx_model, ids, sizes)
+        where = ""
+        if failed_at is not None:
+            k = failed_at
+            details["failing_call"] = k
+            where = (f" at call {k} ({sizes[k]} token(s) at positions {starts[k]}.."
+                     f"{starts[k] + sizes[k] - 1}, {_kind(sizes, k)})")
+        return subject.result(CHECK, verdict="fail", details=details,
+                              duration_s=time.perf_counter() - start,
+                              first_divergent_layer=f"call {failed_at}"
+                              if failed_at is not None else None,
+                              summary=f"chunked: mlx-lm raises on {calls}{where}: "
+                                      f"{describe_import_error(e)}")
+    details["caches"] = sorted({type(c).__name__ for c in cache})
+    reference = hf.logits[0]
+    chunked = np.concatenate(outs)
+    if chunked.shape != reference[:tokens].shape:
+        details["side"] = "mlx-lm"
+        return subject.result(CHECK, verdict="fail", details=details,
+                              duration_s=time.perf_counter() - start,
+                              summary=f"chunked: {calls} give logits of shape "
+                                      f"{chunked.shape}, transformers "
+                                      f"{reference[:tokens].shape}")
+    # same shapes (checked above): rel_l2 gives a number; None only for the single
+    # prefill's logits when they have another shape (that row fails for it)
+    per_call = [_rel_or_inf(out, reference[a:a + len(out)])
+                for out, a in zip(outs, starts, strict=True)]
+    vs_single = [_rel_or_inf(out, single_logits[0, a:a + len(out)])
+                 for out, a in zip(outs, starts, strict=True)]
+    worst = int(np.argmax(per_call))
+    bad = [k for k, rel in enumerate(per_call) if rel > tol]
+    # greedy: each position's top token, a mismatch allowed only as a near tie
+    bound = TIE_BOUND[subject.dtype]
+    mlx_top, hf_top = chunked.argmax(-1), reference[:tokens].argmax(-1)
+    flips = []
+    for position in np.nonzero(mlx_top != hf_top)[0]:
+        gaps = tie_gaps(chunked[position], reference[position], int(mlx_top[position]),
+                        int(hf_top[position]))
+        if max(gaps) > bound:
+            flips.append((int(position), gaps))
+    metrics: dict[str, Any] = {
+        "tokens": tokens, "calls": len(sizes), "tolerance_rel_l2": tol,
+        "max_rel_l2": per_call[worst], "worst_call": worst,
+        "max_vs_single_prefill_rel_l2": max(vs_single),
+        "top1_agreement": float(np.mean(mlx_top == hf_top)),
+        "window": window,
+    }
+    details["call_rel_l2"] = [float(f"{r:.3g}") for r in per_call]
+    details["call_vs_single_prefill_rel_l2"] = [float(f"{r:.3g}") for r in vs_single]
+    if not bad and not flips:
+        return subject.result(CHECK, verdict="pass", metrics=metrics, details=details,
+                              duration_s=time.perf_counter() - start,
+                              summary=f"chunked: {calls} agree with transformers at every "
+                                      f"position (max rel_l2 {per_call[worst]:.1e} <= "
+                                      f"{tol:.0e}, call {worst})")
+    k = min(bad) if bad else starts.index(max(a for a in starts if a <= flips[0][0]))
+    details["side"] = "mlx-lm"
+    facts = [f"calls before {k} agree (max rel_l2 {max(per_call[:k], default=0.0):.1e}); "
+             f"call {k} ({_kind(sizes, k)}, positions {starts[k]}..{starts[k] + sizes[k] - 1})"
+             f" differs: rel_l2 {per_call[k]:.2e} (tol {tol:.0e})"]
+    if vs_single[k] > tol:
+        facts.append(f"it differs from MLX's own single prefill of the same tokens too "
+                     f"(rel_l2 {vs_single[k]:.2e}): the cache's update path for this kind "
+                     "of call (offset, concat or rotation, mask, state carry-over)")
+    else:
+        facts.append(f"it equals MLX's own single prefill (rel_l2 {vs_single[k]:.1e}): the "
+                     "same positions differ without chunking too")
+    if flips:
+        position, gaps = flips[0]
+        facts.append(f"greedy: first top-token mismatch not a near tie at position "
+                     f"{position} (gaps {gaps[0]:.1e}, {gaps[1]:.1e} x logits std, bound "
+                     f"{bound:.0e})")
+    metrics["first_divergent_call"] = k
+    metrics["first_divergent_position"] = starts[k]
+    result = subject.result(CHECK, verdict="fail", metrics=metrics, details=details,
+                            first_divergent_layer=f"call {k}", summary="")
+    _localize_call(subject, result, ids, hf, sizes, starts, k)
+    details["facts"] = facts
+    where = (f"; at {result.first_divergent_layer}, {result.localization.part} "
+             f"({result.localization.module})" if result.localization else "")
+    if result.localization is not None:
+        result.localization.facts = facts + result.localization.facts
+    result.first_divergent_layer = result.first_divergent_layer or f"call {k}"
+    result.summary = (f"chunked: {calls}: call {k} ({_kind(sizes, k)}, position "
+                      f"{starts[k]}) diverges from transformers, rel_l2 {per_call[k]:.2e} > "
+                      f"{tol:.0e}{where}")
+    result.duration_s = time.perf_counter() - start
+    return result
+
+
+def _guarded_chunked(subject: Subject, ids: np.ndarray, hf: Capture,
+                     single_logits: np.ndarray, window_sizes: list[int]) -> CheckResult:
+    """chunked_result; anything it raises past its own MLX run is a row naming the side,
+    so the long row beside it is kept."""
+    from .engine import raised_in
+    from .mlx_side import describe_import_error
+
+    try:
+        return chunked_result(subject, ids, hf, single_logits, window_sizes)
+    except Exception as e:
+        side = raised_in(e)
+        return subject.result(CHECK, verdict="fail" if side == "mlx-lm" else "error",
+                              details={"part": "chunked", "side": side},
+                              summary=f"chunked: {side} raised {describe_import_error(e)}")
+
+
+def _rel_or_inf(candidate: np.ndarray, reference: np.ndarray) -> float:
+    rel = compare.rel_l2(candidate, reference)
+    return float("inf") if rel is None else float(rel)
+
+
+def _kind(sizes: list[int], k: int) -> str:
+    if sizes[k] == 1:
+        return "a single-token step"
+    if k == 0:
+        return "the first chunk, on an empty cache"
+    after = "single-token steps" if sizes[k - 1] == 1 else "a chunk"
+    return f"a multi-token update after {after}"
+
+
+def _failed_call(model: Any, ids: np.ndarray, sizes: list[int]) -> int | None:
+    """Which call of the schedule raises (the schedule is re-run call by call, each
+    evaluated before the next)."""
+    import mlx.core as mx
+
+    cache = compat.mlx_make_prompt_cache(model)
+    at = 0
+    for k, size in enumerate(sizes):
+        try:
+            mx.eval(model(mx.array(ids[:, at:at + size]), cache=cache))
+        except Exception:
+            return k
+        at += size
+    return None
+
+
+def _localize_call(subject: Subject, result: CheckResult, ids: np.ndarray, hf: Capture,
+                   sizes: list[int], starts: list[int], k: int) -> None:
+    """Call k re-run with every module captured, against transformers' forward at the
+    same positions: the per-layer rows name the layer and module."""
+    from . import mlx_side
+
+    try:
+        _, cache = mlx_chunked_logits(subject.mlx_model, ids, sizes, stop=k)
+        mlx = mlx_side.forward(subject.mlx_model, ids[:, starts[k]:starts[k] + sizes[k]],
+                               cache=cache)
+    except Exception as e:
+        result.details["localization_error"] = f"{type(e).__name__}: {e}"[:300]
+        return
+    judged = layers.judge(positions(hf, ids.shape[1], starts[k], sizes[k]), mlx,
+                          subject.config, subject.dtype, subject.variant.name, CHECK,
+                          CHUNKED_TOLERANCE[subject.dtype])
+    result.layers = judged.layers
+    result.first_divergent_layer = judged.first_divergent_layer
+    result.localization = judged.localization
+    result.details["call_capture"] = judged.summary

@@ -81,6 +81,8 @@ def test_clean_generation_passes(model_type: str, cache_dir: Path) -> None:
     assert parts["greedy"].metrics["tokens_agreeing"] == 16
     assert parts["kv-cache"].verdict == "pass", parts["kv-cache"].summary
     assert parts["batch"].verdict in ("pass", "skip"), parts["batch"].summary
+    assert parts["batch-chunked"].verdict == parts["batch"].verdict, \
+        parts["batch-chunked"].summary
     if model_type == "llama":
         assert parts["batch"].verdict == "pass", parts["batch"].summary
 
@@ -143,6 +145,37 @@ def test_ssm_conv_state_bug_fails_kv_cache_not_layers(cache_dir: Path, tmp_path:
     # the batch path prefills through the same state: a real failure, not the
     # "ignores padding" skip
     assert parts["batch"]["verdict"] == "fail", parts["batch"]["summary"]
+
+
+def test_missing_cache_advance_fails_batch_chunked_not_batch(cache_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """mlx-lm ed7884cb reverted: qwen3_5's GatedDeltaNet stores its state without
+    `cache.advance(S)`, so the lengths prepare() set stay those of the first chunk. One
+    padded prefill call never reads them again (batch and kv-cache pass); the chunked
+    batch prefill reads them in its second chunk and the padded prompts diverge at once.
+    The clean copy passes the same row."""
+    clean = copy_mlx_lm(tmp_path / "clean", [])
+    checks = run_check_subprocess("generation", "qwen3_5", clean, cache_dir, tmp_path)
+    parts = {c["details"]["part"]: c for c in checks if c["check"] == "generation"}
+    assert parts["batch-chunked"]["verdict"] == "pass", parts["batch-chunked"]["summary"]
+
+    root = copy_mlx_lm(tmp_path / "tree", [Edit(
+        "models/qwen3_5.py",
+        "            cache[1] = state\n            cache.advance(S)\n",
+        "            cache[1] = state\n",
+    )])
+    checks = run_check_subprocess("generation", "qwen3_5", root, cache_dir, tmp_path)
+    layers = [c for c in checks if c["check"] == "layers"]
+    assert layers[0]["verdict"] == "pass", layers[0]["summary"]
+    parts = {c["details"]["part"]: c for c in checks if c["check"] == "generation"}
+    for part in ("greedy", "kv-cache", "batch"):
+        assert parts[part]["verdict"] == "pass", parts[part]["summary"]
+    chunked = parts["batch-chunked"]
+    assert chunked["verdict"] == "fail", chunked["summary"]
+    assert chunked["details"]["side"] == "mlx-lm"
+    assert chunked["first_divergent_layer"] == "step 0"
+    assert chunked["details"]["prefill_step_size"] == 16
+    assert "left padding" in chunked["summary"]  # a padded prompt, not the longest
 
 
 def test_quantized_kv_cache_on_a_real_mla_config_is_no_false_alarm(cache_dir, tmp_path):
