@@ -493,6 +493,10 @@ def _batch_row(subject: Subject, part: str, run_batched: Any, driver: str,
     details: dict[str, Any] = {"part": part, "prompt_lengths": [len(p) for p in prompts]}
     if part == "batch-chunked":
         details["prefill_step_size"] = BATCH_CHUNK
+        # Latent: mlx-lm 0.32's BatchGenerator hands PromptProcessingBatch.prompt() at most
+        # prefill_step_size tokens per call (generate.py), so only a caller of prompt()
+        # with longer prompts takes its chunk loop; the config's own use does not.
+        details["reach"] = "latent"
     caches = compat.mlx_make_prompt_cache(subject.mlx_model)
     cant = sorted({type(c).__name__ for c in caches if not hasattr(c, "merge")})
     if cant:

@@ -176,6 +176,9 @@ def test_missing_cache_advance_fails_batch_chunked_not_batch(cache_dir: Path,
     assert chunked["first_divergent_layer"] == "step 0"
     assert chunked["details"]["prefill_step_size"] == 16
     assert "left padding" in chunked["summary"]  # a padded prompt, not the longest
+    # BatchGenerator never hands prompt() more than a chunk: a latent path, said so
+    assert chunked["reach"] == "latent"
+    assert parts["greedy"]["reach"] == "config"
 
 
 def test_quantized_kv_cache_on_a_real_mla_config_is_no_false_alarm(cache_dir, tmp_path):
