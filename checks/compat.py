@@ -365,8 +365,6 @@ BATCH_GENERATOR_ARGS = ("max_tokens", "prefill_batch_size", "completion_batch_si
 def mlx_batch_generate(model: Any, prompts: list[list[int]], steps: int
                        ) -> list[tuple[list[int], list[np.ndarray]]]:
     """mlx-lm's BatchGenerator, greedy, no stop tokens: tokens and log-probs per prompt."""
-    import mlx.core as mx
-
     generator_class = mlx_lm_callable("mlx_lm.generate", "BatchGenerator",
                                       BATCH_GENERATOR_ARGS)
     for method in ("insert", "next_generated", "close"):
@@ -379,12 +377,7 @@ def mlx_batch_generate(model: Any, prompts: list[list[int]], steps: int
         out: dict[int, tuple[list[int], list[np.ndarray]]] = {u: ([], []) for u in uids}
         while responses := gen.next_generated():
             for r in responses:
-                for field in ("uid", "token", "logprobs"):
-                    if not hasattr(r, field):
-                        raise DriverError("mlx-lm", f"BatchGenerator responses with `{field}`",
-                                          f"{type(r).__name__} without it")
-                out[r.uid][0].append(int(r.token))
-                out[r.uid][1].append(np.array(r.logprobs.astype(mx.float32)))
+                _record_response(out, r, "BatchGenerator")
     finally:
         gen.close()
     return [out[u] for u in uids]
@@ -400,8 +393,6 @@ def mlx_batch_generate_chunked(model: Any, prompts: list[list[int]], steps: int,
     once (`prepare`) and runs them in chunks of `step_size` tokens, then generate() rolls
     the padding into left padding and decodes (GenerationBatch). BatchGenerator takes the
     same two classes but hands prompt() at most prefill_step_size tokens per call."""
-    import mlx.core as mx
-
     batch_class = mlx_lm_callable("mlx_lm.generate", "PromptProcessingBatch",
                                   PROMPT_BATCH_ARGS)
     if not callable(getattr(batch_class, "generate", None)):
@@ -416,13 +407,21 @@ def mlx_batch_generate_chunked(model: Any, prompts: list[list[int]], steps: int,
     out: dict[int, tuple[list[int], list[np.ndarray]]] = {u: ([], []) for u in uids}
     for _ in range(steps):
         for r in generation.next():
-            for field in ("uid", "token", "logprobs"):
-                if not hasattr(r, field):
-                    raise DriverError("mlx-lm", f"GenerationBatch responses with `{field}`",
-                                      f"{type(r).__name__} without it")
-            out[r.uid][0].append(int(r.token))
-            out[r.uid][1].append(np.array(r.logprobs.astype(mx.float32)))
+            _record_response(out, r, "GenerationBatch")
     return [out[u] for u in uids]
+
+
+def _record_response(out: dict[int, tuple[list[int], list[np.ndarray]]], response: Any,
+                     source: str) -> None:
+    """One decoded token of a batch response (uid, token, logprobs) into `out`."""
+    import mlx.core as mx
+
+    for field in ("uid", "token", "logprobs"):
+        if not hasattr(response, field):
+            raise DriverError("mlx-lm", f"{source} responses with `{field}`",
+                              f"{type(response).__name__} without it")
+    out[response.uid][0].append(int(response.token))
+    out[response.uid][1].append(np.array(response.logprobs.astype(mx.float32)))
 
 
 CONVERT_ARGS = ("hf_path", "mlx_path", "quantize", "q_group_size", "q_bits")
