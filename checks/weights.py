@@ -217,9 +217,11 @@ def mtp_problems(config: dict[str, Any], tensors: dict[str, Any], seed: int
     return problems, {"mtp": said}
 
 
-def _embedding_name(tensors: dict[str, Any], vocab: int) -> str | None:
+def _embedding_name(tensors: dict[str, Any], head_shape: tuple[int, ...]) -> str | None:
+    """The input embedding a tied head shares: an `embed` tensor of the head's shape
+    (gemma4's per-layer embeddings have as many rows and another width)."""
     for name, tensor in tensors.items():
-        if "embed" in name and len(tensor.shape) == 2 and tensor.shape[0] == vocab:
+        if "embed" in name and tuple(tensor.shape) == head_shape:
             return name
     return None
 
@@ -234,8 +236,9 @@ def tying(subject: Subject, tensors: dict[str, Any]) -> tuple[str, list[str], di
     config = subject.config
     if config.get("tie_word_embeddings") is not True:
         return "skip", [], {"tying": "tie_word_embeddings is not true: lm_head is its own tensor"}
-    vocab = int(config.get("vocab_size") or 0)
-    embed = _embedding_name(tensors, vocab)
+    head = subject.hf_model.get_output_embeddings()
+    head_shape = tuple(head.weight.shape) if head is not None else ()
+    embed = _embedding_name(tensors, head_shape)
     if embed is None or "lm_head.weight" in tensors:
         return "skip", [], {"tying": "no embedding tensor found to copy into lm_head.weight"}
     work = Path(tempfile.mkdtemp(prefix="mlx-verify-tying-"))

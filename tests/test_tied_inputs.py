@@ -136,3 +136,18 @@ def test_falcon_h1_tied_head_without_the_scale_ratio_fails_at_the_logits(
     assert tied["reach"] == "latent" and tied["first_divergent_layer"] == "logits"
     # the dropped ratio lm_head_multiplier / embedding_multiplier is 4: logits off by 3/4
     assert tied["metrics"]["logits_rel_l2"] == pytest.approx(0.75, abs=1e-3)
+
+
+def test_the_tied_head_copy_is_the_input_embedding_not_gemma4s_per_layer_one(
+        cache_dir: Path, tmp_path: Path) -> None:
+    """gemma4_text's per-layer embedding has as many rows as the vocabulary and another
+    width: copied into lm_head.weight, transformers refuses the checkpoint (an error that
+    measures nothing). The copy is the tensor of the head's shape, so the released
+    finding is measured again: mlx-lm's strict load refuses lm_head.weight."""
+    run = run_cli(["check", "gemma4_text", "--checks", "weights", "--variants", "default"],
+                  cache_dir, tmp_path / "results.json")
+    assert run.returncode == 1, run.stderr[-2000:]
+    weights = row(run, "gemma4_text", "weights", "default")
+    assert weights["verdict"] == "fail", weights["summary"]
+    assert weights["summary"].endswith("MLX does not load strictly: lm_head.weight")
+    assert weights["details"]["side"] == "mlx-lm"
