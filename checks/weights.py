@@ -193,19 +193,21 @@ def mtp_problems(config: dict[str, Any], tensors: dict[str, Any], seed: int
     extra, said = mtp_tensors(config, tensors, seed)
     if not extra:
         return [], {}
-    model = _fresh_model(config)
-    if not hasattr(model, "sanitize"):
-        return [], {"mtp": said}
     from .engine import raised_in
     from .mlx_side import describe_import_error
 
-    parameters = {name for name, _ in tree_flatten(model.parameters())}
-    plain = model.sanitize(dict(tensors))
+    def sanitize(weights: dict[str, Any]) -> dict[str, Any]:
+        # a model without sanitize hands the checkpoint's tensors to the strict load as-is
+        model = _fresh_model(config)
+        return model.sanitize(weights) if hasattr(model, "sanitize") else dict(weights)
+
+    parameters = {name for name, _ in tree_flatten(_fresh_model(config).parameters())}
+    plain = sanitize(dict(tensors))
     problems = []
     for form, weights in (("of a released checkpoint", {**tensors, **extra}),
                           ("kept in a converted checkpoint", {**plain, **extra})):
         try:
-            got = _fresh_model(config).sanitize(weights)
+            got = sanitize(weights)
         except Exception as e:
             if raised_in(e) != "mlx-lm":
                 raise  # ours or transformers': the engine's error row, naming the side

@@ -14,6 +14,9 @@ Each bug: the clean copy passes the row, the bugged copy fails it; with the clea
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,29 @@ def test_sanitize_raising_on_mtp_tensors_is_a_row_naming_mlx_lm(tmp_path: Path,
     row = rows(run, "weights")[("qwen3_5", "default")]
     assert row["verdict"] == "fail" and row["details"]["side"] == "mlx-lm", row["summary"]
     assert "sanitize raises KeyError" in row["summary"], row["summary"]
+
+
+def test_a_port_without_sanitize_is_held_to_the_mtp_tensors_too(tmp_path: Path) -> None:
+    """No sanitize: the MTP tensors reach the strict load as they are, a problem the row
+    names (never the pass summary's "sanitize gives the same weights")."""
+    tree = copy_mlx_lm(tmp_path / "pr", [
+        Edit("models/qwen3_5.py", "    def sanitize(self, weights):\n        sanitized = {}\n",
+             "    def unused(self, weights):\n        sanitized = {}\n"),
+        Edit("models/qwen3_5.py", "    def sanitize(self, weights):\n        has_unsanitized",
+             "    def unused(self, weights):\n        has_unsanitized")])
+    script = f"""
+from mlx_verify.checks import engine, mlx_side, synth, weights
+mlx_side.use_mlx_lm({str(tree)!r})
+config = engine.make_variants(synth.default_config("qwen3_5"), from_file=False)[0].config
+from pathlib import Path
+checkpoint = synth.write_checkpoint(config, 0, root=Path({str(tmp_path)!r}))
+problems, facts = weights.mtp_problems(config, weights._checkpoint_tensors(checkpoint), 0)
+assert not hasattr(weights._fresh_model(config), "sanitize")
+print(repr(problems))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    problems = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    assert ("with the MTP tensors of a released checkpoint: mtp.fc.weight kept, and the "
+            "model has no such parameter: the strict load fails") in problems, problems
