@@ -149,18 +149,23 @@ def test_the_macos_capture_profile_denies_reading_the_hidden_packages(tmp_path):
 def test_the_measured_config_is_the_runners_unless_transformers_reads_the_claim_the_same():
     from mlx_verify.checks import variants
 
-    built, origin = crosscheck.default_config("llama", None)
-    assert origin == "built by the runner" and built["model_type"] == "llama"
+    built = crosscheck.runner_variants("llama", None)
+    default = built["default"]
+    assert crosscheck.variant_config("llama", "default", None, built) == (
+        default, "built by the runner")
     # the other RoPE format of the same config (a port reading rope_parameters only):
     # transformers reads it as the same configuration, so the claim's is measured
-    other = variants.to_rope_parameters_format(built)
-    assert other is not None and other != built
-    assert crosscheck.default_config("llama", other) == (
+    other = variants.to_rope_parameters_format(default)
+    assert other is not None and other != default
+    assert crosscheck.variant_config("llama", "default", other, built) == (
         other, "the check run's, read by transformers as the runner's")
     # a smaller model than the default (one layer, tiny vocabulary) is not measured
-    smaller = {**built, "num_hidden_layers": 1, "vocab_size": 16}
-    assert crosscheck.default_config("llama", smaller) == (
-        built, "built by the runner (the check run's config differs)")
+    smaller = {**default, "num_hidden_layers": 1, "vocab_size": 16}
+    assert crosscheck.variant_config("llama", "default", smaller, built) == (
+        default, "built by the runner (the check run's config differs)")
+    # a variant the runner does not build is measured on the claim only when there is one
+    assert crosscheck.variant_config("llama", "no-such-variant", None, built) == (
+        None, "the runner builds no such variant and the check run gave no config")
 
 
 def test_a_model_transformers_cannot_build_on_the_runner_is_an_error(tmp_path):

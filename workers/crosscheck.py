@@ -126,16 +126,6 @@ def variant_config(model_type: str, variant: str, claimed: dict[str, Any] | None
     return built[variant], "built by the runner (the check run's config differs)"
 
 
-def default_config(model_type: str, claimed: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
-    """The default variant's config (variant_config over transformers' default)."""
-    from mlx_verify.checks import engine, synth
-
-    built = engine.make_variants(synth.default_config(model_type), from_file=False)[0].config
-    config, origin = variant_config(model_type, "default", claimed, {"default": built})
-    assert config is not None
-    return config, origin
-
-
 def claimed_variants(report: dict[str, Any]) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
     """What a sandboxed model report claims: variant -> (the layers check's verdict there,
     the variant's config). The default variant takes the report's own verdict when it has
@@ -146,11 +136,6 @@ def claimed_variants(report: dict[str, Any]) -> dict[str, tuple[str | None, dict
     if "default" not in claims:
         claims["default"] = (report.get("verdict"), configs.get("default"))
     return claims
-
-
-def claimed_default(report: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
-    """What a sandboxed model report claims for the default variant."""
-    return claimed_variants(report)["default"]
 
 
 def cross_check(*, model_type: str, claimed: str | None, claimed_config: dict[str, Any] | None,
