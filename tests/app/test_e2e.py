@@ -91,7 +91,9 @@ def test_clean_pr_passes_bugged_pr_fails_and_a_push_updates_the_same_comment(env
             f"({names}): largest rel L2 {num(worst['rel_l2'])} ({escape(worst['variant'], 32)})"
             f" ≤ 1.00e-05 (float32, 48 random tokens each, top-1 at least 1)"
             ) in clean_comment["body"]
-    assert max(c["duration_s"] for c in checks) < 60
+    # one sandboxed capture measured them all: one wall time, recorded (its cost is
+    # bench/bench_crosscheck.py's, docs/benchmarks.md)
+    assert len({c["duration_s"] for c in checks}) == 1 and checks[0]["duration_s"] > 0
     (bugged_comment,) = env.comments(2)
     body = bugged_comment["body"]
     assert "mlx-verify: ❌ fail" in body and bugged[:12] in body
