@@ -210,6 +210,33 @@ def stage_verdict(change: StageChange, pr_ok: bool, base_ok: bool) -> tuple[int,
     return _beyond(change.pr_rel_l2, change.base_rel_l2), "distance"
 
 
+def whole_check_counterpart(pr: CheckResult, part: str | None,
+                            base_rows: dict[tuple[str, str, str | None], CheckResult],
+                            matched: set[tuple[str, str, str | None]]
+                            ) -> tuple[CheckResult | None, str | None]:
+    """The base row an unmatched PR row is compared with when one tree gave a check as a
+    single row (it raised, or did not run: no part) and the other as its parts: a crash
+    on the PR is held against what base's parts measured (the first finding among them,
+    else the first part), and each part of the PR against base's single row. Those base
+    rows are matched: they are not also "gone". (None, None) when there is none."""
+    same = [(key, row) for key, row in base_rows.items()
+            if key[:2] == (pr.check, pr.variant)]
+    if part is None:
+        split = [(key, row) for key, row in same if key[2] is not None]
+        if not split:
+            return None, None
+        matched.update(key for key, _ in split)
+        key, base = next(((k, r) for k, r in split if r.verdict in FINDING), split[0])
+        listed = ", ".join(f"{k[2]} {r.verdict}" for k, r in split[:8])
+        return base, (f"base gave this check as {len(split)} rows ({listed}), the PR as one; "
+                      f"compared with base's {key[2]}")
+    whole = base_rows.get((pr.check, pr.variant, None))
+    if whole is None:
+        return None, None
+    matched.add((pr.check, pr.variant, None))
+    return whole, f"base gave this check as one row ({whole.verdict}: {whole.summary[:160]})"
+
+
 def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
                 base: CheckResult | None, pr_arrays: StageArrays,
                 base_arrays: StageArrays) -> DiffRow:
@@ -267,6 +294,15 @@ def compare_row(model_type: str, part: str | None, pr: CheckResult | None,
     pr_finding, base_finding = pr.verdict in FINDING, base.verdict in FINDING
     if pr_finding and not base_finding:
         out.change = "new"
+    elif base.verdict == "fail" and pr.verdict == "skip":
+        # not a fix: the PR no longer measures what base found (its model does not load,
+        # or no longer takes this path)
+        out.change, out.basis = "worse", MEASUREMENT
+        out.facts.append(f"base found a disagreement here ({base.summary[:160]}); the PR "
+                         f"measured nothing: {pr.summary[:160]}")
+    elif base.verdict == "error" and pr.verdict == "skip":
+        out.change = "unchanged"  # neither tree measured anything here
+        out.facts.append(f"base: {base.summary[:200]}")
     elif base_finding and not pr_finding:
         out.change = "fixed"
     elif not pr_finding:
@@ -360,8 +396,14 @@ def compare(pr_reports: list[ModelReport], base_reports: list[ModelReport],
             key = (result.check, result.variant, part)
             base_result = base_rows.get(key)
             matched.add(key)
-            rows.append(compare_row(report.model_type, part, result, base_result,
-                                    pr_arrays or {}, base_arrays or {}))
+            said = None
+            if base_result is None:
+                base_result, said = whole_check_counterpart(result, part, base_rows, matched)
+            row = compare_row(report.model_type, part, result, base_result,
+                              pr_arrays or {}, base_arrays or {})
+            if said is not None:
+                row.facts.insert(0, said)
+            rows.append(row)
         for key, base_result in base_rows.items():
             if key not in matched:
                 rows.append(compare_row(report.model_type, key[2], None, base_result,

@@ -329,3 +329,50 @@ def test_a_fused_qkv_split_sized_by_the_query_heads_shows_on_the_kv_heads_varian
     [variant] = [v for v in run.report("phi3")["variants"] if v["name"] == "kv-heads"]
     assert variant["config"]["num_key_value_heads"] == 2
     assert variant["config"]["num_attention_heads"] == 4
+
+
+HALF_CRASH = Edit("models/llama.py", "        out = self.model(inputs, cache, input_embeddings)\n",
+                  "        out = self.model(inputs, cache, input_embeddings)\n"
+                  "        if out.dtype == mx.float16:\n"
+                  "            raise TypeError('float16 is not supported')\n")
+LOGITS_UPCAST = Edit("models/llama.py", "            out = self.lm_head(out)\n",
+                     "            out = self.lm_head(out.astype(mx.float32))\n")
+HEAD_BIAS = Edit("models/llama.py",
+                 "self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)",
+                 "self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=True)")
+
+
+def test_a_check_given_whole_on_one_tree_and_in_parts_on_the_other(tmp_path: Path,
+                                                                     cache_dir: Path) -> None:
+    """The dtype check gives a row per half precision; when it raises (llama raising in
+    float16) it gives one row with no part. The trees are compared across that: a crash
+    reads new against base's passing parts (none of them "gone"), a fixed crash reads
+    fixed, a fixed crash that leaves a released disagreement (the float32 head) is no new
+    finding, and a PR whose model no longer loads does not fix that disagreement."""
+    trees = {name: copy_mlx_lm(tmp_path / name, edits) for name, edits in {
+        "clean": [], "crash": [HALF_CRASH], "upcast": [LOGITS_UPCAST],
+        "crash-upcast": [HALF_CRASH, LOGITS_UPCAST],
+        "upcast-unloadable": [LOGITS_UPCAST, HEAD_BIAS]}.items()}
+
+    def dtype_rows(pr: str, base: str) -> list[dict[str, Any]]:
+        run = run_cli(["check", "llama", "--checks", "dtype", "--variants", "default",
+                       "--mlx-lm", str(trees[pr]), "--base", str(trees[base])], cache_dir,
+                      tmp_path / f"{pr}-{base}.json")
+        assert run.returncode in (0, 1) and run.results is not None, run.stderr[-2000:]
+        return [r for r in run.results["differential"] if r["check"] == "dtype"]
+
+    (crashed,) = dtype_rows("crash", "clean")
+    assert (crashed["part"], crashed["verdict"], crashed["change"]) == (None, "fail", "new")
+    assert crashed["facts"][0].startswith("base gave this check as 2 rows (bfloat16 pass, "
+                                          "float16 pass), the PR as one"), crashed
+    fixed = dtype_rows("clean", "crash")
+    assert {(r["part"], r["change"]) for r in fixed} == {("bfloat16", "fixed"),
+                                                          ("float16", "fixed")}, fixed
+    assert all(r["facts"][0].startswith("base gave this check as one row (fail:")
+               for r in fixed), fixed
+    still = dtype_rows("upcast", "crash-upcast")
+    assert {(r["part"], r["verdict"], r["change"]) for r in still} == {
+        ("bfloat16", "fail", "unchanged"), ("float16", "fail", "unchanged")}, still
+    (hidden,) = dtype_rows("upcast-unloadable", "upcast")
+    assert (hidden["verdict"], hidden["base_verdict"], hidden["change"], hidden["basis"]) \
+        == ("skip", "fail", "worse", "measurement"), hidden
