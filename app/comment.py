@@ -462,7 +462,8 @@ def cross_check_lines(cross_checks: list[CrossCheck]) -> list[str]:
     for c in cross_checks:
         where = f"{code(c.model_type, 64)} {code(c.variant, 32)}"
         setting = f"{escape(c.dtype, 16)}, {c.tokens} random tokens"
-        claim = f"; the sandboxed results claimed {escape(c.claimed or 'nothing', 16)}"
+        claim = ("; the sandboxed results left this variant out" if c.claimed == "omitted"
+                 else f"; the sandboxed results claimed {escape(c.claimed or 'nothing', 16)}")
         if c.verdict == "fail":
             measured = (f"rel L2 {shared.num(c.rel_l2)} > bound {shared.num(c.bound)}"
                         if c.rel_l2 is not None else escape(c.reason or "not finite", 200))

@@ -219,3 +219,36 @@ def test_every_claimed_variant_of_a_hub_config_run_is_measured(tmp_path, cache_d
     built = crosscheck.runner_variants("llama", source)
     assert built["default"] == synth.shrink_config(source)
     assert built["default"]["rope_scaling"]["rope_type"] == "llama3"
+
+
+def test_a_variant_the_results_leave_out_is_measured_too(tmp_path, cache_dir):
+    """A forged report that lists only the variants its bug does not reach: the runner
+    measures every variant it builds that the report leaves out, and a failure there
+    contradicts the run; a run of other checks only (no layers claims) measures none."""
+    run = run_cli(["check", "llama", "--config", str(HUB_CONFIG), "--checks", "layers"],
+                  cache_dir, tmp_path / "results.json")
+    assert run.returncode in (0, 1), run.stderr[-2000:]
+    forged = json.loads(json.dumps(run.results))
+    (report,) = forged["reports"]
+    report["variants"] = [v for v in report["variants"] if v["name"] != "head-dim"]
+    report["checks"] = [c for c in report["checks"] if c["variant"] != "head-dim"]
+    settings = RunnerSettings(redis_url="redis://unused", git_url="file:///unused",
+                              work_dir=str(tmp_path), timeout_s=300, memory_mb=8192)
+    measured = {}
+    for name, request in (("layers", {"dtype": "float32"}),
+                          ("rope-only", {"dtype": "float32", "checks": ["rope"]})):
+        work = tmp_path / name
+        work.mkdir()
+        checked = verify.cross_check_all(
+            settings, work, pr_tree(work, SCALE_FROM_HIDDEN), [(["llama"], HUB_CONFIG, forged)],
+            request, verify.scrubbed_env(work))
+        measured[name] = {c["variant"]: crosscheck.CrossCheck.model_validate(c)
+                          for c in checked}
+    left_out = measured["layers"]["head-dim"]
+    assert (left_out.claimed, left_out.verdict, left_out.contradicts) == ("omitted", "fail", True)
+    assert left_out.rel_l2 is not None and left_out.rel_l2 > 1e-3
+    assert not [c for v, c in measured["layers"].items() if v != "head-dim" and c.contradicts]
+    assert "head-dim" not in measured["rope-only"]
+    # an omitted variant that passes, or that could not be measured, contradicts nothing
+    assert not left_out.model_copy(update={"verdict": "pass"}).contradicts
+    assert not left_out.model_copy(update={"verdict": "error"}).contradicts

@@ -176,7 +176,9 @@ class CrossCheck(BaseModel):
     model_type: str = Field(max_length=100)
     variant: str = Field(default="default", max_length=100)
     verdict: Literal["pass", "fail", "error"]
-    claimed: str | None = Field(default=None, max_length=16)  # the sandboxed layers verdict
+    # the sandboxed layers verdict, or "omitted": the results have no row for a variant
+    # the runner builds (workers/verify.py cross_check_all)
+    claimed: str | None = Field(default=None, max_length=16)
     rel_l2: float | None = None
     bound: float
     dtype: str = Field(default="float32", max_length=16)
@@ -189,7 +191,11 @@ class CrossCheck(BaseModel):
 
     @property
     def contradicts(self) -> bool:
-        """The sandboxed results claimed a pass this measurement does not confirm."""
+        """The sandboxed results claimed a pass this measurement does not confirm, or left
+        out a variant this measurement fails (one the runner could not measure either
+        hides nothing)."""
+        if self.claimed == "omitted":
+            return self.verdict == "fail"
         return self.claimed == "pass" and self.verdict != "pass"
 
 

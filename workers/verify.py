@@ -291,27 +291,34 @@ def verify_tree(settings: RunnerSettings, work: Path, src: Path, spec: dict[str,
 def cross_check_all(settings: RunnerSettings, work: Path, src: Path,
                     claims: list[tuple[list[str], Path | None, dict[str, Any]]],
                     request: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
-    """Final logits of every variant whose sandboxed results claim the layers check
-    passes there, measured outside the sandbox (workers/crosscheck.py), for transformers'
-    default config and for each Hub config alike: `claims` holds each check run's
-    (model_types, Hub config or None, results), so a claim is measured on the variants
-    the runner builds from that run's own source."""
+    """Final logits measured outside the sandbox (workers/crosscheck.py), for
+    transformers' default config and for each Hub config alike: every variant whose
+    sandboxed results claim the layers check passes there, and every variant the runner
+    builds that the results leave out (claimed "omitted"), so a report cannot hide a
+    variant by not listing it. `claims` holds each check run's (model_types, Hub config
+    or None, results): a claim is measured on the variants the runner builds from that
+    run's own source."""
     from mlx_verify.checks import synth
     from mlx_verify.workers import crosscheck
 
+    # a run restricted to other checks (/verify --checks rope) made no layers claims
+    layers_ran = not request.get("checks") or "layers" in request["checks"]
     done = []
     for model_types, config_file, results in claims:
         for model_type in model_types:
             # every report of it the run holds (their `source` is the PR's writing too)
-            passing: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
-            for report in results.get("reports") or []:
-                if report.get("model_type") != model_type:
-                    continue
+            reports = [r for r in results.get("reports") or []
+                       if r.get("model_type") == model_type]
+            if not reports:
+                continue  # the run could not check it: an error of the run already
+            to_measure: dict[str, tuple[str | None, dict[str, Any] | None]] = {}
+            listed: set[str] = set()
+            for report in reports:
+                listed |= {str(v.get("name")) for v in report.get("variants") or []}
                 for variant, claim in crosscheck.claimed_variants(report).items():
+                    listed.add(variant)
                     if claim[0] == "pass":
-                        passing.setdefault(variant, claim)
-            if not passing:
-                continue  # a claimed fail or error is no pass to confirm
+                        to_measure.setdefault(variant, claim)
             built: dict[str, dict[str, Any]] = {}
             built_error = None
             try:
@@ -319,9 +326,14 @@ def cross_check_all(settings: RunnerSettings, work: Path, src: Path,
                 built = crosscheck.runner_variants(model_type, source)
             except Exception as e:
                 built_error = synth._one_line(e)
+            if layers_ran:
+                to_measure.update({variant: ("omitted", None) for variant in built
+                                   if variant not in listed})
+            if not to_measure:
+                continue  # claimed fails or errors only: no pass to confirm
             try:
                 checked = crosscheck.cross_check_model(
-                    model_type=model_type, claims=passing, built=built,
+                    model_type=model_type, claims=to_measure, built=built,
                     built_error=built_error, src=src, work=work, writable=scratch_dir(work),
                     env=env, dtype=request.get("dtype", "float32"),
                     memory_mb=settings.memory_mb, timeout_s=settings.timeout_s,
@@ -330,10 +342,10 @@ def cross_check_all(settings: RunnerSettings, work: Path, src: Path,
                 raise InfraError(str(e)) from None
             except Exception as e:  # the runner's own code failed: not measured, never a pass
                 checked = [crosscheck.CrossCheck(
-                    model_type=model_type, variant=variant, verdict="error", claimed="pass",
-                    bound=0.0, reason=f"the runner's cross-check failed: "
-                                      f"{type(e).__name__}: {str(e)[:300]}")
-                    for variant in passing]
+                    model_type=model_type, variant=variant, verdict="error",
+                    claimed=claim[0], bound=0.0, reason=f"the runner's cross-check failed: "
+                                                       f"{type(e).__name__}: {str(e)[:300]}")
+                    for variant, claim in to_measure.items()]
             done += [c.model_dump(mode="json", exclude_none=True) for c in checked]
     return done
 
