@@ -271,7 +271,8 @@ def tying(subject: Subject, tensors: dict[str, Any]) -> tuple[str, list[str], di
         logits = mlx_side.plain_forward(model, subject.ids)
         rel = compare.rel_l2(logits, reference)
         tolerance = compare.LAYER_TOLERANCE[subject.dtype]
-        facts = {"tied_with_lm_head_present_rel_l2": rel}
+        # which tensor the checkpoint's lm_head.weight copies: the row says what it loaded
+        facts = {"tied_with_lm_head_present_rel_l2": rel, "tying_lm_head_from": embed}
         if rel is None or rel > tolerance:
             return "fail", [f"with lm_head.weight present the logits differ from "
                             f"transformers' on the same checkpoint (rel_l2 {num(rel)} > "

@@ -157,3 +157,7 @@ def test_rope_offset_dropped_for_chunks_fails_chunked_at_the_layer(cache_dir: Pa
     assert chunked["localization"]["part"] == "attention"
     assert any("differs from MLX's own single prefill" in f
                for f in chunked["localization"]["facts"])
+    # the localized replay is call 1 after call 0 on the same cache: its logits reproduce
+    # the call's divergence (call_rel_l2 keeps 3 digits)
+    replayed = next(r for r in chunked["layers"] if r["name"] == "logits")
+    assert replayed["rel_l2"] == pytest.approx(chunked["details"]["call_rel_l2"][1], rel=5e-3)

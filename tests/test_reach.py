@@ -132,6 +132,13 @@ def test_mtp_tensors_follow_the_config() -> None:
         "model.layers.2.embed_tokens.weight": (vocab, hidden),
         "model.layers.2.shared_head.norm.weight": (hidden,),
         "model.layers.2.shared_head.head.weight": (vocab, hidden)}
+    # the config's own layer count: two MTP layers, two copies
+    extra, _ = mtp_tensors({**deepseek, "num_nextn_predict_layers": 2}, layer, seed=0)
+    assert {k.split(".")[2] for k in extra} == {"2", "3"}
+    extra, _ = mtp_tensors({**qwen, "text_config": {**qwen["text_config"],
+                                                    "mtp_num_hidden_layers": 2}}, layer, seed=0)
+    assert {k for k in extra if k.startswith("mtp.layers.")} == {
+        "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.1.self_attn.q_proj.weight"}
     assert mtp_tensors({**deepseek, "num_nextn_predict_layers": 0}, layer, seed=0)[0] == {}
     assert mtp_tensors({**deepseek, "model_type": "llama"}, layer, seed=0)[0] == {}
 

@@ -85,6 +85,8 @@ def test_clean_granite_loads_a_tied_checkpoint_with_lm_head(granite_runs: tuple[
     tied = row(clean, "granite", "weights", "tied-embeddings")
     assert tied["verdict"] == "pass", tied["summary"]
     assert tied["metrics"]["tied_with_lm_head_present_rel_l2"] <= 1e-5
+    # the checkpoint measured did carry lm_head.weight, a copy of the input embedding
+    assert tied["details"]["tying_lm_head_from"] == "model.embed_tokens.weight", tied
 
 
 def test_granite_without_sanitize_fails_on_the_tied_variant_only(
@@ -114,6 +116,10 @@ def test_clean_falcon_h1_tied_head_matches_with_scales_apart(
     tied = row(clean, "falcon_h1", "layers", "tied-embeddings")
     assert tied["verdict"] == "pass", tied["summary"]
     assert tied["metrics"]["max_rel_l2"] <= 1e-5
+    # measured with the two ends' scales apart, where a dropped ratio shows
+    config = next(v["config"] for v in clean.report("falcon_h1")["variants"]
+                  if v["name"] == "tied-embeddings")
+    assert config["lm_head_multiplier"] != config["embedding_multiplier"], config
 
 
 def test_released_falcon_h1_refuses_a_tied_checkpoint_with_lm_head(

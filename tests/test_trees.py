@@ -59,6 +59,10 @@ def test_an_older_release_reads_like_the_installed_one(older_tree: Path, cache_d
     assert older.results["environment"]["mlx_lm_version"] == OLDER_MLX_LM
     assert older.results["environment"]["mlx_lm_path"].startswith(str(older_tree))
     assert rows(older) == rows(installed)
+    # every generation row is there on both (the loop below only judges rows that exist)
+    assert {(m, p) for (m, c, p) in rows(older) if c == "generation"} == {
+        (m, p) for m in MODEL_TYPES
+        for p in ("greedy", "kv-cache", "batch", "batch-chunked", "kv-quantized")}
     # the clean set is clean on both: parity, decoding and quantization
     for (model_type, check, part), verdict in rows(older).items():
         # kv-quantized needs head_dim >= 32: the default's 16 says it cannot run there;
