@@ -172,6 +172,21 @@ def _write(target: str, text: str) -> None:
             f.write(text)
 
 
+def output_problem(args: argparse.Namespace) -> str | None:
+    """Why a --json, --markdown or --html file cannot be written, asked before the checks
+    run: minutes of measurement are not lost to a missing directory at the end."""
+    for option in ("json", "markdown", "html"):
+        target = getattr(args, option, None)
+        if not target or target == "-":
+            continue
+        directory = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(directory):
+            return f"--{option} {target}: cannot write: no directory {directory}"
+        if os.path.isdir(target) or not os.access(directory, os.W_OK):
+            return f"--{option} {target}: cannot write there"
+    return None
+
+
 def checkout_here() -> str | None:
     """"." when the working directory is an mlx-lm checkout (it holds mlx_lm/__init__.py):
     a contributor checks the code in front of them."""
@@ -203,6 +218,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .schema import Results
 
+    if (problem := output_problem(args)) is not None:
+        return fail(problem)
     try:
         with open(args.results) as f:
             results = Results.model_validate_json(f.read())
@@ -249,6 +266,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         if unknown or not selected:
             return fail(f"unknown check(s) {', '.join(unknown) or '(none given)'}; "
                         f"available: {', '.join(engine.ALL_CHECKS)}")
+    if (problem := output_problem(args)) is not None:
+        return fail(problem)
     given = args.config is not None or args.hub_models or args.checkpoints
     if given and len(args.model_types) > 1:
         return fail("--config, --hub-model and --checkpoint go with a single MODEL_TYPE")

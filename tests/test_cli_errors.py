@@ -149,3 +149,16 @@ def test_model_file_calling_sys_exit_on_import_is_an_mlx_finding(cache_dir: Path
     assert check["verdict"] == "fail" and check["details"]["side"] == "mlx-lm"
     assert "SystemExit" in check["summary"] and "olmo.py:" in check["summary"]
     assert "Traceback" not in run.stderr
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_checks(
+        cache_dir: Path, tmp_path: Path) -> None:
+    """Said at once, as bad input: not an internal error after minutes of checks."""
+    missing = tmp_path / "no-such-dir" / "out.json"
+    run = run_cli(["check", "llama"], cache_dir, missing)
+    line = assert_cannot_run(run, f"--json {missing}: cannot write: no directory")
+    assert str(missing.parent) in line
+    html = tmp_path / "gone" / "report.html"
+    run = run_cli(["check", "llama", "--html", str(html)], cache_dir, tmp_path / "out.json")
+    assert_cannot_run(run, f"--html {html}: cannot write")
+    assert not (tmp_path / "out.json").exists()
