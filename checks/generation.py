@@ -55,10 +55,11 @@ KV_TOLERANCE = {**compare.LAYER_TOLERANCE, "float32": 3e-5}
 # MLX cache vs MLX full forward: same kernels on one machine, measured 0 to 2.6e-7.
 SELF_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
 # Near tie: each side's top-2 logit gap / std of the step's logits. A flip needs the two
-# gaps to sum below twice the largest logit error: correct ports measure <= 7e-6 std in
-# float32 and <= 9.4e-2 in bfloat16 (mamba); float16 is scaled from bf16 by the 8x of
-# the per-stage half errors (not measured here).
-TIE_BOUND = {"float32": 1e-4, "bfloat16": 0.2, "float16": 5e-2}
+# gaps to sum below twice the largest logit error (greedy's `max_logit_error_std`):
+# correct ports measure <= 7e-6 std in float32, and over 13 ports <= 0.236 in bfloat16
+# and <= 5.08e-2 in float16, both qwen3_5 (its gated delta net); docs/tolerances.md,
+# "Half precision".
+TIE_BOUND = {"float32": 1e-4, "bfloat16": 0.5, "float16": 0.12}
 # Batched vs single: rel L2 of the log-probabilities (same kernels, padded shapes).
 BATCH_TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 1e-2}
 # --kv-bits: 8-bit keys and values in groups of 32 (MLX's smallest group) against the
@@ -258,8 +259,21 @@ def run(subject: Subject) -> list[CheckResult]:
                                  details={"part": part}) for part in ("greedy", "kv-cache")]
         return [*failed, batch_result(subject, singles), batch_chunked_result(subject, singles)]
     full = mlx_side.plain_forward(subject.mlx_model, sequence)[0]
+    hf_float32 = None
+    if subject.dtype != "float32":
+        # half precision: the kv-cache row holds MLX to transformers' float32 decode of the
+        # same tokens, within its own half error (the dtype check's rule; a recurrent
+        # state's rounding grows step by step on either side)
+        try:
+            hf_float32 = hf_decode(hf_side.load(subject.checkpoint, dtype="float32"), prompt,
+                                   forced)
+        except Exception as e:
+            return [greedy_result(subject, mlx_run, hf_run),
+                    _error(subject, "kv-cache", "transformers float32 incremental decoding", e),
+                    batch_result(subject, singles), batch_chunked_result(subject, singles),
+                    _guarded_kv_quantized(subject)]
     results = [greedy_result(subject, mlx_run, hf_run),
-               kv_result(subject, mlx_run, hf_run, full)]
+               kv_result(subject, mlx_run, hf_run, full, hf_float32)]
     for result in results:
         result.duration_s = time.perf_counter() - start
     results.append(batch_result(subject, singles))
@@ -319,6 +333,12 @@ def greedy_result(subject: Subject, mlx_run: Decode, hf_run: Decode) -> CheckRes
         "steps": len(mlx_run.tokens), "prompt_tokens": prompt_len, "tie_bound": bound,
         "tokens_agreeing": len(mlx_run.tokens) if k is None else k,
         "first_mismatch_step": k,
+        # what TIE_BOUND is calibrated on: the largest logit error of a step (both sides
+        # fed the same tokens), in units of that step's logits std
+        "max_logit_error_std": max(
+            (float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) / _std(b)
+             for a, b in zip(mlx_run.step_logits, hf_run.step_logits, strict=True)),
+            default=0.0),
     }
     details: dict[str, Any] = {"part": "greedy", "mlx_tokens": mlx_run.tokens,
                                "transformers_tokens": hf_run.tokens[: (k or 0) + 1]
@@ -347,12 +367,22 @@ def greedy_result(subject: Subject, mlx_run: Decode, hf_run: Decode) -> CheckRes
 
 
 def kv_result(subject: Subject, mlx_run: Decode, hf_run: Decode,
-              full: np.ndarray) -> CheckResult:
-    """MLX incremental vs MLX full forward and vs transformers incremental."""
+              full: np.ndarray, hf_float32: Decode | None = None) -> CheckResult:
+    """MLX incremental vs MLX full forward and vs transformers incremental (in half
+    precision its float32 decode, `hf_run` then giving the noise floor)."""
     dtype = subject.dtype
     cross_tol, self_tol = KV_TOLERANCE[dtype], SELF_TOLERANCE[dtype]
     prompt_len = subject.ids.shape[1]
     steps = len(mlx_run.tokens)
+    noise = None
+    if hf_float32 is not None:
+        from .dtypes import HF_RATIO
+
+        noise = max([_rel(hf_run.prompt_logits, hf_float32.prompt_logits)]
+                    + [_rel(hf_run.step_logits[k], hf_float32.step_logits[k])
+                       for k in range(steps)])
+        cross_tol = max(cross_tol, HF_RATIO * noise)
+        hf_run = hf_float32
     # Full forward positions prompt_len-1 .. prompt_len+steps-2 are the decode steps.
     full_steps = full[prompt_len - 1:]
     vs_full = [_rel(mlx_run.step_logits[k], full_steps[k]) for k in range(steps)]
@@ -365,6 +395,8 @@ def kv_result(subject: Subject, mlx_run: Decode, hf_run: Decode,
         "prefill_vs_full_rel_l2": prefill_vs_full, "prefill_vs_transformers_rel_l2": prefill_vs_hf,
         "max_step_vs_full_rel_l2": max(vs_full), "max_step_vs_transformers_rel_l2": max(vs_hf),
         "caches": ",".join(sorted(set(mlx_run.cache_types))),
+        "reference": "transformers float32" if noise is not None else "transformers",
+        "transformers_half_max_rel_l2": noise,
     }
     details: dict[str, Any] = {
         "part": "kv-cache", "mlx_caches": mlx_run.cache_types,
@@ -380,7 +412,7 @@ def kv_result(subject: Subject, mlx_run: Decode, hf_run: Decode,
             summary=f"kv-cache: prefill and {steps} decode steps with "
                     f"{metrics['caches']} agree with one full forward (max rel_l2 "
                     f"{max(vs_full):.1e} <= {self_tol:.0e}) and with transformers' "
-                    f"cache (max {max(vs_hf):.1e} <= {cross_tol:.0e})")
+                    f"cache (max {max(vs_hf):.1e} <= {cross_tol:.1e})")
     k = min(bad_full + bad_hf) if (bad_full or bad_hf) else 0
     metrics["first_divergent_step"] = k
     metrics["first_divergent_position"] = prompt_len + k - 1
@@ -412,7 +444,7 @@ def kv_result(subject: Subject, mlx_run: Decode, hf_run: Decode,
              f"({result.localization.module})" if result.localization else "")
     result.summary = (f"kv-cache: step {k} (position {prompt_len + k - 1}) diverges: "
                       f"vs full forward rel_l2 {vs_full[k]:.2e} (tol {self_tol:.0e}), vs "
-                      f"transformers {vs_hf[k]:.2e} (tol {cross_tol:.0e}); prompt pass "
+                      f"transformers {vs_hf[k]:.2e} (tol {cross_tol:.1e}); prompt pass "
                       f"{'agrees' if prefill_ok else 'differs'}{'; ' + where if where else ''}")
     if result.localization is not None:
         result.localization.facts = facts + result.localization.facts
