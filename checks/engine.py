@@ -256,14 +256,22 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
         raise InputError(f"cannot shrink the config: {synth._one_line(e)}") from e
 
     default_weights: Any = None
+    # why the default variant measured nothing (it does not load, build or run); then
+    # the first variant that loads runs the default's checks too (one finding must not
+    # hide the rest), its rows saying so
+    default_not_measured: str | None = None
+    stand_in: str | None = None
 
     def blocked(variant: str, verdict: Verdict, side: str, summary: str, why: str,
                 **fields: Any) -> None:
         """The layers row saying why this variant stops here (and whose side failed), then
         a skip row for every other check that would have run on it."""
+        nonlocal default_not_measured
         report.checks.append(CheckResult(check="layers", variant=variant, verdict=verdict,
                                          summary=summary, details={"side": side}, **fields))
         report.checks.extend(not_run(checks, variant, why))
+        if variant == "default":
+            default_not_measured = why
 
     for variant in report.variants:
         start = time.perf_counter()
@@ -358,9 +366,11 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
             except mlx_side.PortCrash as e:
                 mlx_model, loaded_as = None, f"retry failed: {e}"
             if mlx_model is None:
+                why = "mlx-lm does not load its weights strictly"
                 report.checks.extend(not_run(
-                    checks, variant.name, "mlx-lm does not load its weights strictly"
-                    + (f" ({loaded_as})" if loaded_as else "")))
+                    checks, variant.name, why + (f" ({loaded_as})" if loaded_as else "")))
+                if variant.name == "default":
+                    default_not_measured = why
                 continue
         if dtype != "float32":
             mlx_model.set_dtype(_mlx_dtype(dtype))
@@ -378,6 +388,19 @@ def verify(model_type: str, *, config_file: str | None = None, checks: tuple[str
                         result.summary = f"behind the load finding: {result.summary}"
                         result.details["loaded_behind_load_finding"] = loaded_as
                 report.checks.extend(results)
+        if default_not_measured is not None and stand_in is None and not loaded_as \
+                and variant.name != "head-dim":  # head-dim runs a part of generation only
+            stand_in = variant.name
+            subject.stands_in = True
+            for check in checks:
+                if applies(check, "default") and not applies(check, variant.name):
+                    say(f"{model_type}/{variant.name}: {check}, standing in for the default")
+                    results = run_check(check, subject)
+                    for result in results:
+                        result.summary = (f"on {variant.name}, standing in for the default "
+                                          f"variant ({default_not_measured}): {result.summary}")
+                        result.details["stands_in_for"] = "default"
+                    report.checks.extend(results)
     for result in report.checks:
         result.reach = reach_of(result)
     report.verdict = combine_verdicts([c.verdict for c in report.checks])

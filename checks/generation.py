@@ -228,7 +228,7 @@ def kv_quantized_result(subject: Subject) -> CheckResult:
 def run(subject: Subject) -> list[CheckResult]:
     from . import hf_side, mlx_side
 
-    if subject.variant.name != "default":
+    if subject.variant.name != "default" and not subject.stands_in:
         # head-dim variant: wide enough heads for the quantized KV cache (see above)
         return [_guarded_kv_quantized(subject)]
     start = time.perf_counter()

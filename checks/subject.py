@@ -22,6 +22,9 @@ class Subject:
     hf_model: Any  # transformers model, eval mode, `dtype`
     mlx_model: Any  # mlx-lm model, `dtype`
     ids: np.ndarray  # the parity prompt, shape (1, tokens)
+    # this variant runs the default's checks too, the default variant not loading
+    # (engine.verify): checks that treat other variants apart treat it as the default
+    stands_in: bool = False
 
     def result(self, check: str, **fields: Any) -> CheckResult:
         return CheckResult(check=check, variant=self.variant.name, **fields)

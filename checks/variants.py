@@ -13,6 +13,8 @@ Which variants an architecture gets:
   distinct other values: at 1.0 a tied head that drops one (or their ratio) computes
   the same logits (falcon_h1 before c27c94a0).
 - head-dim: head_dim != hidden_size / num_attention_heads, where the config has head_dim.
+- multi-query: num_key_value_heads = 1 where kv-heads applies with more than one KV
+  head (a port hard-coding one KV head loads only here: recurrent_gemma).
 - kv-heads: grouped-query attention (num_key_value_heads = num_attention_heads // 2) where
   the config has as many KV heads as query heads (llama's, phi3's defaults) and the port
   declares num_key_value_heads, so a wrong KV repeat or a fused qkv split sized by the
@@ -212,6 +214,13 @@ def bug_finding_variants(model_type: str, default: Variant,
         (new[parents[0]] if parents else new)[leaf] = kv_heads
         add("kv-heads", f"num_key_value_heads {kv_heads} < num_attention_heads {heads} "
             "(grouped-query attention)", new, {key: kv_heads})
+        if kv_heads > 1:
+            # one KV head, as real checkpoints of several architectures have (Gemma 2B,
+            # RecurrentGemma, Falcon): the branch a port that hard-codes it does take
+            mqa = copy.deepcopy(config)
+            (mqa[parents[0]] if parents else mqa)[leaf] = 1
+            add("multi-query", f"num_key_value_heads 1 < num_attention_heads {heads} "
+                "(multi-query attention)", mqa, {key: 1})
 
     # A window is tested where the port claims one or the source config sets one.
     if "sliding_window" in config and ("sliding_window" in mlx_fields

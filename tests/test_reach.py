@@ -184,3 +184,44 @@ print(repr(problems))
     problems = ast.literal_eval(run.stdout.strip().splitlines()[-1])
     assert ("with the MTP tensors of a released checkpoint: mtp.fc.weight kept, and the "
             "model has no such parameter: the strict load fails") in problems, problems
+
+
+CONV1D_SANITIZE_AGAIN = Edit(  # recurrent_gemma before 620c8dbf: converted weights moved again
+    "models/recurrent_gemma.py",
+    '            if "conv_1d.weight" in k and v.shape[-1] != 1:\n',
+    '            if "conv_1d.weight" in k and v.ndim == 3:\n')
+
+
+def test_a_variant_that_loads_stands_in_for_a_default_that_does_not(
+        tmp_path: Path, clean_tree: Path, cache_dir: Path) -> None:
+    """recurrent_gemma hard-codes one KV head; transformers' default has as many as query
+    heads, so the default checkpoint does not load and its checks measured nothing. The
+    multi-query variant (one KV head, as RecurrentGemma's checkpoints) loads and runs the
+    default's checks too, saying so: sanitize's idempotence is measured again, and a PR
+    that breaks it reads new there."""
+    args = ["check", "recurrent_gemma", "--checks", "layers,weights"]
+    clean = run_cli([*args, "--mlx-lm", str(clean_tree)], cache_dir, tmp_path / "clean.json")
+    assert clean.returncode == 1, clean.stderr[-2000:]  # the released load finding
+    found = rows(clean, "layers")
+    assert found[("recurrent_gemma", "default")]["verdict"] == "fail"
+    assert found[("recurrent_gemma", "multi-query")]["verdict"] == "pass"
+    variant = next(v for v in clean.report("recurrent_gemma")["variants"]
+                   if v["name"] == "multi-query")
+    assert variant["config"]["num_key_value_heads"] == 1
+    weights = rows(clean, "weights")
+    assert weights[("recurrent_gemma", "default")]["verdict"] == "skip"
+    stand_in = weights[("recurrent_gemma", "multi-query")]
+    assert stand_in["verdict"] == "pass" and stand_in["details"]["stands_in_for"] == "default"
+    assert stand_in["summary"].startswith("on multi-query, standing in for the default "
+                                          "variant (mlx-lm does not load its weights strictly)")
+    assert stand_in["reach"] == "latent"
+
+    tree = copy_mlx_lm(tmp_path / "pr", [CONV1D_SANITIZE_AGAIN])
+    bugged = run_cli([*args, "--mlx-lm", str(tree), "--base", str(clean_tree)], cache_dir,
+                     tmp_path / "bugged.json")
+    assert bugged.returncode == 1, bugged.stderr[-2000:]
+    row = rows(bugged, "weights")[("recurrent_gemma", "multi-query")]
+    assert row["verdict"] == "fail" and "sanitize is not idempotent" in row["summary"], row
+    changes = {(d["check"], d["variant"]): d["change"] for d in bugged.results["differential"]}
+    assert changes[("weights", "multi-query")] == "new"
+    assert changes[("layers", "default")] == "unchanged"
