@@ -472,8 +472,13 @@ def test_a_pass_from_an_untrusted_authors_code_is_never_a_green_gate(env):
     assert ("final logits not measured outside the sandbox: `llama` `default`: the sandboxed "
             "capture gave no logits: exit status 1: ValueError") in comment["body"]
     assert "the sandboxed results claimed pass: not confirmed" in comment["body"]
-    (checked,) = outcome_of(env, run)["cross_checks"]
+    checks = {c["variant"]: c for c in outcome_of(env, run)["cross_checks"]}
+    checked = checks.pop("default")
     assert (checked["verdict"], checked["claimed"]) == ("error", "pass")
+    # the variants the forged report leaves out are measured too: no logits either, which
+    # hides nothing (not counted as contradicted)
+    assert checks and {(c["claimed"], c["verdict"]) for c in checks.values()} == {
+        ("omitted", "error")}, checks
 
 
 # A smarter forger: the forged results only in the check run (the process given --json);
@@ -504,10 +509,14 @@ def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurem
     env.drain()
     (run,) = env.check_runs(sha)
     assert run["conclusion"] == "failure"
-    assert run["output"]["title"].startswith("❌ fail: claimed passes outside the sandbox: "
-                                             "1 contradicted; ")
-    (checked,) = outcome_of(env, run)["cross_checks"]
+    checks = {c["variant"]: c for c in outcome_of(env, run)["cross_checks"]}
+    checked = checks.pop("default")
     assert (checked["verdict"], checked["claimed"], checked["bound"]) == ("fail", "pass", 1e-5)
+    # every variant the forged report leaves out is measured too, and the swap fails each
+    assert checks and {(c["claimed"], c["verdict"]) for c in checks.values()} == {
+        ("omitted", "fail")}, checks
+    assert run["output"]["title"].startswith("❌ fail: claimed passes outside the sandbox: "
+                                             f"{1 + len(checks)} contradicted; ")
     assert checked["rel_l2"] > 0.01  # the swap moves the logits far beyond the bound
     fact = (f"final logits measured outside the sandbox: `llama` `default` rel L2 "
             f"{num(checked['rel_l2'])} > bound 1.00e-05; the sandboxed results claimed pass")
@@ -515,13 +524,19 @@ def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurem
     (comment,) = env.comments(10)
     assert fact in comment["body"] and "blamed on the PR" in comment["body"]
     assert "Not a gate" not in comment["body"]
+    left_out = checks["head-dim"]
+    assert (f"final logits measured outside the sandbox: `llama` `head-dim` rel L2 "
+            f"{num(left_out['rel_l2'])} > bound 1.00e-05; the sandboxed results left this "
+            "variant out") in comment["body"]
     # The dashboard shows the same measurement, and the run's verdict is the PR's failure
     # although its sandboxed results say pass.
     page = httpx.get(f"{env.server}/dashboard/runs/{run['external_id']}", timeout=10).text
     table = page.split('<table id="cross-checks">', 1)[1].split("</table>", 1)[0]
-    (row,) = re.findall(r'<tr class="contradicted">(.*?)</tr>', table, re.S)
-    cells = [re.sub(r"<[^>]+>", "", cell).strip()
-             for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+    contradicted = [[re.sub(r"<[^>]+>", "", cell).strip()
+                     for cell in re.findall(r"<td>(.*?)</td>", row, re.S)]
+                    for row in re.findall(r'<tr class="contradicted">(.*?)</tr>', table, re.S)]
+    assert len(contradicted) == 1 + len(checks)
+    (cells,) = [cells for cells in contradicted if cells[1] == "default"]
     assert cells == ["llama", "default", "fail", "pass (contradicted: blamed on the PR)",
                      num(checked["rel_l2"]), num(1e-5), num(checked["top1_agreement"]),
                      "float32", "48", "–"], cells
@@ -535,7 +550,9 @@ def test_a_forged_pass_from_a_maintainer_is_contradicted_by_the_runners_measurem
     env.drain()
     (run,) = env.check_runs(sha)
     assert run["conclusion"] == "failure"
-    (checked,) = outcome_of(env, run)["cross_checks"]
+    checks = {c["variant"]: c for c in outcome_of(env, run)["cross_checks"]}
+    checked = checks.pop("default")  # the first case: its descriptor got the array
     assert checked["verdict"] == "error"
     assert checked["reason"] == "capture file refused: shape (1, 3), expected (1, 48, 512)"
+    assert {c["verdict"] for c in checks.values()} == {"error"}, checks
     assert escape(checked["reason"]) in env.comments(11)[0]["body"]
