@@ -113,7 +113,11 @@ def parts(results: list[CheckResult]) -> list[tuple[CheckResult, str | None]]:
 
 
 def distance(result: CheckResult) -> tuple[str, float] | None:
-    """The row's distance from transformers: what "worse" and "better" compare."""
+    """The row's distance from transformers: what "worse" and "better" compare. None where
+    the row's own run did not repeat itself (`details["nondeterministic"]`): its distance
+    moves without a change."""
+    if result.details.get("nondeterministic"):
+        return None
     m = result.metrics
     if result.weights is not None:
         w = result.weights

@@ -197,3 +197,30 @@ def test_quantized_kv_cache_on_a_real_mla_config_is_no_false_alarm(cache_dir, tm
           if c["details"].get("part") == "kv-quantized"]
     assert kv and kv[0]["verdict"] == "skip", kv
     assert "not a multiple" in kv[0]["summary"]
+
+
+def test_a_batch_path_that_does_not_repeat_itself_is_said_and_never_read_worse(
+        cache_dir: Path, tmp_path: Path) -> None:
+    """mamba2's batch-chunked row (ssm.py gathers the state decay past a call shorter than
+    the lengths, docs/known-findings.md) gives other log-probs each time it runs on the
+    same inputs. The row says so, and a differential run of the same tree against itself
+    reads it unchanged: its distance moves without a change (a bug elsewhere read
+    `worse` or not by chance). llama's batch rows repeat bit for bit."""
+    tree = copy_mlx_lm(tmp_path / "tree", [])
+    run = run_cli(["check", "mamba2", "llama", "--checks", "generation", "--variants",
+                   "default", "--mlx-lm", str(tree), "--base", str(tree)], cache_dir,
+                  tmp_path / "r.json")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(r["model_type"], r["details"].get("part")): r for report in run.results["reports"]
+            for r in [{**c, "model_type": report["model_type"]} for c in report["checks"]]}
+    chunked = rows[("mamba2", "batch-chunked")]
+    assert chunked["verdict"] == "fail", chunked["summary"]
+    assert chunked["details"]["nondeterministic"].startswith(
+        "run twice on the same inputs it differs"), chunked["details"]
+    assert "nondeterministic" in chunked["summary"]
+    for part in ("batch", "batch-chunked"):
+        assert "nondeterministic" not in rows[("llama", part)]["details"], part
+    changes = {(d["model_type"], d["part"]): d for d in run.results["differential"]
+               if d["check"] == "generation"}
+    row = changes[("mamba2", "batch-chunked")]
+    assert row["change"] == "unchanged" and row["distance"] is None, row
