@@ -179,11 +179,17 @@ def output_problem(args: argparse.Namespace) -> str | None:
         target = getattr(args, option, None)
         if not target or target == "-":
             continue
+        if os.path.isdir(target):
+            return f"--{option} {target}: cannot write: a directory"
+        if os.path.exists(target):
+            # a file to replace, or a descriptor the runner opened (/dev/fd/N: its
+            # directory is not writable on macOS, the descriptor is)
+            continue
         directory = os.path.dirname(os.path.abspath(target))
         if not os.path.isdir(directory):
             return f"--{option} {target}: cannot write: no directory {directory}"
-        if os.path.isdir(target) or not os.access(directory, os.W_OK):
-            return f"--{option} {target}: cannot write there"
+        if not os.access(directory, os.W_OK):
+            return f"--{option} {target}: cannot write: directory {directory} not writable"
     return None
 
 

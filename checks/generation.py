@@ -572,8 +572,7 @@ def _batch_row(subject: Subject, part: str, run_batched: Any, driver: str,
             default=0.0)
         if differs > 0 or [t for t, _ in batched] != [t for t, _ in again]:
             repeat_text = (f"; run twice on the same inputs it differs (log-probs rel_l2 up "
-                           f"to {differs:.1e}): nondeterministic, an out-of-bounds read or "
-                           "uninitialized memory")
+                           f"to {differs:.1e}): nondeterministic")
     except Exception as e:  # raised only the second time: as nondeterministic, said
         repeat_text = f"; run twice, the second run raises ({type(e).__name__})"
     if repeat_text:

@@ -162,3 +162,6 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_checks(
     run = run_cli(["check", "llama", "--html", str(html)], cache_dir, tmp_path / "out.json")
     assert_cannot_run(run, f"--html {html}: cannot write")
     assert not (tmp_path / "out.json").exists()
+    run = run_cli(["check", "llama", "--markdown", str(tmp_path)], cache_dir,
+                  tmp_path / "out.json")
+    assert_cannot_run(run, f"--markdown {tmp_path}: cannot write: a directory")
