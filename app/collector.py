@@ -24,6 +24,7 @@ in progress.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import redis
@@ -43,11 +44,23 @@ REPORT_FIELD = "collected_report"
 ACTIVE_STATES = (b"queued", b"running")
 WAITING = (JobStatus.QUEUED.value, JobStatus.SCHEDULED.value, JobStatus.DEFERRED.value)
 REPORT_RETRY = Retry(max=3, interval=[5, 30, 120])
+# A watched job with no rq job yet is being enqueued (start_verify watches first, so a
+# failed enqueue is still reported): only past this long, or once it was enqueued, does
+# a missing rq job mean it is gone. Without it a round between the two calls failed a
+# job that was about to be queued (seen in CI).
+ENQUEUE_GRACE_S = 60.0
+WATCHED_FIELD, ENQUEUED_FIELD = "watched_at", "enqueued_at"
 
 
 def watch(connection: redis.Redis, job_id: str) -> None:
     """Start collecting a verify job's events (start_verify, before it enqueues)."""
+    connection.hset(f"mlxv:job:{job_id}", WATCHED_FIELD, str(time.time()))
     connection.sadd(COLLECT_KEY, job_id)
+
+
+def enqueued(connection: redis.Redis, job_id: str) -> None:
+    """The watched job's rq job exists (start_verify, after it enqueues)."""
+    connection.hset(f"mlxv:job:{job_id}", ENQUEUED_FIELD, str(time.time()))
 
 
 def adopt_active_jobs(connection: redis.Redis) -> int:
@@ -66,15 +79,19 @@ def collect_outcomes(connection: redis.Redis) -> int:
     with connection.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
             pipe.hmget(Job.key_for(job_id), "status", "started_at", "retries_left")
-            pipe.hmget(f"mlxv:job:{job_id}", "state", COLLECTED_FIELD, REPORT_FIELD)
+            pipe.hmget(f"mlxv:job:{job_id}", "state", COLLECTED_FIELD, REPORT_FIELD,
+                       WATCHED_FIELD, ENQUEUED_FIELD)
         seen = pipe.execute()
-    enqueued = 0
+    enqueued_count = 0
     for index, job_id in enumerate(job_ids):
         status, started_at, retries_left = (_text(v) for v in seen[2 * index])
-        state, collected, report_id = seen[2 * index + 1]
+        state, collected, report_id, watched_at, enqueued_at = seen[2 * index + 1]
         if state not in ACTIVE_STATES:  # reported, or ended elsewhere (superseded, ...)
             connection.srem(COLLECT_KEY, job_id)
             continue
+        if status is None and enqueued_at is None and watched_at is not None and \
+                time.time() - float(watched_at) < ENQUEUE_GRACE_S:
+            continue  # start_verify is enqueueing it
         event = next_event(status, started_at, retries_left, _text(collected))
         if event is None:
             continue
@@ -86,9 +103,9 @@ def collect_outcomes(connection: redis.Redis) -> int:
         args: tuple[Any, ...] = (job_id,)
         if function in ("verify_failed", "verify_requeued"):
             args = (job_id, failure_reason(connection, job_id, status))
-        enqueued += enqueue_once(connection, job_id, function, args, marker,
-                                 (_text(collected), _text(report_id)))
-    return enqueued
+        enqueued_count += enqueue_once(connection, job_id, function, args, marker,
+                                       (_text(collected), _text(report_id)))
+    return enqueued_count
 
 
 def report_gave_up(connection: redis.Redis, report_id: str | None) -> bool:

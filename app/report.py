@@ -466,6 +466,7 @@ def start_verify(settings: AppSettings, connection: redis.Redis, gh: GitHub,
         retry=Retry(max=2, interval=[10, 60]), result_ttl=7 * 86400,
         failure_ttl=30 * 86400, on_failure=Callback("mlx_verify.workers.verify.on_verify_failure"),
         description=f"verify {repo}#{number} @ {sha[:12]}")
+    collector.enqueued(connection, job_id)
     store.record_job(connection, job_id, "queued")
     return f"enqueued {job_id}"
 

@@ -85,3 +85,23 @@ def test_jobs_queued_before_the_collector_are_adopted(env):
     env.run_queue("report")
     (run,) = env.check_runs(sha)
     assert (run["status"], run["conclusion"]) == ("completed", "failure")
+
+
+def test_a_job_being_enqueued_is_not_reported_gone(env):
+    """start_verify watches a job before it enqueues it (so a failed enqueue is still
+    reported): a collector round in between saw no rq job and failed a job about to be
+    queued, which completed its Check Run with no runner (seen in CI). Within the grace
+    and not yet enqueued it waits; past the grace it is reported gone."""
+    job_id = "verify-99-being-enqueued"
+    env.redis.hset(f"mlxv:job:{job_id}", mapping={"state": "queued", "repo": "o/r"})
+    collector.watch(env.redis, job_id)
+    assert collector.collect_outcomes(env.redis) == 0
+    assert [job for job in report_jobs(env, "verify_failed") if job.args[0] == job_id] == []
+    # an enqueue that never happened: past the grace the job is gone, and said so
+    env.redis.hset(f"mlxv:job:{job_id}", collector.WATCHED_FIELD,
+                   str(float(env.redis.hget(f"mlxv:job:{job_id}", collector.WATCHED_FIELD))
+                       - collector.ENQUEUE_GRACE_S - 1))
+    collector.collect_outcomes(env.redis)  # this round or the server's enqueues it, once
+    (failed,) = [job for job in report_jobs(env, "verify_failed") if job.args[0] == job_id]
+    env.redis.delete(f"mlxv:job:{job_id}")
+    failed.delete()
